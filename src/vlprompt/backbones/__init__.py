@@ -1,0 +1,73 @@
+"""Backbone adapters, one per model family, and the factory that picks one for a checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlprompt.backbones.base import (
+    SITE_BLOCK,
+    SITE_FUSION,
+    SITE_IMAGE_SEQUENCE,
+    SITE_JOINT_SPACE,
+    SITE_TEXT_SEQUENCE,
+    DeepPrompts,
+    TokenizedText,
+    UnsupportedBackboneError,
+)
+from vlprompt.backbones.clip import BackboneLoadError, CLIPBackbone
+
+# model_type in a checkpoint's config.json -> adapter class
+BACKBONES: dict[str, type] = {"clip": CLIPBackbone}
+RANDOM_PREFIX = "random:"
+
+
+def load_backbone(name_or_path: str | Path) -> CLIPBackbone:
+    """Load a backbone from a local folder or hub id, or ``random:<preset>`` (a real architecture, random weights).
+
+    Raises :class:`BackboneLoadError` naming what is wrong (missing folder, unsupported model family).
+    """
+    spec = str(name_or_path)
+    if spec.startswith(RANDOM_PREFIX):
+        from vlprompt.backbones.presets import clip_tokenizer, random_clip_model
+
+        preset = spec[len(RANDOM_PREFIX) :]
+        model = random_clip_model(preset)
+        return CLIPBackbone(model, clip_tokenizer(), None, name_or_path=spec)
+    if spec.startswith("embedded:") or spec == "embedded":
+        from vlprompt.assets import embedded_model_path
+
+        return CLIPBackbone.from_pretrained(embedded_model_path(spec))
+    path = Path(spec).expanduser()
+    looks_local = path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_local and not (path / "config.json").exists():
+        raise BackboneLoadError(
+            f"no model at {spec!r}: expected a folder with config.json (as written by save_pretrained). "
+            "Pass a Hugging Face hub id (e.g. openai/clip-vit-base-patch16), a local model folder, or random:<preset>."
+        )
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path) if looks_local else spec)
+    except (OSError, ValueError) as err:
+        raise BackboneLoadError(f"could not read a model config from {spec!r}: {err}") from err
+    family = BACKBONES.get(config.model_type)
+    if family is None:
+        raise BackboneLoadError(
+            f"model type {config.model_type!r} at {spec!r} is not supported; supported families: {sorted(BACKBONES)}."
+        )
+    return family.from_pretrained(str(path) if looks_local else spec)
+
+
+__all__ = [
+    "BACKBONES",
+    "BackboneLoadError",
+    "CLIPBackbone",
+    "DeepPrompts",
+    "TokenizedText",
+    "UnsupportedBackboneError",
+    "load_backbone",
+    "SITE_BLOCK",
+    "SITE_FUSION",
+    "SITE_IMAGE_SEQUENCE",
+    "SITE_JOINT_SPACE",
+    "SITE_TEXT_SEQUENCE",
+]

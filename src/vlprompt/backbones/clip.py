@@ -1,0 +1,281 @@
+"""CLIP (transformers ``CLIPModel``) adapter: the only module that knows CLIP's internals.
+
+The towers are run by looping over the model's own encoder layers, so prompt tokens can be inserted or replaced at
+any layer's input without copying or patching transformers' code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlprompt.backbones.base import (
+    SITE_BLOCK,
+    SITE_IMAGE_SEQUENCE,
+    SITE_JOINT_SPACE,
+    SITE_TEXT_SEQUENCE,
+    DeepPrompts,
+    TokenizedText,
+)
+
+IMAGE_PROMPT_POSITIONS = ("end", "after_cls")
+
+
+class BackboneLoadError(ValueError):
+    """A model folder / hub id could not be turned into a supported backbone."""
+
+
+class CLIPBackbone(nn.Module):
+    """A frozen CLIP with prompt sites in both towers.
+
+    Text features are ``final_layer_norm(x_eot) @ W_t``; image features ``post_layernorm(x_cls) @ W_v``; both
+    unnormalised. ``logit_scale`` is the (already exponentiated) temperature.
+    """
+
+    family = "clip"
+    sites = frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE, SITE_BLOCK})
+
+    def __init__(self, model: nn.Module, tokenizer, image_processor=None, name_or_path: str = "") -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.name_or_path = str(name_or_path)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        text_cfg = model.config.text_config
+        self.context_length: int = text_cfg.max_position_embeddings
+        self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
+        if self.eos_token_id is None:
+            self.eos_token_id = text_cfg.eos_token_id
+
+    # ------------------------------------------------------------------ loading / identity
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **model_kwargs) -> "CLIPBackbone":
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+        path = str(name_or_path)
+        model = CLIPModel.from_pretrained(path, **model_kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError) as err:
+            raise BackboneLoadError(
+                f"CLIP model at {path!r} has no usable tokenizer ({err}). Save the tokenizer beside the weights: "
+                f"tokenizer.save_pretrained({path!r})."
+            ) from err
+        try:
+            processor = CLIPImageProcessor.from_pretrained(path)
+        except OSError:
+            processor = None  # transforms fall back to the vision config's image size and OpenAI's statistics
+        return cls(model, tokenizer, processor, name_or_path=path)
+
+    @property
+    def identity(self) -> dict:
+        """Name plus a hash of the architecture config: enough to refuse a prompt trained on another backbone."""
+        cfg = self.model.config.to_dict()
+        arch = {k: cfg[k] for k in ("projection_dim",) if k in cfg}
+        for tower in ("text_config", "vision_config"):
+            sub = cfg.get(tower, {})
+            arch[tower] = {
+                k: sub.get(k)
+                for k in (
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "vocab_size",
+                    "max_position_embeddings",
+                    "image_size",
+                    "patch_size",
+                )
+                if k in sub
+            }
+        digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+        return {"family": self.family, "name_or_path": self.name_or_path, "config_hash": digest, "arch": arch}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # ------------------------------------------------------------------ dimensions
+    @property
+    def text_width(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def vision_width(self) -> int:
+        return self.model.config.vision_config.hidden_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.projection_dim
+
+    @property
+    def text_layers(self) -> int:
+        return len(self.model.text_model.encoder.layers)
+
+    @property
+    def vision_layers(self) -> int:
+        return len(self.model.vision_model.encoder.layers)
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.vision_config.patch_size
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    # ------------------------------------------------------------------ joint space (SDPT, DPT)
+    def joint_space(self) -> dict[str, torch.Tensor]:
+        """Projection weights ``(d, width)`` and final LayerNorm affine of each tower."""
+        m = self.model
+        return {
+            "text_projection": m.text_projection.weight,
+            "image_projection": m.visual_projection.weight,
+            "text_ln_weight": m.text_model.final_layer_norm.weight,
+            "text_ln_bias": m.text_model.final_layer_norm.bias,
+            "image_ln_weight": m.vision_model.post_layernorm.weight,
+            "image_ln_bias": m.vision_model.post_layernorm.bias,
+        }
+
+    def attention_blocks(self, tower: str) -> list[nn.Module]:
+        """The self-attention module of every layer of ``tower`` ("text" or "image"), for block-site methods."""
+        model = self.model.text_model if tower == "text" else self.model.vision_model
+        return [layer.self_attn for layer in model.encoder.layers]
+
+    # ------------------------------------------------------------------ text tower
+    def tokenize(self, texts: list[str]) -> TokenizedText:
+        enc = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.context_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids = enc["input_ids"]
+        is_eot = ids == self.eos_token_id
+        if not bool(is_eot.any(dim=1).all()):
+            raise ValueError("the tokenizer did not produce an end-of-text token for every text")
+        eot = is_eot.int().argmax(dim=1)
+        return TokenizedText(input_ids=ids.to(self.device), eot_index=eot.to(self.device))
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Word embeddings (no positions) of token ids: the space CoOp-style contexts live in."""
+        return self.model.text_model.embeddings.token_embedding(input_ids)
+
+    def encode_text(
+        self,
+        token_embeds: torch.Tensor,
+        eot_index: torch.Tensor,
+        prompts: DeepPrompts | None = None,
+    ) -> torch.Tensor:
+        """Text features ``(S, d)`` of embedded sequences ``(S, T, d_t)`` whose end-of-text is at ``eot_index``.
+
+        ``prompts.tokens[0]`` is inserted right after ``[SOS]`` (positional embeddings apply, as for CoOp's context);
+        deeper entries replace those positions at later layers. Because the tower is causal, positions after the
+        last end-of-text token cannot change the pooled output, so the sequence is cut there: exact, and much
+        cheaper than running all 77 positions.
+        """
+        text_model = self.model.text_model
+        n = 0
+        if prompts is not None and prompts.tokens:
+            prompts.validate(self.text_width, self.text_layers, "text")
+            n = prompts.num_tokens
+        if n:
+            first = _expand(prompts.tokens[0], token_embeds.shape[0]).to(token_embeds.dtype)
+            token_embeds = torch.cat([token_embeds[:, :1], first, token_embeds[:, 1:]], dim=1)
+            eot_index = eot_index + n
+        length = int(eot_index.max()) + 1
+        if length > self.context_length:
+            raise ValueError(
+                f"a prompted text needs {length} positions but CLIP's text context is {self.context_length}: "
+                "use fewer prompt tokens or shorter class names / templates."
+            )
+        hidden = token_embeds[:, :length]
+        hidden = hidden + text_model.embeddings.position_embedding.weight[:length].to(hidden.dtype)
+        mask = self._causal_mask(hidden)
+        for j, layer in enumerate(text_model.encoder.layers):
+            if j > 0 and n:
+                hidden = _replace(hidden, prompts.at(j), start=1)
+            hidden = layer(hidden, mask, is_causal=True)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        pooled = text_model.final_layer_norm(hidden[rows, eot_index])
+        return self.model.text_projection(pooled)
+
+    def encode_text_ids(self, tokenized: TokenizedText, prompts: DeepPrompts | None = None) -> torch.Tensor:
+        return self.encode_text(self.embed_tokens(tokenized.input_ids), tokenized.eot_index, prompts)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.encode_text_ids(self.tokenize(texts))
+
+    def _causal_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        from transformers.masking_utils import create_causal_mask
+
+        # The model's own mask builder: None for SDPA (which then uses its causal kernel), explicit otherwise.
+        return create_causal_mask(
+            config=self.model.text_model.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=None,
+        )
+
+    # ------------------------------------------------------------------ image tower
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        prompts: DeepPrompts | None = None,
+        position: str = "end",
+    ) -> torch.Tensor:
+        """Image features ``(B, d)``.
+
+        ``prompts.tokens[0]`` is inserted after the positional embedding and before CLIP's pre-LayerNorm (no
+        positional embedding on prompts), either after the patches (``"end"``: VPT, IVLP, MaPLe) or between the
+        class token and the patches (``"after_cls"``: UPT); deeper entries replace those positions.
+        """
+        vision = self.model.vision_model
+        if position not in IMAGE_PROMPT_POSITIONS:
+            raise ValueError(f"image prompt position {position!r} unknown; choose one of {IMAGE_PROMPT_POSITIONS}")
+        hidden = vision.embeddings(pixel_values.to(self.model.visual_projection.weight.dtype))
+        n = 0
+        if prompts is not None and prompts.tokens:
+            prompts.validate(self.vision_width, self.vision_layers, "image")
+            n = prompts.num_tokens
+        start = 1 if position == "after_cls" else hidden.shape[1]
+        if n:
+            first = _expand(prompts.tokens[0], hidden.shape[0]).to(hidden.dtype)
+            hidden = torch.cat([hidden[:, :start], first, hidden[:, start:]], dim=1)
+        hidden = vision.pre_layrnorm(hidden)
+        for j, layer in enumerate(vision.encoder.layers):
+            if j > 0 and n:
+                hidden = _replace(hidden, prompts.at(j), start=start)
+            hidden = layer(hidden, None)
+        pooled = vision.post_layernorm(hidden[:, 0])
+        return self.model.visual_projection(pooled)
+
+
+def _expand(tokens: torch.Tensor, batch: int) -> torch.Tensor:
+    if tokens.dim() == 2:
+        return tokens.unsqueeze(0).expand(batch, -1, -1)
+    if tokens.shape[0] != batch:
+        raise ValueError(f"per-sequence prompts for {tokens.shape[0]} sequences given to a batch of {batch}")
+    return tokens
+
+
+def _replace(hidden: torch.Tensor, tokens: torch.Tensor | None, start: int) -> torch.Tensor:
+    """Replace ``hidden[:, start:start+N]`` by fresh prompt tokens (deep prompting), keeping the rest."""
+    if tokens is None:
+        return hidden
+    tokens = _expand(tokens, hidden.shape[0]).to(hidden.dtype)
+    n = tokens.shape[1]
+    return torch.cat([hidden[:, :start], tokens, hidden[:, start + n :]], dim=1)

@@ -1,0 +1,183 @@
+"""What every method is: a validated config dataclass plus an ``nn.Module`` over a frozen backbone."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlprompt.backbones.base import DeepPrompts, TokenizedText, UnsupportedBackboneError
+
+
+class MethodConfigError(ValueError):
+    """A method config field is invalid; the message names the field and the allowed values."""
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method config. Subclasses add fields and check them in ``validate``."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden by methods
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MethodConfigError(
+                f"{cls.__name__} has no option(s) {unknown}; its options are {sorted(known)}."
+            )
+        return cls(**values)
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise MethodConfigError(message)
+
+
+class PromptMethod(nn.Module):
+    """A prompt-tuning method on a frozen backbone.
+
+    Subclasses set ``name``, ``config_class``, ``required_sites``, and which towers they change; they implement
+    ``text_features`` and/or ``image_features``. The engine uses ``modifies_text`` / ``modifies_image`` to compute
+    an untouched tower once instead of every step.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    required_sites: ClassVar[frozenset[str]] = frozenset()
+    modifies_text: ClassVar[bool] = False
+    modifies_image: ClassVar[bool] = False
+    # Methods fitted in closed form / by their own solver instead of SGD (linear probe) set this.
+    fits_features: ClassVar[bool] = False
+
+    def __init__(self, backbone, config: MethodConfig, classnames: list[str], template: str = "a photo of a {}.") -> None:
+        super().__init__()
+        missing = self.required_sites - backbone.sites
+        if missing:
+            raise UnsupportedBackboneError(
+                f"method {self.name!r} needs the site(s) {sorted(missing)} which the {backbone.family!r} backbone "
+                f"does not offer (it offers {sorted(backbone.sites)}). See `vlprompt methods` for supported pairs."
+            )
+        if not classnames:
+            raise ValueError("a method needs at least one class name")
+        self.backbone = backbone
+        self.config = config
+        self.classnames: list[str] = list(classnames)
+        self.template = template
+
+    # ----------------------------------------------------------------- class names
+    def set_classes(self, classnames: list[str], template: str | None = None) -> None:
+        """Point the method at another label set (cross-dataset / base-to-novel evaluation)."""
+        if not classnames:
+            raise ValueError("a method needs at least one class name")
+        self.classnames = list(classnames)
+        if template is not None:
+            self.template = template
+        self._on_classes_changed()
+
+    def _on_classes_changed(self) -> None:
+        pass
+
+    # ----------------------------------------------------------------- features and logits
+    def text_features(self) -> torch.Tensor:
+        """Class text features ``(C, d)`` (unnormalised). Default: the dataset's hand-written template."""
+        return self.backbone.encode_texts([self.template.format(c) for c in self.classnames])
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image features ``(B, d)`` (unnormalised). Default: the frozen image tower."""
+        return self.backbone.encode_image(pixel_values)
+
+    def logits(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        image_feats = F.normalize(image_feats.float(), dim=-1)
+        text_feats = F.normalize(text_feats.float(), dim=-1)
+        return self.backbone.logit_scale.float() * image_feats @ text_feats.t()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_feats: torch.Tensor | None = None,
+        text_feats: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, C)``. Cached features of an untouched tower may be passed instead of recomputing them."""
+        if image_feats is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or precomputed image_feats")
+            image_feats = self.image_features(pixel_values)
+        if text_feats is None:
+            text_feats = self.text_features()
+        return self.logits(image_feats, text_feats)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+    # ----------------------------------------------------------------- trainable state
+    def prompt_parameters(self) -> dict[str, nn.Parameter]:
+        """The method's own trainable parameters (the backbone is never included)."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad}
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.prompt_parameters().values())
+
+    def prompt_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.prompt_parameters().items()}
+
+    def load_prompt_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.prompt_parameters()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match method {self.name!r}: missing {missing}, unexpected {unexpected}. "
+                "Was it trained with another method or other options?"
+            )
+        for n, p in own.items():
+            if tuple(state[n].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"checkpoint tensor {n!r} has shape {tuple(state[n].shape)} but this model needs "
+                    f"{tuple(p.shape)}: the options (token count, depth, classes) or the backbone differ."
+                )
+            with torch.no_grad():
+                p.copy_(state[n].to(p.device, p.dtype))
+
+
+class ClassTextPrompts(nn.Module):
+    """Tokenised ``"{class}."`` sequences for methods that learn context tokens after ``[SOS]`` (CoOp-style).
+
+    Held as (non-persistent) buffers so they follow the method across devices and stay out of checkpoints.
+    """
+
+    def __init__(self, backbone, classnames: list[str], suffix_template: str = "{}.") -> None:
+        super().__init__()
+        tokenized = backbone.tokenize([suffix_template.format(c) for c in classnames])
+        self.register_buffer("input_ids", tokenized.input_ids, persistent=False)
+        self.register_buffer("eot_index", tokenized.eot_index, persistent=False)
+
+    @property
+    def tokenized(self) -> TokenizedText:
+        return TokenizedText(self.input_ids, self.eot_index)
+
+    def features(self, backbone, prompts: DeepPrompts | None) -> torch.Tensor:
+        return backbone.encode_text_ids(self.tokenized, prompts)
+
+
+def phrase_embedding(backbone, phrase: str) -> torch.Tensor:
+    """Word embeddings ``(n, d_t)`` of a phrase's tokens (without [SOS]/[EOS]): CoOp's "init from a phrase"."""
+    tokenized = backbone.tokenize([phrase])
+    n = int(tokenized.eot_index[0]) - 1
+    with torch.no_grad():
+        return backbone.embed_tokens(tokenized.input_ids[0, 1 : 1 + n]).clone()
+
+
+def normal_init(shape: tuple[int, ...], std: float) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape) * std)

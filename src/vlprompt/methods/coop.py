@@ -1,0 +1,87 @@
+"""CoOp: learnable context vectors in the text token-embedding space, ``[SOS][v1..vM][CLASS][.][EOS]``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlprompt.backbones.base import SITE_TEXT_SEQUENCE, DeepPrompts
+from vlprompt.methods.base import (
+    ClassTextPrompts,
+    MethodConfig,
+    PromptMethod,
+    normal_init,
+    phrase_embedding,
+    require,
+)
+
+CLASS_POSITIONS = ("end", "middle", "front")
+
+
+@dataclass
+class CoOpConfig(MethodConfig):
+    n_ctx: int = 16
+    init: str | None = None  # a phrase such as "a photo of a" (fixes n_ctx to its token count), or None: N(0, std)
+    init_std: float = 0.02
+    class_specific: bool = False  # one context per class instead of one shared context
+    class_position: str = "end"
+
+    def validate(self) -> None:
+        require(self.n_ctx >= 0, f"coop.n_ctx must be >= 0, got {self.n_ctx}")
+        require(self.class_position in CLASS_POSITIONS, f"coop.class_position must be one of {CLASS_POSITIONS}")
+        require(self.init_std > 0, "coop.init_std must be > 0")
+
+
+class CoOp(PromptMethod):
+    name = "coop"
+    config_class = CoOpConfig
+    required_sites = frozenset({SITE_TEXT_SEQUENCE})
+    modifies_text = True
+
+    def __init__(self, backbone, config: CoOpConfig, classnames, template="a photo of a {}.") -> None:
+        super().__init__(backbone, config, classnames, template)
+        if config.init:
+            ctx = phrase_embedding(backbone, config.init)
+            config.n_ctx = ctx.shape[0]
+        else:
+            ctx = torch.randn(config.n_ctx, backbone.text_width) * config.init_std
+        if config.class_specific:
+            ctx = ctx.unsqueeze(0).repeat(len(self.classnames), 1, 1)
+        self.ctx = nn.Parameter(ctx)
+        self._on_classes_changed()
+
+    def _on_classes_changed(self) -> None:
+        if self.config.class_specific and hasattr(self, "ctx") and self.ctx.shape[0] != len(self.classnames):
+            raise ValueError(
+                f"class-specific CoOp contexts were learned for {self.ctx.shape[0]} classes and cannot be applied to "
+                f"{len(self.classnames)} other classes; use generic contexts (class_specific=false) for transfer."
+            )
+        self.class_text = ClassTextPrompts(self.backbone, self.classnames)
+        if self.config.class_position != "end":
+            names = self.backbone.tokenize(self.classnames)
+            self.name_lengths = (names.eot_index - 1).tolist()
+
+    def text_features(self) -> torch.Tensor:
+        if self.config.n_ctx == 0:
+            return self.class_text.features(self.backbone, None)
+        if self.config.class_position == "end":
+            return self.class_text.features(self.backbone, DeepPrompts([self.ctx]))
+        embeds, eot = self._arranged_sequences()
+        return self.backbone.encode_text(embeds, eot)
+
+    def _arranged_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[SOS][CLASS][ctx][.][EOS]`` (front) or ``[SOS][ctx/2][CLASS][ctx/2][.][EOS]`` (middle)."""
+        tok = self.class_text.tokenized
+        word = self.backbone.embed_tokens(tok.input_ids)
+        n_classes = word.shape[0]
+        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(n_classes, -1, -1)
+        half = self.config.n_ctx // 2
+        rows = []
+        for i, length in enumerate(self.name_lengths):
+            sos, name, rest = word[i, :1], word[i, 1 : 1 + length], word[i, 1 + length :]
+            if self.config.class_position == "front":
+                rows.append(torch.cat([sos, name, ctx[i], rest]))
+            else:
+                rows.append(torch.cat([sos, ctx[i, :half], name, ctx[i, half:], rest]))
+        return torch.stack(rows), tok.eot_index + self.config.n_ctx

@@ -1,0 +1,93 @@
+"""Linear probe: multinomial logistic regression on frozen, L2-normalised image features.
+
+Fitted with L-BFGS (full batch, the features are small); the L2 strength is chosen on the validation split from a
+log-spaced sweep, as in CLIP's and CoOp's linear-probe baseline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlprompt.methods.base import MethodConfig, PromptMethod, require
+
+
+@dataclass
+class LinearProbeConfig(MethodConfig):
+    # Inverse regularisation strengths C (as in scikit-learn: loss = mean CE + ||W||^2 / (2 C n)) to try.
+    c_values: list[float] = field(default_factory=lambda: [10.0**k for k in range(-2, 5)])
+    max_iter: int = 300
+
+    def validate(self) -> None:
+        require(len(self.c_values) > 0 and all(c > 0 for c in self.c_values), "linear_probe.c_values must be > 0")
+        require(self.max_iter > 0, "linear_probe.max_iter must be > 0")
+
+
+class LinearProbe(PromptMethod):
+    name = "linear_probe"
+    config_class = LinearProbeConfig
+    fits_features = True
+
+    def __init__(self, backbone, config: LinearProbeConfig, classnames, template="a photo of a {}.") -> None:
+        super().__init__(backbone, config, classnames, template)
+        self.head = nn.Linear(backbone.embed_dim, len(self.classnames))
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.chosen_c: float | None = None
+
+    def _on_classes_changed(self) -> None:
+        if self.head.out_features != len(self.classnames):
+            raise ValueError(
+                "a linear probe is tied to the classes it was fitted on "
+                f"({self.head.out_features}); it cannot score {len(self.classnames)} other classes."
+            )
+
+    def forward(self, pixel_values=None, image_feats=None, text_feats=None) -> torch.Tensor:
+        if image_feats is None:
+            image_feats = self.image_features(pixel_values)
+        return self.head(F.normalize(image_feats.float(), dim=-1))
+
+    def fit(
+        self,
+        train_feats: torch.Tensor,
+        train_labels: torch.Tensor,
+        val_feats: torch.Tensor,
+        val_labels: torch.Tensor,
+    ) -> dict[str, float]:
+        """Fit on frozen features, picking C by validation accuracy; refits on train+val with the chosen C."""
+        x_train = F.normalize(train_feats.float(), dim=-1)
+        x_val = F.normalize(val_feats.float(), dim=-1)
+        best_c, best_acc = self.config.c_values[0], -1.0
+        if len(val_labels) > 0:
+            for c in self.config.c_values:
+                w, b = self._solve(x_train, train_labels, c)
+                acc = ((x_val @ w.t() + b).argmax(-1) == val_labels).float().mean().item()
+                if acc > best_acc:
+                    best_c, best_acc = c, acc
+        x_all = torch.cat([x_train, x_val]) if len(val_labels) else x_train
+        y_all = torch.cat([train_labels, val_labels]) if len(val_labels) else train_labels
+        w, b = self._solve(x_all, y_all, best_c)
+        with torch.no_grad():
+            self.head.weight.copy_(w)
+            self.head.bias.copy_(b)
+        self.chosen_c = best_c
+        return {"c": best_c, "val_acc": best_acc}
+
+    def _solve(self, x: torch.Tensor, y: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+        n_classes = self.head.out_features
+        w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
+        b = torch.zeros(n_classes, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=self.config.max_iter, line_search_fn="strong_wolfe")
+        penalty = 1.0 / (2.0 * c * max(len(y), 1))
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ w.t() + b, y) + penalty * (w * w).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        return w.detach(), b.detach()
