@@ -32,6 +32,7 @@ __all__ = [
     "class_names_from_file",
     "clean_classname",
     "load_dataset",
+    "open_image",
     "read_imagenet_classnames",
     "resolve_dataset_name",
     "subsample_classes",
@@ -130,8 +131,8 @@ def _dataset_dir(info: DatasetInfo, root: Path) -> Path:
 def _require_dir(path: Path, info: DatasetInfo, what: str) -> Path:
     if not path.is_dir():
         raise DatasetError(
-            f"{info.display}: {what} folder {path} is missing; expected {info.layout} inside "
-            f"{path.parent if what != 'image' else path.parent} (the CoOp layout)."
+            f"{info.display}: {what} folder {path} is missing; the {info.folder}/ folder must contain "
+            f"{info.layout} (the CoOp layout). Extract the images there unchanged."
         )
     return path
 
@@ -232,10 +233,11 @@ def _classnames_from_labels(pairs: Iterable[tuple[int, str]], source: Path) -> l
     if not names:
         raise DatasetError(f"{source}: contains no items; re-download the split file.")
     missing = sorted(set(range(len(names))) - names.keys())
-    if missing or min(names) != 0:
+    if missing:
+        extra = sorted(set(names) - set(range(len(names))))
         raise DatasetError(
-            f"{source}: labels must be contiguous 0..{len(names) - 1}, but found {sorted(names)[:5]}... with "
-            f"{missing[:5] or 'out-of-range labels'} missing; the split file is inconsistent: re-download it."
+            f"{source}: labels must be contiguous 0..{len(names) - 1} (one per class), but labels {missing[:5]} "
+            f"are missing and {extra[:5]} are out of range; the split file is inconsistent: re-download it."
         )
     return [clean_classname(names[i]) for i in range(len(names))]
 

@@ -1,0 +1,320 @@
+"""The ``vlprompt`` command line: train, eval, predict, params, methods, demo.
+
+Options come from flags or a YAML file (``--config``); ``--set key=value`` overrides either (dotted keys, YAML
+values), e.g. ``--set train.lr=0.01 --set method_options.n_ctx=4``. Precedence: defaults < YAML < flags < --set.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+EPILOG = """examples:
+  vlprompt demo                                   # the main job on the embedded default (no download)
+  vlprompt methods --model random:vit-b-16        # which method runs on which backbone, trainable parameters
+  vlprompt params --model openai/clip-vit-base-patch16 --methods coop vpt_deep
+  vlprompt train --model ./clip-vit-b16 --method coop --dataset eurosat --data-root DATA --shots 16 \\
+                 --seed 1 --output runs/coop-eurosat-16s1
+  vlprompt eval runs/coop-eurosat-16s1 --dataset oxford_pets --data-root DATA     # cross-dataset
+  vlprompt predict runs/coop-eurosat-16s1 img1.jpg img2.png --k 3
+models: a local folder written by save_pretrained, a Hugging Face hub id, or random:<tiny|vit-b-16|vit-b-32>
+(a real architecture with random weights: for tests, parameter counts and benchmarks)."""
+
+
+class CLIError(Exception):
+    """A user error the CLI reports in one line, without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------- config plumbing
+def parse_set(assignments: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in assignments:
+        if "=" not in item:
+            raise CLIError(f"--set expects key=value, got {item!r} (e.g. --set train.lr=0.01)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise CLIError(f"--set {item!r}: value is not valid YAML ({err})") from err
+        _assign(out, key.strip(), value)
+    return out
+
+
+def _assign(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    if keys[0] == "method" and len(keys) > 1:  # --set method.n_ctx=4 is shorthand for method_options.n_ctx
+        keys = ["method_options"] + keys[1:]
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise CLIError(f"--set {dotted}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.exists():
+        raise CLIError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise CLIError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {path} must hold a mapping (model:, method:, data:, train:, ...)")
+    return data
+
+
+def build_run_options(tree: dict[str, Any]):
+    from vlprompt.engine.api import DataOptions, RunOptions
+    from vlprompt.engine.trainer import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(RunOptions)}
+    unknown = sorted(set(tree) - known)
+    if unknown:
+        raise CLIError(f"unknown config key(s) {unknown}; top-level keys are {sorted(known)}")
+    values = dict(tree)
+    try:
+        values["data"] = DataOptions(**values.get("data", {}))
+        values["train"] = TrainConfig(**values.get("train", {}))
+    except TypeError as err:
+        raise CLIError(f"bad config: {err}") from err
+    values["method_options"] = values.get("method_options") or {}
+    return RunOptions(**values)
+
+
+def _flag_tree(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given as flags (only those actually passed), as a config tree."""
+    tree: dict[str, Any] = {}
+    mapping = {
+        "model": "model",
+        "method": "method",
+        "output": "output",
+        "dataset": "data.dataset",
+        "data_root": "data.root",
+        "shots": "data.shots",
+        "seed": "data.seed",
+        "subsample": "data.subsample",
+        "epochs": "train.epochs",
+        "batch_size": "train.batch_size",
+        "lr": "train.lr",
+        "optimizer": "train.optimizer",
+        "precision": "train.precision",
+    }
+    for attr, dotted in mapping.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            _assign(tree, dotted, value)
+    if getattr(args, "seed", None) is not None:
+        _assign(tree, "train.seed", args.seed)  # one seed drives both sampling and training, as in the papers
+    if getattr(args, "no_augment", False):
+        _assign(tree, "train.augment", False)
+    return tree
+
+
+def resolved_tree(args: argparse.Namespace) -> dict[str, Any]:
+    tree = load_yaml(args.config) if getattr(args, "config", None) else {}
+    tree = deep_merge(tree, _flag_tree(args))
+    return deep_merge(tree, parse_set(getattr(args, "set", None) or []))
+
+
+# ------------------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from vlprompt.engine.api import train
+
+    options = build_run_options(resolved_tree(args))
+    print(f"training {options.method} on {options.data.dataset} with {options.model} -> {options.output}")
+    result = train(options, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps({"output": options.output, **result}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vlprompt.engine.api import DataOptions, evaluate_checkpoint
+
+    tree = resolved_tree(args)
+    data = DataOptions(**tree.get("data", {}))
+    result = evaluate_checkpoint(
+        args.run_dir, data, split=args.split, model=args.model, batch_size=args.batch_size,
+        precision=args.precision or "fp32",
+    )
+    print(json.dumps({"run": str(args.run_dir), **result}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vlprompt.engine.api import predict
+
+    for item in predict(args.run_dir, args.images, k=args.k, model=args.model):
+        tops = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in item["top"])
+        print(f"{item['image']}: {tops}")
+    return 0
+
+
+def _method_rows(backbone, names: Sequence[str], num_classes: int, overrides: dict[str, Any]):
+    from vlprompt.backbones import UnsupportedBackboneError
+    from vlprompt.methods import METHODS, get_prompt_model, make_config
+
+    classnames = [f"class {i}" for i in range(num_classes)]
+    total = backbone.num_parameters()
+    for name in names:
+        spec = METHODS[name]
+        missing = spec.method_class.required_sites - backbone.sites
+        if missing:
+            yield name, None, f"unsupported: needs {sorted(missing)}"
+            continue
+        try:
+            config = make_config(name, overrides.get(name, {}), backbone)
+            method = get_prompt_model(backbone, name, classnames, config=config)
+        except UnsupportedBackboneError as err:
+            yield name, None, str(err)
+            continue
+        count = method.num_trainable()
+        yield name, count, f"{100.0 * count / total:.4f}%"
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from vlprompt.backbones import load_backbone
+    from vlprompt.methods import METHODS, canonical_method_name
+
+    names = [canonical_method_name(n) for n in (args.methods or list(METHODS))]
+    overrides = parse_set(args.set or []).get("method_options", {})
+    per_method = {n: overrides for n in names}
+    backbone = load_backbone(args.model)
+    total = backbone.num_parameters()
+    print(f"backbone {args.model}: {total:,} parameters; {args.num_classes} classes")
+    print(f"{'method':<14} {'trainable':>12} {'% of backbone':>14}")
+    for name, count, share in _method_rows(backbone, names, args.num_classes, per_method):
+        print(f"{name:<14} {count if count is None else format(count, ','):>12} {share:>14}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from vlprompt.backbones import BACKBONES, load_backbone
+    from vlprompt.methods import METHODS
+
+    families = sorted(BACKBONES)
+    print("method x backbone (yes = every site the method needs is offered by the family's adapter)")
+    print(f"{'method':<14} " + " ".join(f"{f:>8}" for f in families) + "  summary")
+    for name, spec in METHODS.items():
+        cells = ["yes" if spec.method_class.required_sites <= BACKBONES[f].sites else "no" for f in families]
+        print(f"{name:<14} " + " ".join(f"{c:>8}" for c in cells) + f"  {spec.summary}")
+    print()
+    backbone = load_backbone(args.model)
+    total = backbone.num_parameters()
+    print(f"trainable parameters on {args.model} ({total:,} parameters, {args.num_classes} classes):")
+    for name, count, share in _method_rows(backbone, list(METHODS), args.num_classes, {}):
+        print(f"  {name:<14} {count if count is None else format(count, ','):>12} {share:>12}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vlprompt.demo import run_demo
+
+    run_demo(Path(args.output), quick=args.quick)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- parser
+def _add_common_run_flags(p: argparse.ArgumentParser, with_method: bool = True) -> None:
+    p.add_argument("--config", help="YAML file with model/method/method_options/data/train/output keys")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any option, e.g. train.lr=0.01")
+    p.add_argument("--model", help="model folder, hub id, or random:<preset> (default random:tiny)")
+    if with_method:
+        p.add_argument("--method", help="method name (see `vlprompt methods`)")
+    p.add_argument("--dataset", help="dataset name (eurosat, imagenet, ...) or imagefolder:<path>")
+    p.add_argument("--data-root", help="folder holding the datasets in the CoOp layout (default DATA)")
+    p.add_argument("--shots", type=int, help="images per class for training (few-shot); default: all")
+    p.add_argument("--seed", type=int, help="seed for few-shot sampling and training (default 1)")
+    p.add_argument("--subsample", choices=["all", "base", "novel"], help="base-to-novel class subset")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="numeric precision (default fp32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlprompt",
+        description="Parameter-efficient prompt tuning of vision-language models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a prompt and write a run folder", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common_run_flags(p)
+    p.add_argument("--output", help="run folder to write (default runs/default)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--no-augment", action="store_true", help="no random crop/flip (lets text-only methods cache images)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved prompt on any dataset and split")
+    p.add_argument("run_dir", help="run folder written by `vlprompt train`")
+    _add_common_run_flags(p, with_method=False)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k labels for image files")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--model", help="override the backbone recorded in the run folder")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("params", help="trainable parameters of each method on a model")
+    p.add_argument("--model", default="random:vit-b-16")
+    p.add_argument("--methods", nargs="*", help="default: all registered methods")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method options, e.g. method.n_ctx=4")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("methods", help="the method x backbone matrix and parameter counts")
+    p.add_argument("--model", default="random:vit-b-16")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("demo", help="the main job: zero-shot vs tuned prompts on the embedded default")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="smaller and faster (smoke test)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from vlprompt.backbones import BackboneLoadError, UnsupportedBackboneError
+    from vlprompt.data import DatasetError
+    from vlprompt.engine import CheckpointError, TrainingError
+    from vlprompt.methods import MethodConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, DatasetError, BackboneLoadError, UnsupportedBackboneError, CheckpointError, TrainingError,
+            MethodConfigError, FileNotFoundError, ValueError) as err:
+        print(f"vlprompt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

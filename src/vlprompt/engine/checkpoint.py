@@ -1,0 +1,157 @@
+"""Prompt checkpoints: trained parameters only (safetensors) plus a JSON config, PEFT-style.
+
+A run folder holds ``prompt.safetensors`` + ``prompt_config.json`` (the final prompt, kilobytes), ``metrics.jsonl``,
+``run_config.json`` (the resolved run options) and, while training, ``checkpoint-last/`` (prompt, optimiser and
+scheduler state) so ``--resume`` can continue an interrupted run. Every file is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import vlprompt
+
+PROMPT_FILE = "prompt.safetensors"
+CONFIG_FILE = "prompt_config.json"
+METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG_FILE = "run_config.json"
+RESUME_DIR = "checkpoint-last"
+
+
+class CheckpointError(ValueError):
+    """A prompt checkpoint is missing, corrupt, or does not fit the backbone / method it is loaded onto."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def prompt_config(method) -> dict[str, Any]:
+    return {
+        "method": method.name,
+        "method_config": method.config.to_dict(),
+        "classnames": list(method.classnames),
+        "template": method.template,
+        "backbone": method.backbone.identity,
+        "trainable_parameters": method.num_trainable(),
+        "vlprompt_version": vlprompt.__version__,
+    }
+
+
+def save_prompt(folder: str | Path, method, extra: dict[str, Any] | None = None) -> Path:
+    """Write the method's trained parameters and its config into ``folder``."""
+    folder = Path(folder)
+    atomic_save_tensors(folder / PROMPT_FILE, method.prompt_state_dict(), metadata={"method": method.name})
+    config = prompt_config(method)
+    if extra:
+        config.update(extra)
+    atomic_write_json(folder / CONFIG_FILE, config)
+    return folder
+
+
+def read_prompt_config(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not path.exists():
+        hint = " (training did not finish: resume it with --resume)" if (folder / RESUME_DIR).exists() else ""
+        raise CheckpointError(
+            f"no prompt checkpoint in {folder}: {CONFIG_FILE} is missing{hint}. "
+            "Pass the run folder written by `vlprompt train` (it holds prompt.safetensors + prompt_config.json)."
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt.") from err
+
+
+def check_backbone(saved: dict[str, Any], backbone) -> None:
+    """Refuse a prompt trained on another architecture, naming what differs."""
+    current = backbone.identity
+    if saved.get("family") != current["family"]:
+        raise CheckpointError(
+            f"this prompt was trained on a {saved.get('family')!r} backbone but the loaded backbone is "
+            f"{current['family']!r}; load it with --model {saved.get('name_or_path')!r}."
+        )
+    if saved.get("config_hash") != current["config_hash"]:
+        diffs = _arch_differences(saved.get("arch", {}), current["arch"])
+        raise CheckpointError(
+            f"this prompt was trained on backbone {saved.get('name_or_path')!r} whose architecture differs from "
+            f"{current['name_or_path']!r}: {diffs or 'config hash differs'}. Load it onto the backbone it was trained "
+            f"on (--model {saved.get('name_or_path')!r})."
+        )
+
+
+def _arch_differences(saved: dict, current: dict, prefix: str = "") -> str:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _arch_differences(a, b, f"{prefix}{key}.")
+            if inner:
+                out.append(inner)
+        elif a != b:
+            out.append(f"{prefix}{key} {a} (checkpoint) vs {b} (loaded)")
+    return "; ".join(out)
+
+
+def load_prompt_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(folder) / PROMPT_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; the run folder is incomplete.")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path} could not be read ({err}); the checkpoint is corrupt.") from err
+
+
+def load_prompt(folder: str | Path, backbone, classnames: list[str] | None = None, template: str | None = None):
+    """Rebuild the method saved in ``folder`` on ``backbone`` (checked to be the same architecture).
+
+    ``classnames`` / ``template`` re-point the prompt at another label set (cross-dataset evaluation).
+    """
+    from vlprompt.methods import get_prompt_model, make_config
+
+    config = read_prompt_config(folder)
+    check_backbone(config.get("backbone", {}), backbone)
+    method_config = make_config(config["method"], config["method_config"])
+    method = get_prompt_model(backbone, config["method"], config["classnames"], config["template"], method_config)
+    try:
+        method.load_prompt_state_dict(load_prompt_tensors(folder))
+    except ValueError as err:
+        raise CheckpointError(f"{folder}: {err}") from err
+    if classnames is not None:
+        method.set_classes(classnames, template)
+    return method

@@ -1,0 +1,369 @@
+"""Training and evaluation on ``accelerate``: the same code on CPU, one GPU, several GPUs, fp32 or mixed precision.
+
+What the engine saves work on: a tower the method leaves untouched is computed once (class text features for
+image-side methods; image features for text-side methods when training augmentation is off), never per step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from vlprompt.engine import checkpoint as ckpt
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, a run folder that would be overwritten, ...)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1  # epochs at a constant warmup_lr before the cosine schedule (CoOp's recipe)
+    warmup_lr: float = 1e-5
+    grad_clip: float | None = None  # max gradient norm; None = no clipping
+    augment: bool = True  # random resized crop + flip on training images
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    seed: int = 1
+    precision: str = "fp32"
+    validate_every: int = 1  # epochs
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1 (got {self.epochs})")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            problems.append("batch sizes must be >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a positive number (got {self.lr})")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            problems.append(f"warmup_epochs must be in [0, epochs) (got {self.warmup_epochs} of {self.epochs})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            problems.append("grad_clip must be > 0 or null")
+        if problems:
+            raise ValueError("invalid training options: " + "; ".join(problems))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_accelerator(precision: str = "fp32"):
+    from accelerate import Accelerator
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise TrainingError("fp16 mixed precision needs a GPU; on CPU use --precision bf16 or fp32.")
+    return Accelerator(mixed_precision=mixed)
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Per-epoch multiplier: constant warm-up (CoOp/Dassl style) then cosine decay to zero."""
+    cosine_epochs = config.epochs - config.warmup_epochs
+
+    def factor(epoch: int) -> float:
+        if epoch < config.warmup_epochs:
+            return config.warmup_lr / config.lr
+        t = epoch - config.warmup_epochs
+        return 0.5 * (1.0 + math.cos(math.pi * t / max(cosine_epochs, 1)))
+
+    return factor
+
+
+def build_optimizer(method, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = method.param_groups(config.lr) if hasattr(method, "param_groups") else None
+    params = groups or [p for p in method.prompt_parameters().values()]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------- features
+@torch.no_grad()
+def image_features_of(method, loader: Iterable, accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features and labels of a whole loader (frozen or prompted image tower, no gradient)."""
+    feats, labels = [], []
+    for pixels, y in loader:
+        with _autocast(accelerator):
+            feats.append(method.image_features(pixels).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _autocast(accelerator):
+    if accelerator is None:
+        return torch.autocast("cpu", enabled=False)
+    return accelerator.autocast()
+
+
+@torch.no_grad()
+def evaluate(method, loader: Iterable, accelerator=None, num_classes: int | None = None) -> dict[str, Any]:
+    """Top-1 accuracy (and per-class accuracy) of ``method`` on a loader of ``(pixels, labels)``."""
+    was_training = method.training
+    method.eval()
+    text_feats = None
+    if not getattr(method, "fits_features", False) and not getattr(method, "conditions_text_on_image", False):
+        with _autocast(accelerator):
+            text_feats = method.text_features()  # class features once per evaluation, not per batch
+    correct = total = 0
+    n_classes = num_classes or len(method.classnames)
+    per_class_correct = torch.zeros(n_classes)
+    per_class_total = torch.zeros(n_classes)
+    for pixels, labels in loader:
+        with _autocast(accelerator):
+            logits = method(pixel_values=pixels, text_feats=text_feats)
+        pred = logits.argmax(-1).cpu()
+        labels = labels.cpu()
+        correct += int((pred == labels).sum())
+        total += len(labels)
+        per_class_total += torch.bincount(labels, minlength=n_classes).float()
+        per_class_correct += torch.bincount(labels[pred == labels], minlength=n_classes).float()
+    method.train(was_training)
+    if total == 0:
+        raise ValueError("evaluation split is empty")
+    per_class = (per_class_correct / per_class_total.clamp(min=1)).tolist()
+    return {"accuracy": 100.0 * correct / total, "n": total, "per_class_accuracy": [100.0 * a for a in per_class]}
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainData:
+    """Datasets the trainer needs; ``*_eval`` use the deterministic eval transform."""
+
+    train: torch.utils.data.Dataset
+    train_eval: torch.utils.data.Dataset  # train images without augmentation (feature caching, linear probe)
+    val: torch.utils.data.Dataset | None
+    test: torch.utils.data.Dataset | None
+
+
+class Trainer:
+    def __init__(
+        self,
+        method,
+        data: TrainData,
+        config: TrainConfig,
+        run_dir: str | Path,
+        run_info: dict[str, Any] | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.method = method
+        self.data = data
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.run_info = run_info or {}
+        self.progress = progress
+        self.log = log
+        self.accelerator = make_accelerator(config.precision)
+        self.history: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------- public
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        self._prepare_run_dir(resume, overwrite)
+        seed_everything(self.config.seed)
+        method = self.method.to(self.accelerator.device)
+        if getattr(method, "fits_features", False):
+            result = self._fit_features(method)
+        elif method.num_trainable() == 0:  # zero-shot, or zero-size prompts: nothing to train, evaluate only
+            result = self._finish(method, {"epoch": 0})
+        else:
+            result = self._fit_sgd(method, resume)
+        return result
+
+    # ---------------------------------------------------------------- run folder
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        finished = (self.run_dir / ckpt.PROMPT_FILE).exists()
+        started = (self.run_dir / ckpt.RESUME_DIR).exists() or (self.run_dir / ckpt.METRICS_FILE).exists()
+        if (finished or started) and not (resume or overwrite):
+            raise TrainingError(
+                f"{self.run_dir} already holds a {'finished' if finished else 'started'} run. Use --resume to "
+                "continue it, --overwrite to replace it, or --output to write somewhere else."
+            )
+        if overwrite and not resume:
+            for name in (ckpt.PROMPT_FILE, ckpt.CONFIG_FILE, ckpt.METRICS_FILE):
+                (self.run_dir / name).unlink(missing_ok=True)
+            resume_dir = self.run_dir / ckpt.RESUME_DIR
+            if resume_dir.exists():
+                for f in resume_dir.iterdir():
+                    f.unlink()
+                resume_dir.rmdir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_json(
+            self.run_dir / ckpt.RUN_CONFIG_FILE, {"train": asdict(self.config), **self.run_info}
+        )
+
+    def _write_metrics(self) -> None:
+        lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history)
+        ckpt.atomic_write_bytes(self.run_dir / ckpt.METRICS_FILE, lines.encode())
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool, epoch: int = 0) -> DataLoader:
+        generator = torch.Generator()
+        generator.manual_seed(self.config.seed * 1000 + epoch)  # per-epoch order is the same after a resume
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.config.num_workers,
+            generator=generator,
+            drop_last=False,
+        )
+
+    # ---------------------------------------------------------------- linear probe
+    def _fit_features(self, method) -> dict[str, Any]:
+        start = time.perf_counter()
+        train_f, train_y = image_features_of(method, self._loader(self.data.train_eval, self.config.eval_batch_size, False))
+        if self.data.val is not None and len(self.data.val):
+            val_f, val_y = image_features_of(method, self._loader(self.data.val, self.config.eval_batch_size, False))
+        else:
+            val_f, val_y = train_f[:0], train_y[:0]
+        info = method.fit(train_f, train_y, val_f, val_y)
+        record = {"epoch": 1, "train_time_s": time.perf_counter() - start, **info}
+        return self._finish(method, record)
+
+    # ---------------------------------------------------------------- SGD
+    def _fit_sgd(self, method, resume: bool) -> dict[str, Any]:
+        cfg = self.config
+        optimizer = build_optimizer(method, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        start_epoch = 0
+        if resume:
+            start_epoch = self._load_resume_state(method, optimizer, scheduler)
+        method, optimizer = self.accelerator.prepare(method, optimizer)
+        core = self.accelerator.unwrap_model(method)
+
+        text_feats = None
+        if not core.modifies_text and not getattr(core, "conditions_text_on_image", False):
+            with torch.no_grad(), self.accelerator.autocast():
+                text_feats = core.text_features().detach()
+        cached_images = not core.modifies_image and not cfg.augment
+        train_set = self.data.train
+        if cached_images:
+            feats, labels = image_features_of(
+                core, self._loader(self.data.train_eval, cfg.eval_batch_size, False), self.accelerator
+            )
+            train_set = TensorDataset(feats, labels)
+
+        for epoch in range(start_epoch, cfg.epochs):
+            seed_everything(cfg.seed * 1000 + epoch)  # augmentation draws: identical after a resume
+            method.train()
+            epoch_start = time.perf_counter()
+            loader = self.accelerator.prepare(self._loader(train_set, cfg.batch_size, True, epoch))
+            losses, correct, seen = [], 0, 0
+            for step, (inputs, labels) in enumerate(self._progress(loader, epoch)):
+                with self.accelerator.autocast():
+                    if cached_images:
+                        logits = method(image_feats=inputs, text_feats=text_feats)
+                    else:
+                        logits = method(pixel_values=inputs, text_feats=text_feats)
+                    loss = core.loss(logits, labels)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}. The last good prompt is "
+                        f"kept in {self.run_dir / ckpt.RESUME_DIR} (if an epoch finished). Lower the learning rate "
+                        f"(now {cfg.lr}), set --set train.grad_clip=1.0, or use --precision fp32."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(loss)
+                if cfg.grad_clip is not None:
+                    self.accelerator.clip_grad_norm_(list(core.prompt_parameters().values()), cfg.grad_clip)
+                optimizer.step()
+                losses.append(loss.item())
+                correct += int((logits.argmax(-1) == labels).sum())
+                seen += len(labels)
+            scheduler.step()
+            record = {
+                "epoch": epoch + 1,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": float(np.mean(losses)),
+                "train_accuracy": 100.0 * correct / max(seen, 1),
+                "epoch_time_s": time.perf_counter() - epoch_start,
+            }
+            if self.data.val is not None and len(self.data.val) and (epoch + 1) % cfg.validate_every == 0:
+                record["val_accuracy"] = self._evaluate(core, self.data.val)["accuracy"]
+            self.history.append(record)
+            self._save_resume_state(core, optimizer, scheduler, epoch + 1)
+            self._write_metrics()
+            self.log(
+                f"epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} "
+                f"train acc {record['train_accuracy']:.2f}"
+                + (f" val acc {record['val_accuracy']:.2f}" if "val_accuracy" in record else "")
+            )
+        return self._finish(core, None)
+
+    def _progress(self, loader, epoch: int):
+        if not self.progress:
+            return loader
+        from tqdm.auto import tqdm
+
+        return tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not self.accelerator.is_main_process)
+
+    def _evaluate(self, method, dataset) -> dict[str, Any]:
+        return evaluate(method, self._loader(dataset, self.config.eval_batch_size, False), self.accelerator)
+
+    def _finish(self, method, record: dict[str, Any] | None) -> dict[str, Any]:
+        if record is not None:
+            if self.data.val is not None and len(self.data.val):
+                record["val_accuracy"] = self._evaluate(method, self.data.val)["accuracy"]
+            self.history.append(record)
+        final: dict[str, Any] = {"split": "test"}
+        if self.data.test is not None and len(self.data.test):
+            result = self._evaluate(method, self.data.test)
+            final.update(accuracy=result["accuracy"], n=result["n"])
+        self.history.append(final)
+        if self.accelerator.is_main_process:
+            ckpt.save_prompt(self.run_dir, method, extra={"final_metrics": final})
+            self._write_metrics()
+        return final
+
+    # ---------------------------------------------------------------- resume
+    def _save_resume_state(self, method, optimizer, scheduler, epochs_done: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        folder = self.run_dir / ckpt.RESUME_DIR
+        ckpt.atomic_save_tensors(folder / ckpt.PROMPT_FILE, method.prompt_state_dict())
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        tmp = folder / ".trainer_state.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(folder / "trainer_state.pt")
+        # Written last: a crash before this line leaves the previous epoch's state as the resume point.
+        ckpt.atomic_write_json(folder / "state.json", {"epochs_done": epochs_done, "history": self.history})
+
+    def _load_resume_state(self, method, optimizer, scheduler) -> int:
+        folder = self.run_dir / ckpt.RESUME_DIR
+        state_file = folder / "state.json"
+        if not state_file.exists():
+            if (self.run_dir / ckpt.PROMPT_FILE).exists():
+                raise TrainingError(f"{self.run_dir} holds a finished run; nothing to resume.")
+            self.log(f"no resumable state in {folder}; starting from scratch")
+            return 0
+        state = json.loads(state_file.read_text())
+        method.load_prompt_state_dict(ckpt.load_prompt_tensors(folder))
+        trainer_state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        self.history = state["history"]
+        self.log(f"resuming {self.run_dir} after epoch {state['epochs_done']}")
+        return int(state["epochs_done"])
