@@ -451,11 +451,11 @@ def _folder_images(folder: Path, classes: Sequence[str], strict: bool) -> list[l
 
 
 def _seeded_partition(paths: list[Path], fractions: Sequence[float], seed: int) -> list[list[Path]]:
-    """Shuffle `paths` with `seed` and cut it into len(fractions)+1 parts: the given fractions, then the rest
-    (the first part). Keeps at least one image in the first part so no class vanishes from train."""
+    """Shuffle `paths` with `seed`; return [rest, part_1, ..., part_k] where part_i holds round(f_i * n)
+    images and `rest` the remainder (kept non-empty, so no class vanishes from train). Parts are sorted."""
     shuffled = list(paths)
     random.Random(seed).shuffle(shuffled)
-    counts = [int(round(f * len(shuffled))) for f in fractions]
+    counts = [round(f * len(shuffled)) for f in fractions]
     while counts and sum(counts) >= len(shuffled) and sum(counts) > 0:
         counts[counts.index(max(counts))] -= 1  # give one back to train
     parts, start = [], len(shuffled) - sum(counts)

@@ -63,7 +63,9 @@ class ImageTransformConfig:
             crop = {}
         crop_hw = _square(crop) or _square(size) or size.get("shortest_edge")
         if crop_hw is None:
-            raise ValueError(f"cannot read an image size from {type(processor).__name__}: crop_size={crop}, size={size}")
+            raise ValueError(
+                f"cannot read an image size from {type(processor).__name__}: crop_size={crop}, size={size}"
+            )
         shortest = size.get("shortest_edge") or _square(size) or crop_hw
         mean = getattr(processor, "image_mean", None)
         std = getattr(processor, "image_std", None)
@@ -160,17 +162,17 @@ class TrainTransform(_Base):
         for _ in range(10):
             target_area = area * torch.empty(1).uniform_(*self.scale).item()
             aspect = math.exp(torch.empty(1).uniform_(*log_ratio).item())
-            w = int(round(math.sqrt(target_area * aspect)))
-            h = int(round(math.sqrt(target_area / aspect)))
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
             if 0 < w <= width and 0 < h <= height:
                 top = int(torch.randint(0, height - h + 1, size=(1,)).item())
                 left = int(torch.randint(0, width - w + 1, size=(1,)).item())
                 return left, top, w, h
         in_ratio = width / height
         if in_ratio < self.ratio[0]:
-            w, h = width, int(round(width / self.ratio[0]))
+            w, h = width, round(width / self.ratio[0])
         elif in_ratio > self.ratio[1]:
-            w, h = int(round(height * self.ratio[1])), height
+            w, h = round(height * self.ratio[1]), height
         else:
             w, h = width, height
         return (width - w) // 2, (height - h) // 2, w, h
