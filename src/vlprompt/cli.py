@@ -301,6 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """transformers' per-load progress bars and advisory warnings drown the CLI's own output."""
+    import os
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if not os.environ.get("VLPROMPT_DEBUG"):
+        warnings.filterwarnings("ignore", module="transformers")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from vlprompt.backbones import BackboneLoadError, UnsupportedBackboneError
     from vlprompt.data import DatasetError
@@ -308,10 +321,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlprompt.methods import MethodConfigError
 
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except (CLIError, DatasetError, BackboneLoadError, UnsupportedBackboneError, CheckpointError, TrainingError,
             MethodConfigError, FileNotFoundError, ValueError) as err:
+        import os
+
+        if os.environ.get("VLPROMPT_DEBUG"):
+            raise
         print(f"vlprompt {args.command}: error: {err}", file=sys.stderr)
         return 2
 
