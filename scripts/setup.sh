@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine (idempotent): a virtualenv in .venv with vlprompt and its test tools.
+# CPU: torch is pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
+# GPU users: set VLPROMPT_TORCH to the torch requirement matching their CUDA, e.g.
+#   VLPROMPT_TORCH="torch --index-url https://download.pytorch.org/whl/cu124" bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip 2>/dev/null || true
+# shellcheck disable=SC2086
+python -m pip install --quiet ${VLPROMPT_TORCH:-torch==2.13.0}
+python -m pip install --quiet -e '.[dev]'
+# OpenAI's CLIP BPE vocabulary (used to build the real CLIP tokenizer offline); --no-deps: its own dependencies
+# (torchvision among them) are not needed and do not install beside this torch.
+python -m pip install --quiet --no-deps clip-anytorch==2.6.0
