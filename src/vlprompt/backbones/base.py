@@ -39,6 +39,8 @@ class DeepPrompts:
     def num_tokens(self) -> int:
         for t in self.tokens:
             if t is not None:
+                if t.dim() not in (2, 3):
+                    raise ValueError(f"prompt tokens must be (N, width) or (batch, N, width), got {tuple(t.shape)}")
                 return t.shape[-2]
         return 0
 

@@ -58,14 +58,27 @@ class CLIPBackbone(nn.Module):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         path = str(name_or_path)
-        model = CLIPModel.from_pretrained(path, **model_kwargs)
+        try:
+            model = CLIPModel.from_pretrained(path, **model_kwargs)
+        except OSError as err:
+            raise BackboneLoadError(
+                f"could not load CLIP weights from {path!r}: {err}. A model folder needs config.json and "
+                "model.safetensors (or pytorch_model.bin), as written by save_pretrained."
+            ) from err
+        no_tokenizer = (
+            f"CLIP model at {path!r} has no usable tokenizer. Save the tokenizer beside the weights: "
+            f"tokenizer.save_pretrained({path!r})."
+        )
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, TypeError) as err:
+            raise BackboneLoadError(f"{no_tokenizer} ({err})") from err
+        if len(tokenizer) < 3 or len(tokenizer) > model.config.text_config.vocab_size:
+            # transformers builds an empty tokenizer when a folder has none: every text would embed the same.
             raise BackboneLoadError(
-                f"CLIP model at {path!r} has no usable tokenizer ({err}). Save the tokenizer beside the weights: "
-                f"tokenizer.save_pretrained({path!r})."
-            ) from err
+                f"{no_tokenizer} (found {len(tokenizer)} tokens for a {model.config.text_config.vocab_size}-token "
+                "embedding table)"
+            )
         try:
             processor = CLIPImageProcessor.from_pretrained(path)
         except OSError:

@@ -40,6 +40,11 @@ class MethodConfig:
         return cls(**values)
 
 
+def check_template(template: str) -> None:
+    if template.count("{}") != 1:
+        raise ValueError(f"template {template!r} must contain exactly one '{{}}' where the class name goes")
+
+
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise MethodConfigError(message)
@@ -71,6 +76,7 @@ class PromptMethod(nn.Module):
             )
         if not classnames:
             raise ValueError("a method needs at least one class name")
+        check_template(template)
         self.backbone = backbone
         self.config = config
         self.classnames: list[str] = list(classnames)
@@ -81,10 +87,17 @@ class PromptMethod(nn.Module):
         """Point the method at another label set (cross-dataset / base-to-novel evaluation)."""
         if not classnames:
             raise ValueError("a method needs at least one class name")
+        if template is not None:
+            check_template(template)
+        previous = (self.classnames, self.template)
         self.classnames = list(classnames)
         if template is not None:
             self.template = template
-        self._on_classes_changed()
+        try:
+            self._on_classes_changed()
+        except Exception:
+            self.classnames, self.template = previous  # a refused change leaves the method as it was
+            raise
 
     def _on_classes_changed(self) -> None:
         pass
@@ -152,16 +165,28 @@ class PromptMethod(nn.Module):
 
 
 class ClassTextPrompts(nn.Module):
-    """Tokenised ``"{class}."`` sequences for methods that learn context tokens after ``[SOS]`` (CoOp-style).
+    """Tokenised class sentences whose positions ``1..n`` are learned prompts (CoOp-family placeholders).
 
-    Held as (non-persistent) buffers so they follow the method across devices and stay out of checkpoints.
+    The references build a placeholder sentence (``"X X X X {class}."`` for CoOp, ``"a photo of a {class}."``
+    for MaPLe / IVLP / UPT) and replace its token positions ``1..n`` by prompts. Here those ``n`` tokens are removed
+    and the adapter inserts the prompts after ``[SOS]``: the same sequence. Token ids are non-persistent buffers so
+    they follow the method across devices and stay out of checkpoints.
     """
 
-    def __init__(self, backbone, classnames: list[str], suffix_template: str = "{}.") -> None:
+    def __init__(self, backbone, classnames: list[str], placeholder: str = "{}.", n_replaced: int = 0) -> None:
         super().__init__()
-        tokenized = backbone.tokenize([suffix_template.format(c) for c in classnames])
-        self.register_buffer("input_ids", tokenized.input_ids, persistent=False)
-        self.register_buffer("eot_index", tokenized.eot_index, persistent=False)
+        check_template(placeholder)
+        prefix_tokens = int(backbone.tokenize([placeholder.split("{}")[0].strip()]).eot_index[0]) - 1
+        if n_replaced > prefix_tokens and prefix_tokens > 0:
+            raise MethodConfigError(
+                f"cannot replace {n_replaced} tokens of the placeholder {placeholder!r}: it has {prefix_tokens} "
+                "before the class name. Use more placeholder words or fewer prompt tokens."
+            )
+        n_removed = min(n_replaced, prefix_tokens)
+        tokenized = backbone.tokenize([placeholder.format(c) for c in classnames])
+        ids = torch.cat([tokenized.input_ids[:, :1], tokenized.input_ids[:, 1 + n_removed :]], dim=1)
+        self.register_buffer("input_ids", ids, persistent=False)
+        self.register_buffer("eot_index", tokenized.eot_index - n_removed, persistent=False)
 
     @property
     def tokenized(self) -> TokenizedText:
@@ -171,10 +196,21 @@ class ClassTextPrompts(nn.Module):
         return backbone.encode_text_ids(self.tokenized, prompts)
 
 
+def placeholder_prefix_embedding(backbone, placeholder: str, n: int) -> torch.Tensor | None:
+    """Embeddings of the first ``n`` placeholder words (the references' prompt init), or None if it has fewer."""
+    prefix = placeholder.split("{}")[0].strip()
+    if not prefix or n == 0:
+        return None
+    words = phrase_embedding(backbone, prefix)
+    return words[:n].clone() if words.shape[0] >= n else None
+
+
 def phrase_embedding(backbone, phrase: str) -> torch.Tensor:
     """Word embeddings ``(n, d_t)`` of a phrase's tokens (without [SOS]/[EOS]): CoOp's "init from a phrase"."""
     tokenized = backbone.tokenize([phrase])
     n = int(tokenized.eot_index[0]) - 1
+    if n == 0:
+        raise MethodConfigError(f"the init phrase {phrase!r} has no tokens")
     with torch.no_grad():
         return backbone.embed_tokens(tokenized.input_ids[0, 1 : 1 + n]).clone()
 

@@ -31,6 +31,10 @@ class CoOpConfig(MethodConfig):
         require(self.n_ctx >= 0, f"coop.n_ctx must be >= 0, got {self.n_ctx}")
         require(self.class_position in CLASS_POSITIONS, f"coop.class_position must be one of {CLASS_POSITIONS}")
         require(self.init_std > 0, "coop.init_std must be > 0")
+        require(
+            self.init is None or (isinstance(self.init, str) and self.init.strip() != ""),
+            f"coop.init must be a non-empty phrase such as 'a photo of a', or null for random init (got {self.init!r})",
+        )
 
 
 class CoOp(PromptMethod):

@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from vlprompt.backbones.base import SITE_IMAGE_SEQUENCE, SITE_TEXT_SEQUENCE, DeepPrompts
-from vlprompt.methods.base import ClassTextPrompts, MethodConfig, PromptMethod, phrase_embedding, require
+from vlprompt.methods.base import (
+    ClassTextPrompts,
+    MethodConfig,
+    PromptMethod,
+    check_template,
+    placeholder_prefix_embedding,
+    require,
+)
 from vlprompt.methods.vpt import INITS, visual_prompt_init
 
 
@@ -17,7 +24,10 @@ class IVLPConfig(MethodConfig):
     n_image: int = 2
     text_depth: int = 12
     image_depth: int = 12
-    text_init: str | None = None  # phrase for the layer-0 text prompt (e.g. "a photo"), or None: N(0, init_std)
+    # As in the reference code: text prompts replace the first n_text words of this sentence ("[SOS] v1 v2 of a
+    # CLASS ." for n_text=2), and the layer-0 prompt starts from those words' embeddings.
+    placeholder: str = "a photo of a {}."
+    init_from_placeholder: bool = True
     image_init: str = "normal"
     init_std: float = 0.02
 
@@ -25,6 +35,7 @@ class IVLPConfig(MethodConfig):
         require(self.n_text >= 0 and self.n_image >= 0, "ivlp.n_text and ivlp.n_image must be >= 0")
         require(self.text_depth >= 1 and self.image_depth >= 1, "ivlp depths must be >= 1")
         require(self.image_init in INITS, f"ivlp.image_init must be one of {INITS}")
+        require(self.placeholder.count("{}") == 1, "ivlp.placeholder needs exactly one '{}' for the class name")
 
 
 class IVLP(PromptMethod):
@@ -38,21 +49,18 @@ class IVLP(PromptMethod):
         super().__init__(backbone, config, classnames, template)
         require(config.text_depth <= backbone.text_layers, f"ivlp.text_depth exceeds {backbone.text_layers} layers")
         require(config.image_depth <= backbone.vision_layers, f"ivlp.image_depth exceeds {backbone.vision_layers}")
+        check_template(config.placeholder)
         text = torch.randn(config.text_depth, config.n_text, backbone.text_width) * config.init_std
-        if config.text_init and config.n_text:
-            phrase = phrase_embedding(backbone, config.text_init)
-            require(
-                phrase.shape[0] == config.n_text,
-                f"ivlp.text_init {config.text_init!r} has {phrase.shape[0]} tokens but n_text={config.n_text}",
-            )
-            text[0] = phrase
+        words = placeholder_prefix_embedding(backbone, config.placeholder, config.n_text)
+        if config.init_from_placeholder and words is not None:
+            text[0] = words
         self.text_prompts = nn.Parameter(text)
         shape = (config.image_depth, config.n_image, backbone.vision_width)
         self.image_prompts = nn.Parameter(visual_prompt_init(backbone, shape, config.image_init, config.init_std))
         self._on_classes_changed()
 
     def _on_classes_changed(self) -> None:
-        self.class_text = ClassTextPrompts(self.backbone, self.classnames)
+        self.class_text = ClassTextPrompts(self.backbone, self.classnames, self.config.placeholder, self.config.n_text)
 
     def text_features(self) -> torch.Tensor:
         prompts = DeepPrompts(list(self.text_prompts)) if self.config.n_text else None
