@@ -9,7 +9,10 @@ from vlprompt.backbones.base import (
     SITE_IMAGE_SEQUENCE,
     SITE_JOINT_SPACE,
     SITE_TEXT_SEQUENCE,
+    SITE_TRANSIENT_IMAGE,
+    BlockAdapter,
     DeepPrompts,
+    TransientPrompts,
     TokenizedText,
     UnsupportedBackboneError,
 )
@@ -70,4 +73,7 @@ __all__ = [
     "SITE_IMAGE_SEQUENCE",
     "SITE_JOINT_SPACE",
     "SITE_TEXT_SEQUENCE",
+    "SITE_TRANSIENT_IMAGE",
+    "BlockAdapter",
+    "TransientPrompts",
 ]

@@ -6,7 +6,7 @@ alone knows the model's modules, masks and pooling positions. See docs/design.md
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
@@ -15,6 +15,7 @@ SITE_TEXT_SEQUENCE = "text_sequence"  # insert/replace tokens at any text layer'
 SITE_IMAGE_SEQUENCE = "image_sequence"  # insert/replace tokens at any image layer's input
 SITE_JOINT_SPACE = "joint_space"  # projections into a shared embedding + final LayerNorms
 SITE_BLOCK = "attention_block"  # additive change to an attention block's output
+SITE_TRANSIENT_IMAGE = "image_transient"  # tokens appended to one image layer's input, dropped from its output
 SITE_FUSION = "fusion_attention"  # bi-directional fusion attention (Grounding DINO family)
 
 
@@ -64,6 +65,28 @@ class DeepPrompts:
                     f"{tower} prompt at layer {j} has shape {tuple(t.shape)}; expected (N={n}, {width}) "
                     f"or (batch, {n}, {width})."
                 )
+
+
+class BlockAdapter(Protocol):
+    """Additive change to an attention block's output (APT): ``O' = f(layer, X, O)``.
+
+    ``x`` is the block's input after its LayerNorm ``(B, T, C)``; ``attn_out`` the attention output after the output
+    projection, before the residual. Return the replacement for ``attn_out``, or None to keep it.
+    """
+
+    def __call__(self, layer: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor | None: ...
+
+
+class TransientPrompts(Protocol):
+    """Tokens appended to a layer's input, run through that layer, then dropped (DPT's visual prompts).
+
+    ``tokens(layer, hidden)`` sees the layer's input (without transient tokens) and returns ``(B, n, width)`` or
+    None; ``outputs(layer, out)`` receives those tokens' outputs of the layer (e.g. for an auxiliary head).
+    """
+
+    def tokens(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None: ...
+
+    def outputs(self, layer: int, out: torch.Tensor) -> None: ...
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,6 +15,9 @@ from torch import nn
 
 from vlprompt.backbones.base import (
     SITE_BLOCK,
+    SITE_TRANSIENT_IMAGE,
+    BlockAdapter,
+    TransientPrompts,
     SITE_IMAGE_SEQUENCE,
     SITE_JOINT_SPACE,
     SITE_TEXT_SEQUENCE,
@@ -36,7 +40,7 @@ class CLIPBackbone(nn.Module):
     """
 
     family = "clip"
-    sites = frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE, SITE_BLOCK})
+    sites = frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE, SITE_BLOCK, SITE_TRANSIENT_IMAGE})
 
     def __init__(self, model: nn.Module, tokenizer, image_processor=None, name_or_path: str = "") -> None:
         super().__init__()
@@ -192,6 +196,7 @@ class CLIPBackbone(nn.Module):
         token_embeds: torch.Tensor,
         eot_index: torch.Tensor,
         prompts: DeepPrompts | None = None,
+        block: BlockAdapter | None = None,
     ) -> torch.Tensor:
         """Text features ``(S, d)`` of embedded sequences ``(S, T, d_t)`` whose end-of-text is at ``eot_index``.
 
@@ -218,16 +223,19 @@ class CLIPBackbone(nn.Module):
         hidden = token_embeds[:, :length]
         hidden = hidden + text_model.embeddings.position_embedding.weight[:length].to(hidden.dtype)
         mask = self._causal_mask(hidden)
-        for j, layer in enumerate(text_model.encoder.layers):
-            if j > 0 and n:
-                hidden = _replace(hidden, prompts.at(j), start=1)
-            hidden = layer(hidden, mask, is_causal=True)
+        with _block_hooks(text_model.encoder.layers, block):
+            for j, layer in enumerate(text_model.encoder.layers):
+                if j > 0 and n:
+                    hidden = _replace(hidden, prompts.at(j), start=1)
+                hidden = layer(hidden, mask, is_causal=True)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         pooled = text_model.final_layer_norm(hidden[rows, eot_index])
         return self.model.text_projection(pooled)
 
-    def encode_text_ids(self, tokenized: TokenizedText, prompts: DeepPrompts | None = None) -> torch.Tensor:
-        return self.encode_text(self.embed_tokens(tokenized.input_ids), tokenized.eot_index, prompts)
+    def encode_text_ids(
+        self, tokenized: TokenizedText, prompts: DeepPrompts | None = None, block: BlockAdapter | None = None
+    ) -> torch.Tensor:
+        return self.encode_text(self.embed_tokens(tokenized.input_ids), tokenized.eot_index, prompts, block)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.encode_text_ids(self.tokenize(texts))
@@ -249,12 +257,16 @@ class CLIPBackbone(nn.Module):
         pixel_values: torch.Tensor,
         prompts: DeepPrompts | None = None,
         position: str = "end",
+        block: BlockAdapter | None = None,
+        transient: TransientPrompts | None = None,
     ) -> torch.Tensor:
         """Image features ``(B, d)``.
 
         ``prompts.tokens[0]`` is inserted after the positional embedding and before CLIP's pre-LayerNorm (no
         positional embedding on prompts), either after the patches (``"end"``: VPT, IVLP, MaPLe) or between the
         class token and the patches (``"after_cls"``: UPT); deeper entries replace those positions.
+        ``block`` changes each attention block's output (APT). ``transient`` tokens are appended after the
+        pre-LayerNorm to a layer's input and dropped from its output (DPT).
         """
         vision = self.model.vision_model
         if position not in IMAGE_PROMPT_POSITIONS:
@@ -269,12 +281,46 @@ class CLIPBackbone(nn.Module):
             first = _expand(prompts.tokens[0], hidden.shape[0]).to(hidden.dtype)
             hidden = torch.cat([hidden[:, :start], first, hidden[:, start:]], dim=1)
         hidden = vision.pre_layrnorm(hidden)
-        for j, layer in enumerate(vision.encoder.layers):
-            if j > 0 and n:
-                hidden = _replace(hidden, prompts.at(j), start=start)
-            hidden = layer(hidden, None)
+        with _block_hooks(vision.encoder.layers, block):
+            for j, layer in enumerate(vision.encoder.layers):
+                if j > 0 and n:
+                    hidden = _replace(hidden, prompts.at(j), start=start)
+                extra = transient.tokens(j, hidden) if transient is not None else None
+                if extra is None:
+                    hidden = layer(hidden, None)
+                    continue
+                length = hidden.shape[1]
+                out = layer(torch.cat([hidden, extra.to(hidden.dtype)], dim=1), None)
+                transient.outputs(j, out[:, length:])
+                hidden = out[:, :length]
         pooled = vision.post_layernorm(hidden[:, 0])
         return self.model.visual_projection(pooled)
+
+
+@contextmanager
+def _block_hooks(layers, block: BlockAdapter | None):
+    """Route every layer's attention output through ``block`` for the duration of one forward pass.
+
+    Uses torch's forward-hook API on the model's own attention modules (removed on exit), so the layers run
+    unmodified transformers code.
+    """
+    if block is None:
+        yield
+        return
+    handles = []
+    for j, layer in enumerate(layers):
+
+        def hook(module, args, kwargs, output, j=j):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            replaced = block(j, x, output[0])
+            return output if replaced is None else (replaced, *output[1:])
+
+        handles.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _expand(tokens: torch.Tensor, batch: int) -> torch.Tensor:
