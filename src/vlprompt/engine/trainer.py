@@ -268,6 +268,8 @@ class Trainer:
 
         for epoch in range(start_epoch, cfg.epochs):
             seed_everything(cfg.seed * 1000 + epoch)  # augmentation draws: identical after a resume
+            if hasattr(core, "set_epoch"):  # methods whose loss follows a schedule (DPT's guidance warm-up)
+                core.set_epoch(epoch)
             method.train()
             epoch_start = time.perf_counter()
             loader = self.accelerator.prepare(self._loader(train_set, cfg.batch_size, True, epoch))

@@ -1,13 +1,20 @@
 """Method registry: every method is registered here once, by name, with optional named presets."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlprompt.backbones.base import SITE_IMAGE_SEQUENCE, SITE_TEXT_SEQUENCE
+from vlprompt.methods.apt import APT, APTConfig
 from vlprompt.methods.base import MethodConfig, MethodConfigError, PromptMethod
+from vlprompt.methods.cocoop import CoCoOp, CoCoOpConfig
 from vlprompt.methods.coop import CoOp, CoOpConfig
 from vlprompt.methods.ivlp import IVLP, IVLPConfig
 from vlprompt.methods.linear_probe import LinearProbe, LinearProbeConfig
+from vlprompt.methods.maple import MaPLe, MaPLeConfig
+from vlprompt.methods.sdpt import SDPT, SDPTConfig
+from vlprompt.methods.upt import UPT, UPTConfig
 from vlprompt.methods.vpt import VPT, VPTConfig
 from vlprompt.methods.zeroshot import ZeroShot, ZeroShotConfig
 
@@ -28,6 +35,17 @@ METHODS: dict[str, MethodSpec] = {
     "vpt_shallow": MethodSpec(VPT, {"depth": 1}, summary="visual tokens at the image input"),
     "vpt_deep": MethodSpec(VPT, {"depth": 12}, summary="fresh visual tokens at every image layer"),
     "ivlp": MethodSpec(IVLP, summary="independent deep text + visual prompts"),
+    "cocoop": MethodSpec(CoCoOp, summary="CoOp + per-image context shift from a meta-network"),
+    "maple": MethodSpec(MaPLe, summary="deep text prompts coupled into visual prompts"),
+    "upt": MethodSpec(UPT, summary="one tiny network makes both modalities' prompts"),
+    "sdpt": MethodSpec(SDPT, summary="unified joint-space prototypes, pseudo-inverse into both towers"),
+    "apt": MethodSpec(APT, summary="approximated prompts: additive term on every attention block"),
+    # APT's baseline: plain deep prompts of the same count in both towers (IVLP with random init, no fixed words).
+    "deep_prompt": MethodSpec(
+        IVLP,
+        {"n_text": 50, "n_image": 50, "placeholder": "{}.", "init_from_placeholder": False},
+        summary="deep prompts in both towers (APT's baseline, same prompt count)",
+    ),
 }
 ALIASES = {"zero_shot": "zeroshot", "zero-shot": "zeroshot", "linear-probe": "linear_probe", "vpt": "vpt_deep",
            "vpt-deep": "vpt_deep", "vpt-shallow": "vpt_shallow", "lp": "linear_probe"}
@@ -44,17 +62,30 @@ def canonical_method_name(name: str) -> str:
 def make_config(name: str, options: dict[str, Any] | None = None, backbone=None) -> MethodConfig:
     """The validated config of a registered method: its defaults, preset defaults, then ``options``.
 
-    Depth presets that mean "every layer" follow the backbone when it has fewer layers than ViT-B's 12.
+    Default depths deeper than the backbone (ViT-B's 12, MaPLe's 9, ...) are capped to its layer count, so presets
+    also run on smaller models; a depth the user asks for explicitly is never changed (too deep is an error).
     """
     spec = METHODS[canonical_method_name(name)]
+    config_class = spec.method_class.config_class
     values = dict(spec.defaults)
-    if backbone is not None and "depth" in values and values["depth"] > backbone.vision_layers:
-        values["depth"] = backbone.vision_layers
-    if backbone is not None and spec.method_class is IVLP:
-        values.setdefault("text_depth", backbone.text_layers)
-        values.setdefault("image_depth", backbone.vision_layers)
-    values.update(options or {})
-    return spec.method_class.config_class.from_dict(values)
+    options = dict(options or {})
+    if backbone is not None:
+        defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+        defaults.update(spec.defaults)
+        for key, limit in _depth_limits(spec.method_class, backbone).items():
+            if key in defaults and key not in options and isinstance(defaults[key], int) and defaults[key] > limit:
+                values[key] = limit
+    values.update(options)
+    return config_class.from_dict(values)
+
+
+def _depth_limits(method_class: type[PromptMethod], backbone) -> dict[str, int]:
+    sites = method_class.required_sites
+    both = min(backbone.text_layers, backbone.vision_layers)
+    depth = backbone.vision_layers if SITE_TEXT_SEQUENCE not in sites else (
+        backbone.text_layers if SITE_IMAGE_SEQUENCE not in sites else both
+    )
+    return {"depth": depth, "text_depth": backbone.text_layers, "image_depth": backbone.vision_layers}
 
 
 def get_prompt_model(

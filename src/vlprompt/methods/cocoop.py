@@ -1,0 +1,100 @@
+"""CoCoOp: CoOp contexts shifted per image by a meta-network on the (normalised) image feature.
+
+Each image has its own prompts, so the text tower runs for ``batch x classes`` sequences. The authors trained
+with batch size 1 for memory; here images are processed in chunks and, when training, each chunk's text-tower
+activations are recomputed in the backward pass (activation checkpointing), so peak memory grows with the chunk,
+not with the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vlprompt.backbones.base import SITE_TEXT_SEQUENCE, DeepPrompts, TokenizedText
+from vlprompt.methods.base import (
+    ClassTextPrompts,
+    MethodConfig,
+    PromptMethod,
+    phrase_embedding,
+    require,
+)
+
+
+@dataclass
+class CoCoOpConfig(MethodConfig):
+    n_ctx: int = 4
+    init: str | None = "a photo of a"  # fixes n_ctx to the phrase's token count; None: N(0, init_std)
+    init_std: float = 0.02
+    chunk_size: int = 4  # images whose batch x classes text sequences run through the text tower together
+    checkpoint_chunks: bool = True  # recompute chunk activations in backward: memory ~ one chunk
+
+    def validate(self) -> None:
+        require(self.n_ctx >= 0, f"cocoop.n_ctx must be >= 0, got {self.n_ctx}")
+        require(self.chunk_size >= 1, "cocoop.chunk_size must be >= 1")
+        require(
+            self.init is None or (isinstance(self.init, str) and self.init.strip() != ""),
+            "cocoop.init must be a non-empty phrase or null",
+        )
+
+
+class CoCoOp(PromptMethod):
+    name = "cocoop"
+    config_class = CoCoOpConfig
+    required_sites = frozenset({SITE_TEXT_SEQUENCE})
+    modifies_text = True
+    conditions_text_on_image = True  # text features depend on the image: never cached per class
+
+    def __init__(self, backbone, config: CoCoOpConfig, classnames, template="a photo of a {}.") -> None:
+        super().__init__(backbone, config, classnames, template)
+        if config.init:
+            ctx = phrase_embedding(backbone, config.init)
+            config.n_ctx = ctx.shape[0]
+        else:
+            ctx = torch.randn(config.n_ctx, backbone.text_width) * config.init_std
+        self.ctx = nn.Parameter(ctx)
+        hidden = max(backbone.embed_dim // 16, 1)
+        self.meta_net = nn.Sequential(
+            nn.Linear(backbone.embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, backbone.text_width)
+        )
+        self._on_classes_changed()
+
+    def _on_classes_changed(self) -> None:
+        self.class_text = ClassTextPrompts(self.backbone, self.classnames)
+
+    def instance_contexts(self, image_feats: torch.Tensor) -> torch.Tensor:
+        """Per-image contexts ``(B, M, d_t)``: the shared context plus the meta-network's shift."""
+        shift = self.meta_net(F.normalize(image_feats, dim=-1).to(self.ctx.dtype))
+        return self.ctx.unsqueeze(0) + shift.unsqueeze(1)
+
+    def text_features(self) -> torch.Tensor:
+        """Class features without the image shift (the bare context): for inspection, not used for logits."""
+        return self.class_text.features(self.backbone, DeepPrompts([self.ctx]) if self.config.n_ctx else None)
+
+    def forward(self, pixel_values=None, image_feats=None, text_feats=None) -> torch.Tensor:
+        if image_feats is None:
+            with torch.no_grad():
+                image_feats = self.image_features(pixel_values)  # the image tower is frozen and unprompted
+        contexts = self.instance_contexts(image_feats)
+        image_norm = F.normalize(image_feats.float(), dim=-1)
+        rows = []
+        for start in range(0, len(image_feats), self.config.chunk_size):
+            chunk = contexts[start : start + self.config.chunk_size]
+            if self.config.checkpoint_chunks and torch.is_grad_enabled() and chunk.requires_grad:
+                feats = checkpoint(self._chunk_text_features, chunk, use_reentrant=False)
+            else:
+                feats = self._chunk_text_features(chunk)
+            text_norm = F.normalize(feats.float(), dim=-1)  # (b, C, d)
+            rows.append(torch.einsum("bd,bcd->bc", image_norm[start : start + len(chunk)], text_norm))
+        return self.backbone.logit_scale.float() * torch.cat(rows)
+
+    def _chunk_text_features(self, contexts: torch.Tensor) -> torch.Tensor:
+        """Text features ``(b, C, d)`` of every class under each of ``b`` per-image contexts."""
+        b, n_classes = contexts.shape[0], len(self.classnames)
+        tok = self.class_text.tokenized
+        ids = TokenizedText(tok.input_ids.repeat(b, 1), tok.eot_index.repeat(b))
+        prompts = DeepPrompts([contexts.repeat_interleave(n_classes, dim=0)]) if self.config.n_ctx else None
+        return self.backbone.encode_text_ids(ids, prompts).view(b, n_classes, -1)

@@ -1,0 +1,96 @@
+"""UPT: one tiny network turns a shared token matrix into both the text and the visual prompts.
+
+The released code builds its attention without ``batch_first``, so the 8 shared tokens are treated as a batch of
+length-1 sequences and never attend to each other. Here they really mix (the paper's point): every output prompt
+depends on every shared token (tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlprompt.backbones.base import SITE_IMAGE_SEQUENCE, SITE_TEXT_SEQUENCE, DeepPrompts
+from vlprompt.methods.base import (
+    ClassTextPrompts,
+    MethodConfig,
+    PromptMethod,
+    check_template,
+    placeholder_prefix_embedding,
+    require,
+)
+
+
+@dataclass
+class UPTConfig(MethodConfig):
+    n_text: int = 4
+    n_image: int = 4
+    n_heads: int = 8  # heads of the tiny network's self-attention (must divide the text width)
+    placeholder: str = "a photo of a {}."  # text prompts replace its first n_text words (reference)
+    init_from_placeholder: bool = True  # text half of U starts from those words' embeddings
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        require(self.n_text >= 0 and self.n_image >= 0, "upt.n_text and upt.n_image must be >= 0")
+        require(self.n_heads >= 1, "upt.n_heads must be >= 1")
+        require(self.placeholder.count("{}") == 1, "upt.placeholder needs exactly one '{}' for the class name")
+
+
+class UnifiedPromptNet(nn.Module):
+    """The reference's tiny net: ``a = norm1(U + attn(U))``, ``f = a + linear2(relu(linear1(norm2(a))))``."""
+
+    def __init__(self, width: int, n_heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, n_heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width)
+        self.linear1 = nn.Linear(width, width)
+        self.linear2 = nn.Linear(width, width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens.unsqueeze(0)  # one sequence of all shared tokens: they attend to each other
+        a = self.norm1(x + self.attn(x, x, x, need_weights=False)[0])
+        f = a + self.linear2(F.relu(self.linear1(self.norm2(a))))
+        return f.squeeze(0)
+
+
+class UPT(PromptMethod):
+    name = "upt"
+    config_class = UPTConfig
+    required_sites = frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE})
+    modifies_text = True
+    modifies_image = True
+
+    def __init__(self, backbone, config: UPTConfig, classnames, template="a photo of a {}.") -> None:
+        super().__init__(backbone, config, classnames, template)
+        width = backbone.text_width
+        require(width % config.n_heads == 0, f"upt.n_heads={config.n_heads} must divide the text width {width}")
+        check_template(config.placeholder)
+        shared = torch.randn(config.n_text + config.n_image, width) * config.init_std
+        words = placeholder_prefix_embedding(backbone, config.placeholder, config.n_text)
+        if config.init_from_placeholder and words is not None:
+            shared[: config.n_text] = words
+        self.shared = nn.Parameter(shared)
+        self.net = UnifiedPromptNet(width, config.n_heads)
+        self.visual_proj = nn.Linear(width, backbone.vision_width)
+        self._on_classes_changed()
+
+    def _on_classes_changed(self) -> None:
+        self.class_text = ClassTextPrompts(self.backbone, self.classnames, self.config.placeholder, self.config.n_text)
+
+    def prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text prompts ``(n_text, d_t)``, visual prompts ``(n_image, d_v)``) from one pass of the tiny net."""
+        mixed = self.net(self.shared)
+        return mixed[: self.config.n_text], self.visual_proj(mixed[self.config.n_text :])
+
+    def text_features(self) -> torch.Tensor:
+        if self.config.n_text == 0:
+            return self.class_text.features(self.backbone, None)
+        return self.class_text.features(self.backbone, DeepPrompts([self.prompts()[0]]))
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.config.n_image == 0:
+            return self.backbone.encode_image(pixel_values)
+        return self.backbone.encode_image(pixel_values, DeepPrompts([self.prompts()[1]]), position="after_cls")
