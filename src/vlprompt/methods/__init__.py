@@ -10,6 +10,7 @@ from vlprompt.methods.apt import APT, APTConfig
 from vlprompt.methods.base import MethodConfig, MethodConfigError, PromptMethod
 from vlprompt.methods.cocoop import CoCoOp, CoCoOpConfig
 from vlprompt.methods.coop import CoOp, CoOpConfig
+from vlprompt.methods.dpt import DPT, DPTConfig
 from vlprompt.methods.ivlp import IVLP, IVLPConfig
 from vlprompt.methods.linear_probe import LinearProbe, LinearProbeConfig
 from vlprompt.methods.maple import MaPLe, MaPLeConfig
@@ -39,6 +40,7 @@ METHODS: dict[str, MethodSpec] = {
     "maple": MethodSpec(MaPLe, summary="deep text prompts coupled into visual prompts"),
     "upt": MethodSpec(UPT, summary="one tiny network makes both modalities' prompts"),
     "sdpt": MethodSpec(SDPT, summary="unified joint-space prototypes, pseudo-inverse into both towers"),
+    "dpt": MethodSpec(DPT, summary="CoOp text prompt + deep visual prompts + class-aware visual prompts (CAVPT)"),
     "apt": MethodSpec(APT, summary="approximated prompts: additive term on every attention block"),
     # APT's baseline: plain deep prompts of the same count in both towers (IVLP with random init, no fixed words).
     "deep_prompt": MethodSpec(
