@@ -148,7 +148,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vlprompt.engine.api import DataOptions, evaluate_checkpoint
 
     tree = resolved_tree(args)
-    data = DataOptions(**tree.get("data", {}))
+    unknown = sorted(set(tree) - {"data", "model", "train", "method", "method_options", "output"})
+    if unknown:
+        raise CLIError(f"unknown config key(s) {unknown} for eval; it reads data: and model:")
+    try:
+        data = DataOptions(**tree.get("data", {}))
+    except TypeError as err:
+        raise CLIError(f"bad data options: {err}") from err
     result = evaluate_checkpoint(
         args.run_dir, data, split=args.split, model=args.model, batch_size=args.batch_size,
         precision=args.precision or "fp32",
@@ -223,6 +229,38 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_config_from(args: argparse.Namespace):
+    from vlprompt.protocols.runner import BenchConfig, Recipe
+
+    tree = load_yaml(args.config) if args.config else {}
+    flags = {
+        "methods": args.methods, "datasets": args.datasets, "protocols": args.protocols, "shots": args.shots,
+        "seeds": args.seeds, "model": args.model, "data_root": args.data_root, "output": args.output,
+    }
+    tree = deep_merge(tree, {k: v for k, v in flags.items() if v is not None})
+    tree = deep_merge(tree, parse_set(args.set or []))
+    tree["recipes"] = {k: Recipe(**v) for k, v in (tree.get("recipes") or {}).items()}
+    missing = [k for k in ("methods", "datasets") if not tree.get(k)]
+    if missing:
+        raise CLIError(f"bench needs {missing}: pass --methods/--datasets or a --config YAML with them")
+    try:
+        return BenchConfig(**tree)
+    except TypeError as err:
+        raise CLIError(f"bad bench config: {err}") from err
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vlprompt.protocols.report import write_report
+    from vlprompt.protocols.runner import read_csv, run_bench
+
+    config = bench_config_from(args)
+    rows = read_csv(Path(config.output) / "results.csv") if args.report_only else run_bench(config)
+    command = "vlprompt " + " ".join(sys.argv[1:]) if not args.command_line else args.command_line
+    path = write_report(rows, config.output, config.methods, command=command)
+    print(path.read_text())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlprompt.demo import run_demo
 
@@ -293,6 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="random:vit-b-16")
     p.add_argument("--num-classes", type=int, default=10)
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("bench", help="run evaluation protocols over methods x datasets x shots x seeds (resumable)")
+    p.add_argument("--config", help="YAML: methods, datasets, protocols, shots, seeds, model, recipes, ...")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--methods", nargs="+")
+    p.add_argument("--datasets", nargs="+")
+    p.add_argument("--protocols", nargs="+", choices=["fewshot", "base2novel", "crossdataset", "domain"])
+    p.add_argument("--shots", nargs="+", type=int)
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--model")
+    p.add_argument("--data-root")
+    p.add_argument("--output", help="results folder (finished runs in it are reused)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from results.csv")
+    p.add_argument("--command-line", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the main job: zero-shot vs tuned prompts on the embedded default")
     p.add_argument("--output", default="runs/demo")

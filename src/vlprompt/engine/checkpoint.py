@@ -1,8 +1,8 @@
 """Prompt checkpoints: trained parameters only (safetensors) plus a JSON config, PEFT-style.
 
 A run folder holds ``prompt.safetensors`` + ``prompt_config.json`` (the final prompt, kilobytes), ``metrics.jsonl``,
-``run_config.json`` (the resolved run options) and, while training, ``checkpoint-last/`` (prompt, optimiser and
-scheduler state) so ``--resume`` can continue an interrupted run. Every file is written atomically.
+``run_config.json`` (the resolved run options) and ``checkpoint-last/`` (prompt, optimiser and scheduler state after
+the last finished epoch) so ``--resume`` can continue an interrupted run. Every file is written atomically.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
 
 def prompt_config(method) -> dict[str, Any]:
     return {
-        "method": method.name,
+        "method": getattr(method, "registered_name", method.name),
         "method_config": method.config.to_dict(),
         "classnames": list(method.classnames),
         "template": method.template,

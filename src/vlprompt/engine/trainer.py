@@ -35,7 +35,8 @@ class TrainConfig:
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup_epochs: int = 1  # epochs at a constant warmup_lr before the cosine schedule (CoOp's recipe)
+    # Epochs at a constant warmup_lr before the cosine schedule (CoOp's recipe). None: 1, or 0 for a 1-epoch run.
+    warmup_epochs: int | None = None
     warmup_lr: float = 1e-5
     grad_clip: float | None = None  # max gradient norm; None = no clipping
     augment: bool = True  # random resized crop + flip on training images
@@ -47,6 +48,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.warmup_epochs is None:
+            self.warmup_epochs = 1 if self.epochs > 1 else 0
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -283,9 +286,9 @@ class Trainer:
                     loss = core.loss(logits, labels)
                 if not torch.isfinite(loss):
                     raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}. The last good prompt is "
-                        f"kept in {self.run_dir / ckpt.RESUME_DIR} (if an epoch finished). Lower the learning rate "
-                        f"(now {cfg.lr}), set --set train.grad_clip=1.0, or use --precision fp32."
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}. The state after the last "
+                        f"finished epoch (if any) is kept in {self.run_dir / ckpt.RESUME_DIR}. Lower the learning "
+                        f"rate (now {cfg.lr}) and --resume, set --set train.grad_clip=1.0, or use --precision fp32."
                     )
                 optimizer.zero_grad(set_to_none=True)
                 self.accelerator.backward(loss)
@@ -364,8 +367,17 @@ class Trainer:
         state = json.loads(state_file.read_text())
         method.load_prompt_state_dict(ckpt.load_prompt_tensors(folder))
         trainer_state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
+        # The optimiser's moments come from the checkpoint, but its hyper-parameters from this run's options:
+        # resuming with a lower learning rate after a divergence must actually use it.
+        for group, hyper in zip(optimizer.param_groups, configured):
+            group.update(hyper)
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        factor = lr_lambda(self.config)(scheduler.last_epoch)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * factor
         self.history = state["history"]
         self.log(f"resuming {self.run_dir} after epoch {state['epochs_done']}")
         return int(state["epochs_done"])

@@ -103,7 +103,9 @@ def get_prompt_model(
         config = make_config(name, config, backbone)
     elif not isinstance(config, spec.method_class.config_class):
         raise MethodConfigError(f"{type(config).__name__} is not a config for method {name!r}")
-    return spec.method_class(backbone, config, classnames, template)
+    method = spec.method_class(backbone, config, classnames, template)
+    method.registered_name = canonical_method_name(name)  # e.g. "vpt_deep" rather than the class's "vpt"
+    return method
 
 
 __all__ = [

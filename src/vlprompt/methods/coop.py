@@ -45,6 +45,7 @@ class CoOp(PromptMethod):
 
     def __init__(self, backbone, config: CoOpConfig, classnames, template="a photo of a {}.") -> None:
         super().__init__(backbone, config, classnames, template)
+        self.trained_classnames = list(self.classnames)
         if config.init:
             ctx = phrase_embedding(backbone, config.init)
             config.n_ctx = ctx.shape[0]
@@ -56,10 +57,11 @@ class CoOp(PromptMethod):
         self._on_classes_changed()
 
     def _on_classes_changed(self) -> None:
-        if self.config.class_specific and hasattr(self, "ctx") and self.ctx.shape[0] != len(self.classnames):
+        if self.config.class_specific and self.classnames != self.trained_classnames:
             raise ValueError(
-                f"class-specific CoOp contexts were learned for {self.ctx.shape[0]} classes and cannot be applied to "
-                f"{len(self.classnames)} other classes; use generic contexts (class_specific=false) for transfer."
+                f"class-specific CoOp contexts belong to the classes they were learned for "
+                f"({', '.join(self.trained_classnames[:5])}{', ...' if len(self.trained_classnames) > 5 else ''}) and "
+                "cannot score other class names; use generic contexts (class_specific=false) for transfer."
             )
         self.class_text = ClassTextPrompts(self.backbone, self.classnames)
         if self.config.class_position != "end":

@@ -32,16 +32,18 @@ class LinearProbe(PromptMethod):
 
     def __init__(self, backbone, config: LinearProbeConfig, classnames, template="a photo of a {}.") -> None:
         super().__init__(backbone, config, classnames, template)
+        self.fitted_classnames = list(self.classnames)
         self.head = nn.Linear(backbone.embed_dim, len(self.classnames))
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.chosen_c: float | None = None
 
     def _on_classes_changed(self) -> None:
-        if self.head.out_features != len(self.classnames):
+        if self.classnames != self.fitted_classnames:
             raise ValueError(
-                "a linear probe is tied to the classes it was fitted on "
-                f"({self.head.out_features}); it cannot score {len(self.classnames)} other classes."
+                f"a linear probe is tied to the {len(self.fitted_classnames)} classes it was fitted on "
+                f"({', '.join(self.fitted_classnames[:5])}{', ...' if len(self.fitted_classnames) > 5 else ''}); "
+                "it cannot score other class names. Use a prompt method for cross-dataset evaluation."
             )
 
     def forward(self, pixel_values=None, image_feats=None, text_feats=None) -> torch.Tensor:

@@ -1,0 +1,248 @@
+"""Summaries of bench results: markdown tables (mean +- std over seeds), a summary CSV, and PNG plots."""
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from vlprompt.engine.checkpoint import atomic_write_bytes
+from vlprompt.protocols.runner import SHOT_INDEPENDENT, harmonic_mean, mean_std
+
+Row = dict[str, Any]
+
+
+def _group(rows: list[Row], *keys: str) -> dict[tuple, list[Row]]:
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[k] for k in keys)].append(row)
+    return groups
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def _ordered(values, preferred: list[str] | None = None) -> list:
+    values = list(dict.fromkeys(values))
+    if preferred:
+        return [v for v in preferred if v in values] + [v for v in values if v not in preferred]
+    return values
+
+
+def fewshot_cells(rows: list[Row]) -> dict[tuple[str, str, int], tuple[float, float]]:
+    """(dataset, method, shots) -> (mean, std) of test accuracy over seeds; shot-independent methods fill every K."""
+    rows = [r for r in rows if r["protocol"] == "fewshot"]
+    all_shots = sorted({r["shots"] for r in rows if r["method"] not in SHOT_INDEPENDENT})
+    cells = {}
+    for (dataset, method, shots), group in _group(rows, "eval_dataset", "method", "shots").items():
+        stats = mean_std([r["accuracy"] for r in group])
+        targets = all_shots or [shots] if method in SHOT_INDEPENDENT else [shots]
+        for k in targets:
+            cells[(dataset, method, k)] = stats
+    return cells
+
+
+def fewshot_average(rows: list[Row]) -> dict[tuple[str, int], tuple[float, float]]:
+    """(method, shots) -> mean over datasets of the per-seed accuracy (std over seeds of the dataset means)."""
+    fewshot = [r for r in rows if r["protocol"] == "fewshot"]
+    all_shots = sorted({r["shots"] for r in fewshot if r["method"] not in SHOT_INDEPENDENT})
+    per_seed: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    for r in fewshot:
+        shots = all_shots if r["method"] in SHOT_INDEPENDENT and all_shots else [r["shots"]]
+        for k in shots:
+            per_seed[(r["method"], k, r["seed"])].append(r["accuracy"])
+    by_method_shot: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for (method, k, _seed), accs in per_seed.items():
+        by_method_shot[(method, k)].append(sum(accs) / len(accs))
+    return {key: mean_std(v) for key, v in by_method_shot.items()}
+
+
+def base2novel_cells(rows: list[Row]) -> dict[tuple[str, str], dict[str, float]]:
+    """(dataset, method) -> base, novel (means over seeds) and HM of those means, as papers report it."""
+    rows = [r for r in rows if r["protocol"] == "base2novel"]
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for (dataset, method), group in _group(rows, "eval_dataset", "method").items():
+        base = mean_std([r["accuracy"] for r in group if r["subset"] == "base"])
+        novel = mean_std([r["accuracy"] for r in group if r["subset"] == "novel"])
+        out[(dataset, method)] = {
+            "base": base[0], "base_std": base[1], "novel": novel[0], "novel_std": novel[1],
+            "hm": harmonic_mean(base[0], novel[0]),
+        }
+    return out
+
+
+def cost_cells(rows: list[Row]) -> dict[str, tuple[int, float]]:
+    """method -> (trainable parameters, mean training time per run in seconds)."""
+    out = {}
+    for (method,), group in _group(rows, "method").items():
+        out[method] = (group[0]["trainable_parameters"], sum(r["train_time_s"] for r in group) / len(group))
+    return out
+
+
+def markdown_report(rows: list[Row], methods: list[str] | None = None, title: str = "Bench results") -> str:
+    methods = _ordered((r["method"] for r in rows), methods)
+    lines = [f"# {title}", ""]
+    fewshot = [r for r in rows if r["protocol"] == "fewshot"]
+    if fewshot:
+        cells = fewshot_cells(rows)
+        avg = fewshot_average(rows)
+        shots = sorted({k for (_, _, k) in cells})
+        lines += ["## Few-shot: test accuracy (%), mean ± std over seeds, averaged over datasets", ""]
+        lines += ["| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+                  "|---|" + "---:|" * len(shots)]
+        for m in methods:
+            if any((m, k) in avg for k in shots):
+                lines.append(f"| {m} | " + " | ".join(_fmt(*avg[(m, k)]) if (m, k) in avg else "-" for k in shots)
+                             + " |")
+        lines.append("")
+        datasets = _ordered(r["eval_dataset"] for r in fewshot)
+        top = shots[-1]
+        lines += [f"### Per dataset at {top} shots", "",
+                  "| method | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]
+        for m in methods:
+            if any((d, m, top) in cells for d in datasets):
+                lines.append(f"| {m} | " + " | ".join(
+                    _fmt(*cells[(d, m, top)]) if (d, m, top) in cells else "-" for d in datasets) + " |")
+        lines.append("")
+    b2n = base2novel_cells(rows)
+    if b2n:
+        datasets = _ordered(d for d, _ in b2n)
+        lines += ["## Base-to-novel: test accuracy (%) on base and novel classes, harmonic mean", "",
+                  "| method | base | novel | HM | " + " | ".join(f"{d} HM" for d in datasets) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(datasets)]
+        for m in methods:
+            per = [b2n[(d, m)] for d in datasets if (d, m) in b2n]
+            if not per:
+                continue
+            base = sum(p["base"] for p in per) / len(per)
+            novel = sum(p["novel"] for p in per) / len(per)
+            lines.append(f"| {m} | {base:.1f} | {novel:.1f} | {harmonic_mean(base, novel):.1f} | " + " | ".join(
+                f"{b2n[(d, m)]['hm']:.1f}" if (d, m) in b2n else "-" for d in datasets) + " |")
+        lines.append("")
+    for protocol, heading in (("crossdataset", "Cross-dataset"), ("domain", "Domain generalisation")):
+        part = [r for r in rows if r["protocol"] == protocol]
+        if not part:
+            continue
+        targets = _ordered(r["eval_dataset"] for r in part)
+        source = part[0]["train_dataset"]
+        lines += [f"## {heading}: trained on {source}, test accuracy (%) mean ± std over seeds", "",
+                  "| method | " + " | ".join(targets) + " |", "|---|" + "---:|" * len(targets)]
+        groups = _group(part, "method", "eval_dataset")
+        for m in methods:
+            if any((m, t) in groups for t in targets):
+                lines.append(f"| {m} | " + " | ".join(
+                    _fmt(*mean_std([r["accuracy"] for r in groups[(m, t)]])) if (m, t) in groups else "-"
+                    for t in targets) + " |")
+        lines.append("")
+    costs = cost_cells(rows)
+    lines += ["## Cost", "", "| method | trainable parameters | mean training time per run (s) |", "|---|---:|---:|"]
+    for m in methods:
+        if m in costs:
+            lines.append(f"| {m} | {costs[m][0]:,} | {costs[m][1]:.1f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def summary_csv(rows: list[Row]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["protocol", "dataset", "method", "shots", "subset", "mean_accuracy", "std_accuracy", "seeds"])
+    for (protocol, dataset, method, shots, subset), group in sorted(
+        _group(rows, "protocol", "eval_dataset", "method", "shots", "subset").items()
+    ):
+        mean, std = mean_std([r["accuracy"] for r in group])
+        writer.writerow([protocol, dataset, method, shots, subset, f"{mean:.3f}", f"{std:.3f}", len(group)])
+    return buffer.getvalue()
+
+
+def plot_fewshot(rows: list[Row], out_dir: Path, methods: list[str] | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = fewshot_cells(rows)
+    if not cells:
+        return []
+    avg = fewshot_average(rows)
+    methods = _ordered((m for _, m, _ in cells), methods)
+    datasets = _ordered(d for d, _, _ in cells)
+    shots = sorted({k for _, _, k in cells})
+    paths = []
+    panels = [("average", {(m, k): v for (m, k), v in avg.items()})] + [
+        (d, {(m, k): cells[(d, m, k)] for (dd, m, k) in cells if dd == d}) for d in datasets
+    ]
+    for name, values in panels:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for m in methods:
+            ks = [k for k in shots if (m, k) in values]
+            if not ks:
+                continue
+            means = [values[(m, k)][0] for k in ks]
+            stds = [values[(m, k)][1] for k in ks]
+            style = "--" if m in SHOT_INDEPENDENT else "-"
+            ax.errorbar(ks, means, yerr=stds, label=m, linestyle=style, marker="o", markersize=3, capsize=2)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.set_xlabel("shots per class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"few-shot: {name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"fewshot_{name.replace(':', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_base2novel(rows: list[Row], out_dir: Path, methods: list[str] | None = None) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b2n = base2novel_cells(rows)
+    if not b2n:
+        return None
+    methods = _ordered((m for _, m in b2n), methods)
+    base, novel, hm = [], [], []
+    for m in methods:
+        per = [v for (d, mm), v in b2n.items() if mm == m]
+        b = sum(p["base"] for p in per) / len(per)
+        n = sum(p["novel"] for p in per) / len(per)
+        base.append(b)
+        novel.append(n)
+        hm.append(harmonic_mean(b, n))
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(methods)), 3.6))
+    x = range(len(methods))
+    width = 0.27
+    ax.bar([i - width for i in x], base, width, label="base")
+    ax.bar(list(x), novel, width, label="novel")
+    ax.bar([i + width for i in x], hm, width, label="HM")
+    ax.set_xticks(list(x), methods, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("base-to-novel (average over datasets)")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "base2novel.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: list[Row], out_dir: str | Path, methods: list[str] | None = None, command: str = "") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown_report(rows, methods)
+    if command:
+        text = text.replace("\n", f"\n\nCommand: `{command}`\n", 1)
+    atomic_write_bytes(out / "results.md", text.encode())
+    atomic_write_bytes(out / "summary.csv", summary_csv(rows).encode())
+    plot_fewshot(rows, out, methods)
+    plot_base2novel(rows, out, methods)
+    return out / "results.md"

@@ -1,0 +1,222 @@
+"""The field's evaluation protocols over methods x datasets x shots x seeds, resumable.
+
+Each (protocol, dataset, method, shots, seed) run writes its own folder with a ``result.json`` written last and
+atomically: a finished run is skipped when the bench is started again, an interrupted one is redone from scratch
+(its partial run folder is overwritten). Results go to ``results.csv`` (one row per evaluation) and are summarised
+by :mod:`vlprompt.protocols.report`.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from vlprompt.engine import checkpoint as ckpt
+from vlprompt.engine.api import DataOptions, RunOptions, evaluate_checkpoint, train
+from vlprompt.engine.trainer import TrainConfig
+from vlprompt.methods import canonical_method_name
+
+PROTOCOLS = ("fewshot", "base2novel", "crossdataset", "domain")
+CSV_FIELDS = [
+    "protocol", "train_dataset", "eval_dataset", "subset", "method", "shots", "seed", "accuracy", "n",
+    "trainable_parameters", "train_time_s",
+]
+# Methods with nothing to train give the same result for every shot count: evaluated once per seed.
+SHOT_INDEPENDENT = {"zeroshot"}
+
+
+@dataclass
+class Recipe:
+    """How one method is trained in the bench: engine options plus method options."""
+
+    train: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchConfig:
+    methods: list[str]
+    datasets: list[str]
+    protocols: list[str] = field(default_factory=lambda: ["fewshot"])
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    model: str = "embedded"
+    data_root: str = "DATA"
+    output: str = "bench"
+    b2n_shots: int = 16
+    # crossdataset: source dataset -> targets (default: every other dataset); domain: source -> shifted variants
+    cross_source: str | None = None
+    domain_targets: dict[str, list[str]] = field(default_factory=dict)
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+    default_train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.methods = [canonical_method_name(m) for m in self.methods]
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown:
+            raise ValueError(f"unknown protocol(s) {unknown}; choose from {PROTOCOLS}")
+        if not self.datasets:
+            raise ValueError("the bench needs at least one dataset")
+        if any(k < 1 for k in self.shots):
+            raise ValueError(f"shots must be >= 1, got {self.shots}")
+
+
+@dataclass(frozen=True)
+class Job:
+    protocol: str
+    dataset: str
+    method: str
+    shots: int
+    seed: int
+    subsample: str = "all"
+    evals: tuple[tuple[str, str], ...] = ()  # (eval dataset, subset) pairs evaluated with the trained prompt
+
+    @property
+    def key(self) -> str:
+        safe = self.dataset.replace(":", "_").replace("/", "_")
+        return f"{self.protocol}/{safe}/{self.method}/shots{self.shots}_seed{self.seed}"
+
+
+def plan_jobs(config: BenchConfig) -> list[Job]:
+    jobs: list[Job] = []
+    for protocol in config.protocols:
+        for method in config.methods:
+            for seed in config.seeds:
+                jobs.extend(_protocol_jobs(config, protocol, method, seed))
+    return jobs
+
+
+def _protocol_jobs(config: BenchConfig, protocol: str, method: str, seed: int) -> Iterable[Job]:
+    if protocol == "fewshot":
+        shot_list = [config.shots[-1]] if method in SHOT_INDEPENDENT else config.shots
+        for dataset in config.datasets:
+            for shots in shot_list:
+                yield Job(protocol, dataset, method, shots, seed, evals=((dataset, "all"),))
+    elif protocol == "base2novel":
+        for dataset in config.datasets:
+            yield Job(protocol, dataset, method, config.b2n_shots, seed, subsample="base",
+                      evals=((dataset, "base"), (dataset, "novel")))
+    elif protocol == "crossdataset":
+        source = config.cross_source or config.datasets[0]
+        targets = tuple((d, "all") for d in config.datasets)
+        yield Job(protocol, source, method, config.b2n_shots, seed, evals=targets)
+    elif protocol == "domain":
+        for source, targets in config.domain_targets.items():
+            evals = ((source, "all"),) + tuple((t, "all") for t in targets)
+            yield Job(protocol, source, method, config.b2n_shots, seed, evals=evals)
+
+
+def _run_options(config: BenchConfig, job: Job, run_dir: Path) -> RunOptions:
+    recipe = config.recipes.get(job.method, Recipe())
+    train_values = {**config.default_train, **recipe.train, "seed": job.seed}
+    return RunOptions(
+        model=config.model,
+        method=job.method,
+        method_options=copy.deepcopy(recipe.method_options),
+        data=DataOptions(
+            dataset=job.dataset, root=config.data_root, shots=job.shots, seed=job.seed, subsample=job.subsample
+        ),
+        train=TrainConfig(**train_values),
+        output=str(run_dir),
+    )
+
+
+def run_job(config: BenchConfig, job: Job) -> list[dict[str, Any]]:
+    """Train one job and evaluate it on its targets; returns one CSV row per evaluation."""
+    run_dir = Path(config.output) / "runs" / job.key
+    options = _run_options(config, job, run_dir)
+    start = time.perf_counter()
+    train(options, overwrite=True, progress=False, log=lambda _: None)
+    train_time = time.perf_counter() - start
+    saved = ckpt.read_prompt_config(run_dir)
+    rows = []
+    for eval_dataset, subset in job.evals:
+        data = DataOptions(dataset=eval_dataset, root=config.data_root, subsample=subset)
+        result = evaluate_checkpoint(run_dir, data, split="test", model=config.model)
+        rows.append(
+            {
+                "protocol": job.protocol,
+                "train_dataset": job.dataset,
+                "eval_dataset": eval_dataset,
+                "subset": subset,
+                "method": job.method,
+                "shots": job.shots,
+                "seed": job.seed,
+                "accuracy": result["accuracy"],
+                "n": result["n"],
+                "trainable_parameters": saved["trainable_parameters"],
+                "train_time_s": round(train_time, 3),
+            }
+        )
+    ckpt.atomic_write_json(run_dir / "result.json", {"job": asdict(job), "rows": rows})
+    return rows
+
+
+def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every planned job not already finished; rewrite results.csv from all finished jobs."""
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_json(output / "bench_config.json", _config_json(config))
+    jobs = plan_jobs(config)
+    rows: list[dict[str, Any]] = []
+    done = 0
+    for i, job in enumerate(jobs, 1):
+        result_file = output / "runs" / job.key / "result.json"
+        if result_file.exists():
+            rows.extend(json.loads(result_file.read_text())["rows"])
+            done += 1
+            continue
+        start = time.perf_counter()
+        job_rows = run_job(config, job)
+        rows.extend(job_rows)
+        accs = ", ".join(f"{r['eval_dataset']}[{r['subset']}] {r['accuracy']:.1f}" for r in job_rows)
+        log(f"[{i}/{len(jobs)}] {job.key}: {accs} ({time.perf_counter() - start:.1f}s)")
+    if done:
+        log(f"{done} of {len(jobs)} runs were already finished and were reused")
+    write_csv(output / "results.csv", rows)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k) for k in CSV_FIELDS})
+    ckpt.atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        for key in ("accuracy", "train_time_s"):
+            row[key] = float(row[key])
+        for key in ("shots", "seed", "n", "trainable_parameters"):
+            row[key] = int(row[key])
+    return rows
+
+
+def _config_json(config: BenchConfig) -> dict[str, Any]:
+    out = asdict(config)
+    out["recipes"] = {k: asdict(v) if isinstance(v, Recipe) else v for k, v in config.recipes.items()}
+    return out
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
