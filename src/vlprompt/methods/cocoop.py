@@ -57,8 +57,12 @@ class CoCoOp(PromptMethod):
             ctx = torch.randn(config.n_ctx, backbone.text_width) * config.init_std
         self.ctx = nn.Parameter(ctx)
         hidden = max(backbone.embed_dim // 16, 1)
-        self.meta_net = nn.Sequential(
-            nn.Linear(backbone.embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, backbone.text_width)
+        self.meta_net = (
+            nn.Sequential(
+                nn.Linear(backbone.embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, backbone.text_width)
+            )
+            if config.n_ctx
+            else None  # no context to shift: nothing to learn
         )
         self._on_classes_changed()
 
@@ -78,6 +82,8 @@ class CoCoOp(PromptMethod):
         if image_feats is None:
             with torch.no_grad():
                 image_feats = self.image_features(pixel_values)  # the image tower is frozen and unprompted
+        if self.meta_net is None:
+            return self.logits(image_feats, self.text_features())
         contexts = self.instance_contexts(image_feats)
         image_norm = F.normalize(image_feats.float(), dim=-1)
         rows = []

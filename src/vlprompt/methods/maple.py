@@ -50,7 +50,7 @@ class MaPLe(PromptMethod):
             text[0] = words
         self.text_prompts = nn.Parameter(text)
         self.couplings = nn.ModuleList(
-            nn.Linear(backbone.text_width, backbone.vision_width) for _ in range(config.depth)
+            nn.Linear(backbone.text_width, backbone.vision_width) for _ in range(config.depth if config.n_ctx else 0)
         )
         self._on_classes_changed()
 

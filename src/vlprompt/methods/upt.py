@@ -73,8 +73,10 @@ class UPT(PromptMethod):
         if config.init_from_placeholder and words is not None:
             shared[: config.n_text] = words
         self.shared = nn.Parameter(shared)
-        self.net = UnifiedPromptNet(width, config.n_heads)
-        self.visual_proj = nn.Linear(width, backbone.vision_width)
+        # Zero-size prompts: no network either, so nothing trains and the model is exactly zero-shot.
+        has_prompts = config.n_text + config.n_image > 0
+        self.net = UnifiedPromptNet(width, config.n_heads) if has_prompts else None
+        self.visual_proj = nn.Linear(width, backbone.vision_width) if has_prompts else None
         self._on_classes_changed()
 
     def _on_classes_changed(self) -> None:

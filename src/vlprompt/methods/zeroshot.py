@@ -46,7 +46,7 @@ class ZeroShot(PromptMethod):
     def text_features(self) -> torch.Tensor:
         templates = self._templates()
         if len(templates) == 1:
-            return super().text_features()
+            return self.backbone.encode_texts([templates[0].format(c) for c in self.classnames])
         per_template = [
             F.normalize(self.backbone.encode_texts([t.format(c) for c in self.classnames]), dim=-1)
             for t in templates
