@@ -276,7 +276,7 @@ def _add_common_run_flags(p: argparse.ArgumentParser, with_method: bool = True) 
     if with_method:
         p.add_argument("--method", help="method name (see `vlprompt methods`)")
     p.add_argument("--dataset", help="dataset name (eurosat, imagenet, ...) or imagefolder:<path>")
-    p.add_argument("--data-root", help="folder holding the datasets in the CoOp layout (default DATA)")
+    p.add_argument("--data-root", help="folder holding the datasets in the CoOp layout (toy:<name> datasets: default ~/.cache/vlprompt/toyworld)")
     p.add_argument("--shots", type=int, help="images per class for training (few-shot); default: all")
     p.add_argument("--seed", type=int, help="seed for few-shot sampling and training (default 1)")
     p.add_argument("--subsample", choices=["all", "base", "novel"], help="base-to-novel class subset")

@@ -600,7 +600,7 @@ def resolve_dataset_name(name: str) -> str:
     if key is None:
         raise DatasetError(
             f"unknown dataset {name!r}; available: {', '.join(available_datasets())} "
-            f"(or imagefolder:<path> for your own <class>/*.jpg folders)."
+            f"(or imagefolder:<path> for your own <class>/*.jpg folders, or toy:<name> for the procedural toy suite)."
         )
     return key
 
@@ -612,6 +612,11 @@ def load_dataset(name: str, root: str | Path | None = None) -> DatasetSplits:
     directory when it exists there, otherwise relative to `root`. Plain ``imagefolder`` uses `root` itself.
     """
     prefix, sep, arg = name.partition(":")
+    if sep and prefix.strip().lower() == "toy":
+        # The procedural toy world's suite: generated on first use under root (default: the toy cache folder).
+        from vlprompt.toyworld.suite import load_toy
+
+        return load_toy(arg, root)
     key = resolve_dataset_name(prefix if sep else name)
     info = DATASETS[key]
     if key == "imagefolder":

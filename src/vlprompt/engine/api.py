@@ -29,7 +29,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class DataOptions:
     dataset: str = "eurosat"
-    root: str = "DATA"
+    root: str | None = None  # folder holding the datasets; toy:<name> datasets default to the toy cache folder
     shots: int | None = None  # images per class for training; None = the full train split
     seed: int = 1  # few-shot sampling seed
     subsample: str = "all"  # "all" | "base" | "novel" (base-to-novel protocol)
@@ -56,9 +56,15 @@ def load_splits(options: DataOptions) -> DatasetSplits:
     splits = load_dataset(options.dataset, options.root)
     splits = subsample_classes(splits, options.subsample)
     if options.shots is not None:
-        cache = options.cache_dir or str(Path(options.root) / ".vlprompt_splits")
+        cache = options.cache_dir or str(Path(options.root or _toy_root()) / ".vlprompt_splits")
         splits = few_shot(splits, options.shots, options.seed, cache_dir=cache)
     return splits
+
+
+def _toy_root() -> Path:
+    from vlprompt.toyworld.suite import default_toy_root
+
+    return default_toy_root()
 
 
 def build_train_data(splits: DatasetSplits, backbone, augment: bool) -> TrainData:

@@ -46,7 +46,7 @@ class BenchConfig:
     shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     model: str = "embedded"
-    data_root: str = "DATA"
+    data_root: str | None = None
     output: str = "bench"
     b2n_shots: int = 16
     # crossdataset: source dataset -> targets (default: every other dataset); domain: source -> shifted variants
