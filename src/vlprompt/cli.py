@@ -261,6 +261,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_toy(args: argparse.Namespace) -> int:
+    from vlprompt.pretraining.clip_pretrain import PretrainConfig, pretrain
+
+    values = parse_set(args.set or [])
+    try:
+        config = PretrainConfig(**values)
+    except TypeError as err:
+        raise CLIError(f"bad pretraining option: {err}") from err
+    pretrain(config, args.output, args.cache_dir)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlprompt.demo import run_demo
 
@@ -346,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from results.csv")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("pretrain-toy", help="pretrain the small CLIP of the embedded default on the toy world")
+    p.add_argument("--output", required=True, help="model folder to write")
+    p.add_argument("--cache-dir", default=str(Path("~/.cache/vlprompt/pretrain").expanduser()),
+                   help="where the rendered corpus is cached")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="PretrainConfig field, e.g. steps=3000")
+    p.set_defaults(func=cmd_pretrain_toy)
 
     p = sub.add_parser("demo", help="the main job: zero-shot vs tuned prompts on the embedded default")
     p.add_argument("--output", default="runs/demo")

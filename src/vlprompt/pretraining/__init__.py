@@ -1,0 +1,1 @@
+"""Pretraining a small CLIP on the procedural toy world (the embedded default model)."""

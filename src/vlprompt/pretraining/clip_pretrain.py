@@ -1,0 +1,182 @@
+"""Contrastive pretraining of a small ``transformers.CLIPModel`` on the toy world's image-caption corpus.
+
+``vlprompt pretrain-toy --output DIR`` reproduces the embedded default model: the corpus (minus the world's
+held-out colour x shape pairs and domains) is rendered once into a cache, a closed-vocabulary CLIP tokenizer is
+built from the world's words, and the model is trained with CLIP's symmetric InfoNCE loss. The result is an
+ordinary CLIP checkpoint folder (config, safetensors, tokenizer, image processor).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlprompt.engine.trainer import seed_everything
+
+# OpenAI CLIP's normalisation statistics: the toy images are natural-ish RGB, and keeping CLIP's constants means
+# the image processor config is the standard one.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class PretrainConfig:
+    n_pairs: int = 60_000
+    image_size: int = 48
+    patch_size: int = 6
+    vision_width: int = 192
+    vision_layers: int = 6
+    vision_heads: int = 3
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    embed_dim: int = 128
+    context_length: int = 77  # room for deep prompts (e.g. 50 tokens) on top of a class sentence
+    batch_size: int = 256
+    steps: int = 3000
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 200
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+
+
+def world_vocabulary_texts(n_captions: int = 20_000, seed: int = 12345) -> list[str]:
+    """Texts whose words make up the tokenizer's vocabulary: corpus captions plus every suite class and template."""
+    from vlprompt.toyworld import corpus as toy_corpus
+    from vlprompt.toyworld import suite as toy_suite
+    from vlprompt.toyworld import world as toy_world
+
+    corpus = toy_corpus.PretrainingCorpus(n_captions, seed=seed)
+    texts = [corpus.caption(i) for i in range(n_captions)]
+    for spec in toy_suite.SUITE.values():
+        texts += [spec.template.format(c) for c in spec.classnames]
+    words = list(toy_world.SHAPES) + list(toy_world.COLOURS) + list(toy_world.FILLS) + list(toy_world.DOMAINS)
+    texts += [" ".join(words), " ".join(w + "s" for w in words), "a photo of the image picture an object objects"]
+    return texts
+
+
+def build_model(config: PretrainConfig, vocab_size: int, eos_token_id: int, bos_token_id: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    clip_config = CLIPConfig(
+        text_config=dict(
+            hidden_size=config.text_width, intermediate_size=4 * config.text_width,
+            num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
+            vocab_size=vocab_size, max_position_embeddings=config.context_length,
+            eos_token_id=eos_token_id, bos_token_id=bos_token_id, pad_token_id=eos_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=config.vision_width, intermediate_size=4 * config.vision_width,
+            num_hidden_layers=config.vision_layers, num_attention_heads=config.vision_heads,
+            image_size=config.image_size, patch_size=config.patch_size,
+        ),
+        projection_dim=config.embed_dim,
+    )
+    torch.manual_seed(config.seed)
+    return CLIPModel(clip_config)
+
+
+def _normalise(images_uint8: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def pretrain(config: PretrainConfig, output: str | Path, cache_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Train and save the model folder; returns its path. Deterministic for a given config on CPU."""
+    from transformers import CLIPImageProcessor
+
+    from vlprompt.backbones.clip import CLIPBackbone
+    from vlprompt.pretraining.tokenizer import closed_vocab_tokenizer
+    from vlprompt.toyworld import corpus as toy_corpus
+
+    torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    cache = toy_corpus.write_pretraining_cache(
+        Path(cache_dir) / f"corpus-n{config.n_pairs}-s{config.image_size}-seed{config.seed}",
+        n=config.n_pairs, seed=config.seed, size=config.image_size, workers=config.threads,
+    )
+    images, captions = toy_corpus.load_pretraining_cache(cache)
+    log(f"corpus: {len(images)} pairs ready in {time.perf_counter() - start:.0f}s")
+
+    tokenizer = closed_vocab_tokenizer(output / "tokenizer_src", world_vocabulary_texts())
+    model = build_model(config, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
+    backbone = CLIPBackbone(model, tokenizer, None, name_or_path=str(output))
+    model.requires_grad_(True)
+    model.train()
+    tokens = backbone.tokenize(captions)  # all captions once; the adapter truncates each batch at its last EOT
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; vocabulary {len(tokenizer)}")
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
+    )
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return config.lr * (step + 1) / config.warmup_steps
+        t = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+    generator = torch.Generator().manual_seed(config.seed)
+    history = []
+    train_start = time.perf_counter()
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        idx = torch.randint(0, len(images), (config.batch_size,), generator=generator).numpy()
+        idx.sort()  # memmap reads in order
+        pixels = _normalise(images[idx])
+        ids = tokens.input_ids[idx]
+        eot = tokens.eot_index[idx]
+        img = F.normalize(backbone.encode_image(pixels), dim=-1)
+        txt = F.normalize(backbone.encode_text(backbone.embed_tokens(ids), eot), dim=-1)
+        logits = model.logit_scale.exp().clamp(max=100) * img @ txt.t()
+        target = torch.arange(len(idx))
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % config.log_every == 0 or step == config.steps - 1:
+            acc = (logits.argmax(-1) == target).float().mean().item()
+            elapsed = time.perf_counter() - train_start
+            history.append({"step": step, "loss": loss.item(), "batch_acc": acc, "elapsed_s": elapsed})
+            log(f"step {step}/{config.steps} loss {loss.item():.3f} in-batch acc {acc:.2f} ({elapsed:.0f}s)")
+
+    model.eval()
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    size = config.image_size
+    CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=list(MEAN),
+        image_std=list(STD),
+    ).save_pretrained(output)
+    (output / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2))
+    (output / "pretrain_log.json").write_text(json.dumps(history, indent=1))
+    for leftover in (output / "tokenizer_src").glob("*"):
+        leftover.unlink()
+    (output / "tokenizer_src").rmdir()
+    log(f"saved to {output} after {time.perf_counter() - start:.0f}s")
+    return output
