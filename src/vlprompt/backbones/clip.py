@@ -210,6 +210,7 @@ class CLIPBackbone(nn.Module):
         if prompts is not None and prompts.tokens:
             prompts.validate(self.text_width, self.text_layers, "text")
             n = prompts.num_tokens
+        token_embeds = token_embeds[:, : int(eot_index.max()) + 1]
         if n:
             first = _expand(prompts.tokens[0], token_embeds.shape[0]).to(token_embeds.dtype)
             token_embeds = torch.cat([token_embeds[:, :1], first, token_embeds[:, 1:]], dim=1)
@@ -235,7 +236,10 @@ class CLIPBackbone(nn.Module):
     def encode_text_ids(
         self, tokenized: TokenizedText, prompts: DeepPrompts | None = None, block: BlockAdapter | None = None
     ) -> torch.Tensor:
-        return self.encode_text(self.embed_tokens(tokenized.input_ids), tokenized.eot_index, prompts, block)
+        # Positions after the last end-of-text token are cut before embedding (see encode_text): exact and cheaper.
+        length = int(tokenized.eot_index.max()) + 1
+        ids = tokenized.input_ids[:, :length]
+        return self.encode_text(self.embed_tokens(ids), tokenized.eot_index, prompts, block)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.encode_text_ids(self.tokenize(texts))
