@@ -10,7 +10,9 @@ scene, so a domain-shifted copy of a dataset shows the same scenes with the same
 - ``lowcontrast``: contrast compressed to 30% around light grey;
 - ``pixelated``: box-downsampled by 3 and blown up with nearest neighbour;
 - ``inverted``: photographic negative (colours become their complements);
-- ``sketch``: dark hand-drawn-looking outlines of the shapes on paper white; no colour, fill or background.
+- ``sketch``: dark hand-drawn-looking outlines of the shapes on paper white; no colour, fill or background;
+- ``tinted``: a colour cast over the whole image (per-channel gains 0.8..1.2 and brightness 0.8..1.12), as under
+  coloured light; the neutral background shows the cast, so it can be discounted.
 """
 
 from __future__ import annotations
@@ -305,6 +307,8 @@ def render_array(scene: Scene, size: int = 48, domain: str = "clean") -> np.ndar
         return np.asarray(pil)
     elif domain == "inverted":
         img = 255.0 - img
+    elif domain == "tinted":  # coloured light: per-channel gains around a random brightness
+        img = img * (post.uniform(0.8, 1.12) * post.uniform(0.8, 1.2, 3))
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 

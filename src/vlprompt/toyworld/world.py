@@ -41,7 +41,7 @@ __all__ = [
 
 # Bumped whenever a change to the sampler, renderer or captions changes what a seed produces; cached datasets and
 # corpora record it and are regenerated when it differs.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 # ------------------------------------------------------------------------------------------------- vocabulary
 # Fifteen shapes; deliberately similar groups: circle/ellipse/ring/octagon, square/rectangle/diamond,
@@ -78,19 +78,26 @@ FILLS: tuple[str, ...] = ("solid", "striped", "dotted", "checkered", "outlined")
 FILL_WEIGHTS: dict[str, float] = {
     "solid": 0.5, "striped": 0.125, "dotted": 0.125, "checkered": 0.125, "outlined": 0.125,
 }  # fmt: skip
-# Named regions for single-object scenes: centre (x, y) as fractions of the image, jittered by +-0.05.
+# Named regions for single-object scenes (a 3 x 3 grid): centre (x, y) as fractions of the image, jittered by
+# +-0.05. Captions name a corner in full ("top left") only now and then, otherwise by one of its two sides.
 POSITIONS: dict[str, tuple[float, float]] = {
     "left": (0.27, 0.5),
     "right": (0.73, 0.5),
     "top": (0.5, 0.27),
     "bottom": (0.5, 0.73),
     "center": (0.5, 0.5),
+    "top left": (0.27, 0.27),
+    "top right": (0.73, 0.27),
+    "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73),
 }
 # Relation of objects[0] to objects[1] in "pair" scenes.
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 BACKGROUNDS: tuple[str, ...] = ("white", "grey", "dark", "gradient", "speckled", "grid")
 # Rendering modes applied to the same scene ("clean" = the plain rendering).
-DOMAINS: tuple[str, ...] = ("clean", "noisy", "blurred", "lowcontrast", "pixelated", "inverted", "sketch")
+DOMAINS: tuple[str, ...] = (
+    "clean", "noisy", "blurred", "lowcontrast", "pixelated", "inverted", "sketch", "tinted",
+)  # fmt: skip
 
 # Scene kinds: one object; 1..5 copies of one object; two objects in a spatial relation; 2..4 different objects.
 KINDS: tuple[str, ...] = ("single", "count", "pair", "multi")
@@ -150,7 +157,8 @@ class Holdout:
     - ``pairs``: (colour, shape) combinations that never occur on any object in any pretraining scene (each colour
       and each shape still occurs with other partners). They are classes of ``toy_combo``.
     - ``domains``: rendering domains never used for pretraining images (nor named in their captions). ``sketch``
-      is the analogue of ImageNet-Sketch; ``inverted`` is used by ``toy_shapes_rendition``.
+      is the analogue of ImageNet-Sketch; ``inverted`` is used by ``toy_shapes_rendition``; ``tinted`` (a colour
+      cast over the whole image, as under coloured light) is the look of ``toy_colours``.
     """
 
     pairs: frozenset[tuple[str, str]] = field(default_factory=frozenset)
@@ -173,7 +181,7 @@ def _holdout_pairs() -> frozenset[tuple[str, str]]:
     return frozenset(pairs)
 
 
-HOLDOUT = Holdout(pairs=_holdout_pairs(), domains=("sketch", "inverted"))
+HOLDOUT = Holdout(pairs=_holdout_pairs(), domains=("sketch", "inverted", "tinted"))
 NO_HOLDOUT = Holdout()
 # Domain mixture of the pretraining corpus (every domain not held out); downstream train splits are clean only.
 PRETRAIN_DOMAINS: dict[str, float] = {"clean": 0.6, "noisy": 0.1, "blurred": 0.1, "lowcontrast": 0.1, "pixelated": 0.1}
