@@ -205,6 +205,16 @@ def placeholder_prefix_embedding(backbone, placeholder: str, n: int) -> torch.Te
     return words[:n].clone() if words.shape[0] >= n else None
 
 
+def seed_from_placeholder(rows: torch.Tensor, backbone, placeholder: str, enabled: bool = True) -> None:
+    """Overwrite ``rows`` ``(n, d_t)`` in place with the placeholder's first ``n`` word embeddings (reference init).
+
+    Left random when disabled or when the placeholder has fewer than ``n`` words before the class name.
+    """
+    words = placeholder_prefix_embedding(backbone, placeholder, rows.shape[0]) if enabled else None
+    if words is not None:
+        rows.copy_(words)
+
+
 def phrase_embedding(backbone, phrase: str) -> torch.Tensor:
     """Word embeddings ``(n, d_t)`` of a phrase's tokens (without [SOS]/[EOS]): CoOp's "init from a phrase"."""
     tokenized = backbone.tokenize([phrase])

@@ -12,7 +12,7 @@ from vlprompt.methods.base import (
     MethodConfig,
     PromptMethod,
     check_template,
-    placeholder_prefix_embedding,
+    seed_from_placeholder,
     require,
 )
 from vlprompt.methods.vpt import INITS, visual_prompt_init
@@ -51,9 +51,7 @@ class IVLP(PromptMethod):
         require(config.image_depth <= backbone.vision_layers, f"ivlp.image_depth exceeds {backbone.vision_layers}")
         check_template(config.placeholder)
         text = torch.randn(config.text_depth, config.n_text, backbone.text_width) * config.init_std
-        words = placeholder_prefix_embedding(backbone, config.placeholder, config.n_text)
-        if config.init_from_placeholder and words is not None:
-            text[0] = words
+        seed_from_placeholder(text[0], backbone, config.placeholder, config.init_from_placeholder)
         self.text_prompts = nn.Parameter(text)
         shape = (config.image_depth, config.n_image, backbone.vision_width)
         self.image_prompts = nn.Parameter(visual_prompt_init(backbone, shape, config.image_init, config.init_std))

@@ -12,7 +12,7 @@ from vlprompt.methods.base import (
     MethodConfig,
     PromptMethod,
     check_template,
-    placeholder_prefix_embedding,
+    seed_from_placeholder,
     require,
 )
 
@@ -45,9 +45,7 @@ class MaPLe(PromptMethod):
         require(config.depth <= depth_limit, f"maple.depth={config.depth} exceeds the towers' {depth_limit} layers")
         check_template(config.placeholder)
         text = torch.randn(config.depth, config.n_ctx, backbone.text_width) * config.init_std
-        words = placeholder_prefix_embedding(backbone, config.placeholder, config.n_ctx)
-        if config.init_from_placeholder and words is not None:
-            text[0] = words
+        seed_from_placeholder(text[0], backbone, config.placeholder, config.init_from_placeholder)
         self.text_prompts = nn.Parameter(text)
         self.couplings = nn.ModuleList(
             nn.Linear(backbone.text_width, backbone.vision_width) for _ in range(config.depth if config.n_ctx else 0)

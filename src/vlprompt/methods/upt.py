@@ -18,7 +18,7 @@ from vlprompt.methods.base import (
     MethodConfig,
     PromptMethod,
     check_template,
-    placeholder_prefix_embedding,
+    seed_from_placeholder,
     require,
 )
 
@@ -69,9 +69,7 @@ class UPT(PromptMethod):
         require(width % config.n_heads == 0, f"upt.n_heads={config.n_heads} must divide the text width {width}")
         check_template(config.placeholder)
         shared = torch.randn(config.n_text + config.n_image, width) * config.init_std
-        words = placeholder_prefix_embedding(backbone, config.placeholder, config.n_text)
-        if config.init_from_placeholder and words is not None:
-            shared[: config.n_text] = words
+        seed_from_placeholder(shared[: config.n_text], backbone, config.placeholder, config.init_from_placeholder)
         self.shared = nn.Parameter(shared)
         # Zero-size prompts: no network either, so nothing trains and the model is exactly zero-shot.
         has_prompts = config.n_text + config.n_image > 0
