@@ -109,6 +109,9 @@ def get_prompt_model(
 
 
 __all__ = [
+    "APT", "APTConfig", "CoCoOp", "CoCoOpConfig", "CoOp", "CoOpConfig", "DPT", "DPTConfig", "IVLP", "IVLPConfig",
+    "LinearProbe", "LinearProbeConfig", "MaPLe", "MaPLeConfig", "SDPT", "SDPTConfig", "UPT", "UPTConfig", "VPT",
+    "VPTConfig", "ZeroShot", "ZeroShotConfig",
     "ALIASES",
     "METHODS",
     "MethodConfig",

@@ -11,7 +11,6 @@ from vlprompt.methods.base import (
     ClassTextPrompts,
     MethodConfig,
     PromptMethod,
-    normal_init,
     phrase_embedding,
     require,
 )
