@@ -59,6 +59,7 @@ def test_measure_records_have_sane_fields(bench, fp32_accelerator_state):
         assert r["extra_peak_mib"] >= 0 and r["total_peak_mib"] > 0
         assert r["total_peak_mib"] >= r["extra_peak_mib"]
         assert isinstance(r["notes"], str) and r["notes"]
+        assert r["other_cpu_use"] is None or r["other_cpu_use"] >= 0
 
     # CoOp changes only the text tower: its --no-augment (cached image features) step is measured too;
     # VPT changes the image tower, so the class text features are cached and there is no such column.

@@ -223,7 +223,3 @@ def phrase_embedding(backbone, phrase: str) -> torch.Tensor:
         raise MethodConfigError(f"the init phrase {phrase!r} has no tokens")
     with torch.no_grad():
         return backbone.embed_tokens(tokenized.input_ids[0, 1 : 1 + n]).clone()
-
-
-def normal_init(shape: tuple[int, ...], std: float) -> nn.Parameter:
-    return nn.Parameter(torch.randn(*shape) * std)

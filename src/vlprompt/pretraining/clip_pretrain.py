@@ -28,19 +28,19 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class PretrainConfig:
-    n_pairs: int = 60_000
-    image_size: int = 48
-    patch_size: int = 6
-    vision_width: int = 192
-    vision_layers: int = 6
-    vision_heads: int = 3
+    n_pairs: int = 100_000
+    image_size: int = 48  # the suite's image size: no resize between pretraining and downstream images
+    patch_size: int = 6  # 8 x 8 patches
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
     text_width: int = 128
     text_layers: int = 4
     text_heads: int = 4
     embed_dim: int = 128
     context_length: int = 77  # room for deep prompts (e.g. 50 tokens) on top of a class sentence
     batch_size: int = 256
-    steps: int = 3000
+    steps: int = 2500
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 200
