@@ -619,12 +619,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown output (default docs/benchmarks.md)")
     parser.add_argument("--json", type=Path, default=None, help="raw numbers (default: --out with .json)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per (model, method) worker")
-    parser.add_argument("--max-wait", type=float, default=60,
+    parser.add_argument("--max-wait", type=float, default=30,
                         help="before each measurement wait up to this many seconds until other processes use fewer "
-                             "than --quiet-below CPUs (0: don't wait; default 60)")
+                             "than --quiet-below CPUs (0: don't wait; default 30)")
+    parser.add_argument("--patience", type=float, default=180,
+                        help="total seconds the whole run may spend waiting for idle CPUs and re-measuring contended "
+                             "pairs; once spent, it measures straight through (default 180)")
     parser.add_argument("--retries", type=int, default=1,
                         help="re-measure a (model, method) whose measurement other processes contended (used more "
-                             "than --quiet-below CPUs) up to this many times, keeping the least contended (default 1)")
+                             "than --quiet-below CPUs) up to this many times, keeping the fastest record (default 1)")
     parser.add_argument("--quiet-below", type=float, default=0.25,
                         help="CPUs other processes may use for the machine to count as idle (default 0.25)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -643,20 +646,34 @@ def _primary_time(record: dict[str, Any]) -> float:
     return record["infer_s"]
 
 
-def _measure_with_retries(spec: dict[str, Any], args) -> dict[str, Any]:
-    """One (model, method) measurement in a fresh process; re-measured (up to ``--retries`` times) while other
-    processes used more than ``--quiet-below`` CPUs during it, keeping the fastest record."""
+class Patience:
+    """What the run may still spend on waiting for idle CPUs and re-measuring contended pairs (``--patience``)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.left = max(0.0, seconds)
+
+    def spend(self, seconds: float) -> None:
+        self.left = max(0.0, self.left - seconds)
+
+
+def _measure_with_retries(spec: dict[str, Any], args, patience: Patience) -> dict[str, Any]:
+    """One (model, method) measurement in a fresh process; re-measured (up to ``--retries`` times, while
+    ``--patience`` lasts) when other processes used more than ``--quiet-below`` CPUs during it; keeps the fastest."""
     best: dict[str, Any] | None = None
     total_wall = total_waited = 0.0
     attempts = 0
     while attempts <= max(0, args.retries):
         label = f"[bench] {spec['model']} {spec['method_name']}" + (f" (retry {attempts})" if attempts else "")
         print(f"{label} ...", file=sys.stderr, flush=True)
-        waited, use = wait_for_quiet(args.quiet_below, args.max_wait) if args.max_wait > 0 else (0.0, None)
+        max_wait = min(args.max_wait, patience.left)
+        waited, use = wait_for_quiet(args.quiet_below, max_wait) if max_wait > 0 else (0.0, None)
+        patience.spend(waited)
         if waited >= 0.5:
             note = "" if use is None else f" (other processes now use {use:.2f} CPUs)"
             print(f"[bench]   waited {waited:.0f} s for idle CPUs{note}", file=sys.stderr, flush=True)
         record = run_isolated(spec, timeout=args.timeout)
+        if attempts:
+            patience.spend(record["wall_s"])
         attempts += 1
         total_wall += record["wall_s"]
         total_waited += waited
@@ -677,6 +694,9 @@ def _measure_with_retries(spec: dict[str, Any], args) -> dict[str, Any]:
             best = record
         if contention is None or contention <= args.quiet_below:
             break
+        if patience.left < record["wall_s"]:
+            print("[bench]   contended, but --patience is used up: keeping it", file=sys.stderr, flush=True)
+            break
     best.update(wall_s=total_wall, waited_s=total_waited, attempts=attempts)
     return best
 
@@ -693,13 +713,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     start = time.perf_counter()
     loadavg_start = _loadavg()
+    patience = Patience(args.patience)
     for model in models:
         for name in methods:
             spec = dict(
                 model=model, method_name=name, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
                 num_classes=args.num_classes, threads=args.threads, seed=args.seed,
             )
-            results.append(_measure_with_retries(spec, args))
+            results.append(_measure_with_retries(spec, args, patience))
     wall = time.perf_counter() - start
     meta = collect_meta(args, wall, loadavg_start, sum(r.get("waited_s", 0.0) for r in results))
     out = args.out
