@@ -29,7 +29,7 @@ class CoCoOpConfig(MethodConfig):
     n_ctx: int = 4
     init: str | None = "a photo of a"  # fixes n_ctx to the phrase's token count; None: N(0, init_std)
     init_std: float = 0.02
-    chunk_size: int = 4  # images whose batch x classes text sequences run through the text tower together
+    chunk_size: int = 1  # images whose classes run through the text tower together: memory ~ chunk x classes
     checkpoint_chunks: bool = True  # recompute chunk activations in backward: memory ~ one chunk
 
     def validate(self) -> None:
