@@ -11,7 +11,6 @@ from vlprompt.methods.base import (
     ClassTextPrompts,
     MethodConfig,
     PromptMethod,
-    check_template,
     seed_from_placeholder,
     require,
 )
@@ -49,7 +48,6 @@ class IVLP(PromptMethod):
         super().__init__(backbone, config, classnames, template)
         require(config.text_depth <= backbone.text_layers, f"ivlp.text_depth exceeds {backbone.text_layers} layers")
         require(config.image_depth <= backbone.vision_layers, f"ivlp.image_depth exceeds {backbone.vision_layers}")
-        check_template(config.placeholder)
         text = torch.randn(config.text_depth, config.n_text, backbone.text_width) * config.init_std
         seed_from_placeholder(text[0], backbone, config.placeholder, config.init_from_placeholder)
         self.text_prompts = nn.Parameter(text)

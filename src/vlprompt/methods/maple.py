@@ -11,7 +11,6 @@ from vlprompt.methods.base import (
     ClassTextPrompts,
     MethodConfig,
     PromptMethod,
-    check_template,
     seed_from_placeholder,
     require,
 )
@@ -43,7 +42,6 @@ class MaPLe(PromptMethod):
         super().__init__(backbone, config, classnames, template)
         depth_limit = min(backbone.text_layers, backbone.vision_layers)
         require(config.depth <= depth_limit, f"maple.depth={config.depth} exceeds the towers' {depth_limit} layers")
-        check_template(config.placeholder)
         text = torch.randn(config.depth, config.n_ctx, backbone.text_width) * config.init_std
         seed_from_placeholder(text[0], backbone, config.placeholder, config.init_from_placeholder)
         self.text_prompts = nn.Parameter(text)

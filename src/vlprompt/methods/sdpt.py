@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vlprompt.backbones.base import SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE, SITE_TEXT_SEQUENCE, DeepPrompts
-from vlprompt.methods.base import ClassTextPrompts, MethodConfig, PromptMethod, check_template, require
+from vlprompt.methods.base import ClassTextPrompts, MethodConfig, PromptMethod, require
 
 INITS = ("uniform", "normal")
 
@@ -88,7 +88,6 @@ class SDPT(PromptMethod):
 
     def _on_classes_changed(self) -> None:
         placeholder = self.config.placeholder or self.template
-        check_template(placeholder)
         self.class_text = ClassTextPrompts(self.backbone, self.classnames, placeholder)
 
     def text_tokens(self) -> torch.Tensor:

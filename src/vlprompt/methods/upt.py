@@ -17,7 +17,6 @@ from vlprompt.methods.base import (
     ClassTextPrompts,
     MethodConfig,
     PromptMethod,
-    check_template,
     seed_from_placeholder,
     require,
 )
@@ -67,7 +66,6 @@ class UPT(PromptMethod):
         super().__init__(backbone, config, classnames, template)
         width = backbone.text_width
         require(width % config.n_heads == 0, f"upt.n_heads={config.n_heads} must divide the text width {width}")
-        check_template(config.placeholder)
         shared = torch.randn(config.n_text + config.n_image, width) * config.init_std
         seed_from_placeholder(shared[: config.n_text], backbone, config.placeholder, config.init_from_placeholder)
         self.shared = nn.Parameter(shared)
