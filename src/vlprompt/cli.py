@@ -236,6 +236,7 @@ def bench_config_from(args: argparse.Namespace):
     flags = {
         "methods": args.methods, "datasets": args.datasets, "protocols": args.protocols, "shots": args.shots,
         "seeds": args.seeds, "model": args.model, "data_root": args.data_root, "output": args.output,
+        "precision": args.precision,
     }
     tree = deep_merge(tree, {k: v for k, v in flags.items() if v is not None})
     tree = deep_merge(tree, parse_set(args.set or []))
@@ -251,12 +252,17 @@ def bench_config_from(args: argparse.Namespace):
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from vlprompt.protocols.report import write_report
-    from vlprompt.protocols.runner import read_csv, run_bench
+    from vlprompt.protocols.runner import read_csv, results_csv_path, run_bench
 
     config = bench_config_from(args)
-    rows = read_csv(Path(config.output) / "results.csv") if args.report_only else run_bench(config)
+    rows = read_csv(results_csv_path(config)) if args.report_only else run_bench(config)
     command = "vlprompt " + " ".join(sys.argv[1:]) if not args.command_line else args.command_line
-    path = write_report(rows, config.output, config.methods, command=command)
+    reference = None  # another precision than fp32: compare with the fp32 results of the same folder, if any
+    fp32_csv = Path(config.output) / "results.csv"
+    if config.precision != "fp32" and fp32_csv.exists():
+        reference = read_csv(fp32_csv)
+    path = write_report(rows, config.output, config.methods, command=command, precision=config.precision,
+                        reference_rows=reference)
     print(path.read_text())
     return 0
 
@@ -355,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--data-root")
     p.add_argument("--output", help="results folder (finished runs in it are reused)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="of every run's training and evaluation (default fp32); other precisions get their own run "
+                        "folders and results_<precision>.* files, with the difference to fp32 when it was run too")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from results.csv")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)

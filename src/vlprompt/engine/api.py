@@ -19,7 +19,15 @@ from vlprompt.data import (
     subsample_classes,
 )
 from vlprompt.engine import checkpoint as ckpt
-from vlprompt.engine.trainer import TrainConfig, TrainData, Trainer, evaluate, make_accelerator, seed_everything
+from vlprompt.engine.trainer import (
+    TrainConfig,
+    TrainData,
+    Trainer,
+    check_precision,
+    evaluate,
+    make_accelerator,
+    seed_everything,
+)
 from vlprompt.methods import canonical_method_name, get_prompt_model, make_config
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -82,6 +90,7 @@ def build_train_data(splits: DatasetSplits, backbone, augment: bool) -> TrainDat
 def train(options: RunOptions, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict[str, Any]:
     """Train ``options.method`` on ``options.data`` and write the run folder; returns the final test metrics."""
     canonical_method_name(options.method)  # fail on a typo before any loading
+    check_precision(options.train.precision)  # and on fp16 without a GPU
     splits = load_splits(options.data)
     backbone = load_backbone(options.model)
     seed_everything(options.train.seed)  # prompt initialisation is part of the seeded run
@@ -108,7 +117,11 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Evaluate a saved prompt on any dataset / split (cross-dataset and domain-shift evaluation)."""
+    """Evaluate a saved prompt on any dataset / split (cross-dataset and domain-shift evaluation).
+
+    ``precision`` "bf16" (or "fp16" on a GPU) runs the forward passes under autocast, as training does.
+    """
+    check_precision(precision)
     saved = ckpt.read_prompt_config(run_dir)
     backbone = load_backbone(model or saved["backbone"]["name_or_path"])
     splits = load_splits(data)

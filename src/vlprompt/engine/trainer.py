@@ -74,12 +74,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_accelerator(precision: str = "fp32"):
-    from accelerate import Accelerator
-
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+def check_precision(precision: str) -> None:
+    """Fail early, with the fix, on a precision this machine cannot run (fp16 autocast needs a GPU)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
     if precision == "fp16" and not torch.cuda.is_available():
-        raise TrainingError("fp16 mixed precision needs a GPU; on CPU use --precision bf16 or fp32.")
+        raise TrainingError(
+            "fp16 mixed precision needs a GPU (no CUDA device here); on a CPU use --precision bf16 (bfloat16 "
+            "autocast) or fp32."
+        )
+
+
+def make_accelerator(precision: str = "fp32"):
+    """An ``Accelerator`` whose ``autocast()`` runs forward passes in ``precision`` ("bf16"/"fp16": autocast of
+    matrix multiplies; parameters, gradients and optimiser state stay fp32)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    check_precision(precision)
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    # accelerate keeps one process-wide state and refuses an Accelerator of another mixed precision than the first
+    # one; runs of different precisions in one process (scripts, the protocol runner, tests) get a fresh state.
+    # PartialState (devices, process group) is kept.
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mixed):
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed)
 
 
@@ -237,9 +256,13 @@ class Trainer:
     # ---------------------------------------------------------------- linear probe
     def _fit_features(self, method) -> dict[str, Any]:
         start = time.perf_counter()
-        train_f, train_y = image_features_of(method, self._loader(self.data.train_eval, self.config.eval_batch_size, False))
+        train_f, train_y = image_features_of(
+            method, self._loader(self.data.train_eval, self.config.eval_batch_size, False), self.accelerator
+        )
         if self.data.val is not None and len(self.data.val):
-            val_f, val_y = image_features_of(method, self._loader(self.data.val, self.config.eval_batch_size, False))
+            val_f, val_y = image_features_of(
+                method, self._loader(self.data.val, self.config.eval_batch_size, False), self.accelerator
+            )
         else:
             val_f, val_y = train_f[:0], train_y[:0]
         info = method.fit(train_f, train_y, val_f, val_y)
@@ -316,6 +339,9 @@ class Trainer:
                 f"train acc {record['train_accuracy']:.2f}"
                 + (f" val acc {record['val_accuracy']:.2f}" if "val_accuracy" in record else "")
             )
+        # Mixed precision: prepare() wrapped the method's forward in autocast; give the caller its plain method
+        # back (the final evaluation still autocasts, through self.accelerator).
+        core = self.accelerator.unwrap_model(method, keep_fp32_wrapper=False)
         return self._finish(core, None)
 
     def _progress(self, loader, epoch: int):

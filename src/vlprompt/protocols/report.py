@@ -145,6 +145,41 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
     return "\n".join(lines)
 
 
+MATCH_KEYS = ("protocol", "train_dataset", "eval_dataset", "subset", "method", "shots", "seed")
+
+
+def precision_comparison(rows: list[Row], reference: list[Row], precision: str, reference_precision: str = "fp32") -> str:
+    """Markdown: accuracy of ``rows`` minus that of the same evaluations in ``reference`` (e.g. bf16 - fp32), per
+    method: the mean difference and the largest one in absolute value, over the evaluations both hold."""
+    ref = {tuple(r[k] for k in MATCH_KEYS): r["accuracy"] for r in reference}
+    diffs: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in rows:
+        key = tuple(r[k] for k in MATCH_KEYS)
+        if key in ref:
+            diffs[r["method"]].append((r["accuracy"], ref[key]))
+    if not diffs:
+        return ""
+    lines = [
+        f"## {precision} vs {reference_precision}: test accuracy (%) difference on the same evaluations", "",
+        f"| method | evaluations | mean {precision} | mean {reference_precision} | mean difference | "
+        "largest difference |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    everything: list[tuple[float, float]] = []
+    for method, pairs in diffs.items():
+        everything += pairs
+        lines.append(_comparison_row(method, pairs))
+    lines += [_comparison_row("**all**", everything), ""]
+    return "\n".join(lines)
+
+
+def _comparison_row(label: str, pairs: list[tuple[float, float]]) -> str:
+    n = len(pairs)
+    ours, ref = sum(a for a, _ in pairs) / n, sum(b for _, b in pairs) / n
+    largest = max((a - b for a, b in pairs), key=abs)
+    return f"| {label} | {n} | {ours:.2f} | {ref:.2f} | {ours - ref:+.2f} | {largest:+.2f} |"
+
+
 def summary_csv(rows: list[Row]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -157,7 +192,7 @@ def summary_csv(rows: list[Row]) -> str:
     return buffer.getvalue()
 
 
-def plot_fewshot(rows: list[Row], out_dir: Path, methods: list[str] | None = None) -> list[Path]:
+def plot_fewshot(rows: list[Row], out_dir: Path, methods: list[str] | None = None, suffix: str = "") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,14 +227,14 @@ def plot_fewshot(rows: list[Row], out_dir: Path, methods: list[str] | None = Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
-        path = out_dir / f"fewshot_{name.replace(':', '_')}.png"
+        path = out_dir / f"fewshot_{name.replace(':', '_')}{suffix}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
-def plot_base2novel(rows: list[Row], out_dir: Path, methods: list[str] | None = None) -> Path | None:
+def plot_base2novel(rows: list[Row], out_dir: Path, methods: list[str] | None = None, suffix: str = "") -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,20 +264,36 @@ def plot_base2novel(rows: list[Row], out_dir: Path, methods: list[str] | None = 
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = out_dir / "base2novel.png"
+    path = out_dir / f"base2novel{suffix}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_report(rows: list[Row], out_dir: str | Path, methods: list[str] | None = None, command: str = "") -> Path:
+def write_report(
+    rows: list[Row],
+    out_dir: str | Path,
+    methods: list[str] | None = None,
+    command: str = "",
+    precision: str = "fp32",
+    reference_rows: list[Row] | None = None,
+) -> Path:
+    """results.md, summary.csv and plots; for another precision than fp32 their names end in ``_<precision>``
+    (``results_bf16.md``) and, given the fp32 rows of the same bench (``reference_rows``), the report ends with the
+    accuracy difference to fp32."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown_report(rows, methods)
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    title = "Bench results" + ("" if precision == "fp32" else f" ({precision})")
+    text = markdown_report(rows, methods, title=title)
     if command:
         text = text.replace("\n", f"\n\nCommand: `{command}`\n", 1)
-    atomic_write_bytes(out / "results.md", text.encode())
-    atomic_write_bytes(out / "summary.csv", summary_csv(rows).encode())
-    plot_fewshot(rows, out, methods)
-    plot_base2novel(rows, out, methods)
-    return out / "results.md"
+    if reference_rows and precision != "fp32":
+        comparison = precision_comparison(rows, reference_rows, precision)
+        if comparison:
+            text = text.rstrip("\n") + "\n\n" + comparison
+    atomic_write_bytes(out / f"results{suffix}.md", text.encode())
+    atomic_write_bytes(out / f"summary{suffix}.csv", summary_csv(rows).encode())
+    plot_fewshot(rows, out, methods, suffix)
+    plot_base2novel(rows, out, methods, suffix)
+    return out / f"results{suffix}.md"

@@ -4,11 +4,16 @@ Each (protocol, dataset, method, shots, seed) run writes its own folder with a `
 atomically: a finished run is skipped when the bench is started again, an interrupted one is redone from scratch
 (its partial run folder is overwritten). Results go to ``results.csv`` (one row per evaluation) and are summarised
 by :mod:`vlprompt.protocols.report`.
+
+``precision`` (fp32, bf16, fp16 on a GPU) applies to every run's training and evaluation. Runs of another precision
+than fp32 get their own folders (``..._seed1_bf16``) and result files (``results_bf16.csv``), so one output folder
+can hold the same bench in several precisions without mixing them.
 """
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -18,13 +23,13 @@ from typing import Any, Callable, Iterable
 
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.api import DataOptions, RunOptions, evaluate_checkpoint, train
-from vlprompt.engine.trainer import TrainConfig
+from vlprompt.engine.trainer import PRECISIONS, TrainConfig
 from vlprompt.methods import canonical_method_name
 
 PROTOCOLS = ("fewshot", "base2novel", "crossdataset", "domain")
 CSV_FIELDS = [
     "protocol", "train_dataset", "eval_dataset", "subset", "method", "shots", "seed", "accuracy", "n",
-    "trainable_parameters", "train_time_s",
+    "trainable_parameters", "train_time_s", "precision",
 ]
 # Methods with nothing to train give the same result for every shot count: evaluated once per seed.
 SHOT_INDEPENDENT = {"zeroshot"}
@@ -54,9 +59,18 @@ class BenchConfig:
     domain_targets: dict[str, list[str]] = field(default_factory=dict)
     recipes: dict[str, Recipe] = field(default_factory=dict)
     default_train: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # of every run's training and evaluation; part of the run folders' and files' names
 
     def __post_init__(self) -> None:
         self.methods = [canonical_method_name(m) for m in self.methods]
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
+        recipe_trains = [getattr(r, "train", None) or {} for r in self.recipes.values()]
+        if any("precision" in t for t in [self.default_train, *recipe_trains]):
+            raise ValueError(
+                "set the bench's precision with `precision:` (or --precision), not in default_train or a recipe's "
+                "train: it applies to every run and names their folders, so results of different precisions stay apart"
+            )
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
         if unknown:
             raise ValueError(f"unknown protocol(s) {unknown}; choose from {PROTOCOLS}")
@@ -75,11 +89,22 @@ class Job:
     seed: int
     subsample: str = "all"
     evals: tuple[tuple[str, str], ...] = ()  # (eval dataset, subset) pairs evaluated with the trained prompt
+    precision: str = "fp32"
 
     @property
     def key(self) -> str:
         safe = self.dataset.replace(":", "_").replace("/", "_")
-        return f"{self.protocol}/{safe}/{self.method}/shots{self.shots}_seed{self.seed}"
+        run = f"shots{self.shots}_seed{self.seed}{precision_suffix(self.precision)}"
+        return f"{self.protocol}/{safe}/{self.method}/{run}"
+
+
+def precision_suffix(precision: str) -> str:
+    """"" for fp32 (the names every earlier bench wrote), "_bf16" / "_fp16" otherwise."""
+    return "" if precision == "fp32" else f"_{precision}"
+
+
+def results_csv_path(config: BenchConfig) -> Path:
+    return Path(config.output) / f"results{precision_suffix(config.precision)}.csv"
 
 
 def plan_jobs(config: BenchConfig) -> list[Job]:
@@ -88,7 +113,7 @@ def plan_jobs(config: BenchConfig) -> list[Job]:
         for method in config.methods:
             for seed in config.seeds:
                 jobs.extend(_protocol_jobs(config, protocol, method, seed))
-    return jobs
+    return [dataclasses.replace(job, precision=config.precision) for job in jobs]
 
 
 def _protocol_jobs(config: BenchConfig, protocol: str, method: str, seed: int) -> Iterable[Job]:
@@ -113,7 +138,7 @@ def _protocol_jobs(config: BenchConfig, protocol: str, method: str, seed: int) -
 
 def _run_options(config: BenchConfig, job: Job, run_dir: Path) -> RunOptions:
     recipe = config.recipes.get(job.method, Recipe())
-    train_values = {**config.default_train, **recipe.train, "seed": job.seed}
+    train_values = {**config.default_train, **recipe.train, "seed": job.seed, "precision": job.precision}
     return RunOptions(
         model=config.model,
         method=job.method,
@@ -137,7 +162,7 @@ def run_job(config: BenchConfig, job: Job) -> list[dict[str, Any]]:
     rows = []
     for eval_dataset, subset in job.evals:
         data = DataOptions(dataset=eval_dataset, root=config.data_root, subsample=subset)
-        result = evaluate_checkpoint(run_dir, data, split="test", model=config.model)
+        result = evaluate_checkpoint(run_dir, data, split="test", model=config.model, precision=job.precision)
         rows.append(
             {
                 "protocol": job.protocol,
@@ -151,6 +176,7 @@ def run_job(config: BenchConfig, job: Job) -> list[dict[str, Any]]:
                 "n": result["n"],
                 "trainable_parameters": saved["trainable_parameters"],
                 "train_time_s": round(train_time, 3),
+                "precision": job.precision,
             }
         )
     ckpt.atomic_write_json(run_dir / "result.json", {"job": asdict(job), "rows": rows})
@@ -161,14 +187,15 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
     """Run every planned job not already finished; rewrite results.csv from all finished jobs."""
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_json(output / "bench_config.json", _config_json(config))
+    suffix = precision_suffix(config.precision)
+    ckpt.atomic_write_json(output / f"bench_config{suffix}.json", _config_json(config))
     jobs = plan_jobs(config)
     rows: list[dict[str, Any]] = []
     done = 0
     for i, job in enumerate(jobs, 1):
         result_file = output / "runs" / job.key / "result.json"
         if result_file.exists():
-            rows.extend(json.loads(result_file.read_text())["rows"])
+            rows.extend({"precision": job.precision, **row} for row in json.loads(result_file.read_text())["rows"])
             done += 1
             continue
         start = time.perf_counter()
@@ -178,7 +205,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
         log(f"[{i}/{len(jobs)}] {job.key}: {accs} ({time.perf_counter() - start:.1f}s)")
     if done:
         log(f"{done} of {len(jobs)} runs were already finished and were reused")
-    write_csv(output / "results.csv", rows)
+    write_csv(results_csv_path(config), rows)
     return rows
 
 
@@ -201,6 +228,7 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
             row[key] = float(row[key])
         for key in ("shots", "seed", "n", "trainable_parameters"):
             row[key] = int(row[key])
+        row["precision"] = row.get("precision") or "fp32"  # files written before the column existed
     return rows
 
 
