@@ -115,6 +115,23 @@ def test_text_prompts_truncation_is_exact(tiny_backbone, case):
     assert (ours - plain).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("case", ["shallow_shared", "deep_per_sequence", "deep_mixed"])
+@torch.no_grad()
+def test_full_context_mode_is_the_reference_77_position_tower(case, monkeypatch):
+    """``truncate_text = False`` (what tests/test_truncation.py compares every method against) runs all 77
+    positions and equals the hand-written reference."""
+    backbone = load_backbone("random:tiny")
+    seen = []
+    backbone.model.text_model.encoder.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    texts = [f"{c}." for c in VARIED_NAMES]
+    ids, eot = _ids(backbone, texts)
+    prompt_layers = _text_prompt_cases(backbone, len(texts))[case]
+    monkeypatch.setattr(backbone, "truncate_text", False)
+    full = backbone.encode_text_ids(TokenizedText(ids, eot), DeepPrompts(prompt_layers))
+    assert seen[-1][1] == CONTEXT
+    torch.testing.assert_close(full, _reference_text_features(backbone, ids, eot, prompt_layers), atol=1e-5, rtol=0)
+
+
 @torch.no_grad()
 def test_text_reference_without_prompts_matches_adapter(tiny_backbone):
     """Sanity check of the hand-written reference: zero prompt tokens = transformers' own text features."""

@@ -41,6 +41,9 @@ class CLIPBackbone(nn.Module):
 
     family = "clip"
     sites = frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE, SITE_BLOCK, SITE_TRANSIENT_IMAGE})
+    # Cut text sequences after their last end-of-text token (exact: the tower is causal). False runs every text over
+    # the whole context (77 positions), as the reference implementations do: only for checks that the cut is exact.
+    truncate_text: bool = True
 
     def __init__(self, model: nn.Module, tokenizer, image_processor=None, name_or_path: str = "") -> None:
         super().__init__()
@@ -210,7 +213,8 @@ class CLIPBackbone(nn.Module):
         if prompts is not None and prompts.tokens:
             prompts.validate(self.text_width, self.text_layers, "text")
             n = prompts.num_tokens
-        token_embeds = token_embeds[:, : int(eot_index.max()) + 1]
+        if self.truncate_text:
+            token_embeds = token_embeds[:, : int(eot_index.max()) + 1]
         if n:
             first = _expand(prompts.tokens[0], token_embeds.shape[0]).to(token_embeds.dtype)
             token_embeds = torch.cat([token_embeds[:, :1], first, token_embeds[:, 1:]], dim=1)
@@ -221,6 +225,8 @@ class CLIPBackbone(nn.Module):
                 f"a prompted text needs {length} positions but CLIP's text context is {self.context_length}: "
                 "use fewer prompt tokens or shorter class names / templates."
             )
+        if not self.truncate_text:  # the whole context; inserted prompts push the trailing padding out
+            length = min(token_embeds.shape[1], self.context_length)
         hidden = token_embeds[:, :length]
         hidden = hidden + text_model.embeddings.position_embedding.weight[:length].to(hidden.dtype)
         mask = self._causal_mask(hidden)
@@ -237,7 +243,7 @@ class CLIPBackbone(nn.Module):
         self, tokenized: TokenizedText, prompts: DeepPrompts | None = None, block: BlockAdapter | None = None
     ) -> torch.Tensor:
         # Positions after the last end-of-text token are cut before embedding (see encode_text): exact and cheaper.
-        length = int(tokenized.eot_index.max()) + 1
+        length = int(tokenized.eot_index.max()) + 1 if self.truncate_text else tokenized.input_ids.shape[1]
         ids = tokenized.input_ids[:, :length]
         return self.encode_text(self.embed_tokens(ids), tokenized.eot_index, prompts, block)
 
