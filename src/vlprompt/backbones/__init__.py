@@ -5,6 +5,8 @@ from pathlib import Path
 
 from vlprompt.backbones.base import (
     SITE_BLOCK,
+    SITE_DETECTION_TEXT,
+    SITE_DETECTOR,
     SITE_FUSION,
     SITE_IMAGE_SEQUENCE,
     SITE_JOINT_SPACE,
@@ -12,27 +14,40 @@ from vlprompt.backbones.base import (
     SITE_TRANSIENT_IMAGE,
     BlockAdapter,
     DeepPrompts,
+    FusionTokens,
     TransientPrompts,
     TokenizedText,
     UnsupportedBackboneError,
 )
 from vlprompt.backbones.clip import BackboneLoadError, CLIPBackbone
+from vlprompt.backbones.grounding_dino import GroundingDinoBackbone
 
 # model_type in a checkpoint's config.json -> adapter class
-BACKBONES: dict[str, type] = {"clip": CLIPBackbone}
+BACKBONES: dict[str, type] = {
+    "clip": CLIPBackbone,
+    "grounding-dino": GroundingDinoBackbone,
+    "mm-grounding-dino": GroundingDinoBackbone,
+}
 RANDOM_PREFIX = "random:"
 
 
-def load_backbone(name_or_path: str | Path) -> CLIPBackbone:
+def load_backbone(name_or_path: str | Path) -> CLIPBackbone | GroundingDinoBackbone:
     """Load a backbone from a local folder or hub id, or ``random:<preset>`` (a real architecture, random weights).
 
     Raises :class:`BackboneLoadError` naming what is wrong (missing folder, unsupported model family).
     """
     spec = str(name_or_path)
     if spec.startswith(RANDOM_PREFIX):
-        from vlprompt.backbones.presets import clip_tokenizer, random_clip_model
+        from vlprompt.backbones.grounding_dino_presets import GDINO_PRESETS, random_grounding_dino_backbone
+        from vlprompt.backbones.presets import PRESETS, clip_tokenizer, random_clip_model
 
         preset = spec[len(RANDOM_PREFIX) :]
+        if preset in GDINO_PRESETS:
+            return random_grounding_dino_backbone(preset)
+        if preset not in PRESETS:
+            raise BackboneLoadError(
+                f"unknown random preset {preset!r}; CLIP: {sorted(PRESETS)}, Grounding DINO: {sorted(GDINO_PRESETS)}"
+            )
         model = random_clip_model(preset)
         return CLIPBackbone(model, clip_tokenizer(), None, name_or_path=spec)
     if spec.startswith("embedded:") or spec == "embedded":
@@ -65,10 +80,14 @@ __all__ = [
     "BackboneLoadError",
     "CLIPBackbone",
     "DeepPrompts",
+    "FusionTokens",
+    "GroundingDinoBackbone",
     "TokenizedText",
     "UnsupportedBackboneError",
     "load_backbone",
     "SITE_BLOCK",
+    "SITE_DETECTION_TEXT",
+    "SITE_DETECTOR",
     "SITE_FUSION",
     "SITE_IMAGE_SEQUENCE",
     "SITE_JOINT_SPACE",

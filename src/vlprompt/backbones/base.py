@@ -17,6 +17,8 @@ SITE_JOINT_SPACE = "joint_space"  # projections into a shared embedding + final 
 SITE_BLOCK = "attention_block"  # additive change to an attention block's output
 SITE_TRANSIENT_IMAGE = "image_transient"  # tokens appended to one image layer's input, dropped from its output
 SITE_FUSION = "fusion_attention"  # bi-directional fusion attention (Grounding DINO family)
+SITE_DETECTION_TEXT = "detection_text"  # learned word embeddings at a detector's text-encoder input, per phrase
+SITE_DETECTOR = "detector_weights"  # a detector's own weights (heads, all, LoRA) and its detection losses
 
 
 class UnsupportedBackboneError(ValueError):
@@ -87,6 +89,21 @@ class TransientPrompts(Protocol):
     def tokens(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None: ...
 
     def outputs(self, layer: int, out: torch.Tensor) -> None: ...
+
+
+@dataclass
+class FusionTokens:
+    """Tokens appended to one fusion layer's bi-directional attention input (SDPT native, deep fusion prompts).
+
+    ``vision`` ``(K_v, d_v)`` or ``(B, K_v, d_v)`` joins the image tokens, ``text`` ``(K_t, d_t)`` or
+    ``(B, K_t, d_t)`` the text tokens, for that attention only: both modalities' queries, keys and values see them,
+    the attention masks are extended, and their output rows are dropped. ``mask_text`` hides the text-side tokens
+    from the image queries (SDPT's released behaviour).
+    """
+
+    vision: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    mask_text: bool = False
 
 
 @dataclass

@@ -10,11 +10,27 @@ from vlprompt.methods.apt import APT, APTConfig
 from vlprompt.methods.base import MethodConfig, MethodConfigError, PromptMethod
 from vlprompt.methods.cocoop import CoCoOp, CoCoOpConfig
 from vlprompt.methods.coop import CoOp, CoOpConfig
+from vlprompt.methods.detection import (
+    DetCoOp,
+    DetCoOpConfig,
+    DetFull,
+    DetFullConfig,
+    DetFusionPrompt,
+    DetFusionPromptConfig,
+    DetHeads,
+    DetHeadsConfig,
+    DetLoRA,
+    DetLoRAConfig,
+    DetZeroShot,
+    DetZeroShotConfig,
+    DetectionMethod,
+)
 from vlprompt.methods.dpt import DPT, DPTConfig
 from vlprompt.methods.ivlp import IVLP, IVLPConfig
 from vlprompt.methods.linear_probe import LinearProbe, LinearProbeConfig
 from vlprompt.methods.maple import MaPLe, MaPLeConfig
 from vlprompt.methods.sdpt import SDPT, SDPTConfig
+from vlprompt.methods.sdpt_native import SDPTNative, SDPTNativeConfig
 from vlprompt.methods.upt import UPT, UPTConfig
 from vlprompt.methods.vpt import VPT, VPTConfig
 from vlprompt.methods.zeroshot import ZeroShot, ZeroShotConfig
@@ -48,9 +64,22 @@ METHODS: dict[str, MethodSpec] = {
         {"n_text": 50, "n_image": 50, "placeholder": "{}.", "init_from_placeholder": False},
         summary="deep prompts in both towers (APT's baseline, same prompt count)",
     ),
+    # Fusion detectors (Grounding DINO family): SDPT's native form, its baselines and reference points.
+    "sdpt_native": MethodSpec(SDPTNative, summary="unified prototypes in fusion attention, pseudo-inverse into both modalities"),
+    "sdpt_native_released": MethodSpec(
+        SDPTNative, {"n_prototypes": 700, "layers": "all", "mask_text_prototypes": True},
+        summary="sdpt_native with the released settings (K=700, all fusion layers, text prototypes masked)",
+    ),
+    "det_zeroshot": MethodSpec(DetZeroShot, summary="frozen detector, category names as the prompt"),
+    "det_coop": MethodSpec(DetCoOp, summary="learned context before every category name at the text encoder input"),
+    "det_fusion_prompt": MethodSpec(DetFusionPrompt, summary="separate vision / text deep prompts at the fusion layers"),
+    "det_heads": MethodSpec(DetHeads, summary="detection heads only"),
+    "det_full": MethodSpec(DetFull, summary="full fine-tuning (reference point)"),
+    "det_lora": MethodSpec(DetLoRA, summary="LoRA via peft on encoder/decoder attention (reference point)"),
 }
 ALIASES = {"zero_shot": "zeroshot", "zero-shot": "zeroshot", "linear-probe": "linear_probe", "vpt": "vpt_deep",
-           "vpt-deep": "vpt_deep", "vpt-shallow": "vpt_shallow", "lp": "linear_probe"}
+           "vpt-deep": "vpt_deep", "vpt-shallow": "vpt_shallow", "lp": "linear_probe",
+           "sdpt-native": "sdpt_native"}
 
 
 def canonical_method_name(name: str) -> str:
@@ -81,6 +110,11 @@ def make_config(name: str, options: dict[str, Any] | None = None, backbone=None)
     return config_class.from_dict(values)
 
 
+def is_detection_method(name: str) -> bool:
+    """Whether a registered method works on detectors (trained and evaluated by ``engine/detection.py``)."""
+    return getattr(METHODS[canonical_method_name(name)].method_class, "task", "classification") == "detection"
+
+
 def _depth_limits(method_class: type[PromptMethod], backbone) -> dict[str, int]:
     sites = method_class.required_sites
     both = min(backbone.text_layers, backbone.vision_layers)
@@ -94,22 +128,31 @@ def get_prompt_model(
     backbone,
     name: str,
     classnames: list[str],
-    template: str = "a photo of a {}.",
+    template: str | None = None,
     config: MethodConfig | dict[str, Any] | None = None,
 ) -> PromptMethod:
-    """Wrap a frozen backbone with a method (PEFT's ``get_peft_model`` for prompts)."""
+    """Wrap a frozen backbone with a method (PEFT's ``get_peft_model`` for prompts).
+
+    ``template`` None: the method's own default (``"a photo of a {}."`` for CLIP methods, the bare name for detection
+    methods, whose category phrases are the names).
+    """
     spec = METHODS[canonical_method_name(name)]
     if not isinstance(config, MethodConfig):
         config = make_config(name, config, backbone)
     elif not isinstance(config, spec.method_class.config_class):
         raise MethodConfigError(f"{type(config).__name__} is not a config for method {name!r}")
-    method = spec.method_class(backbone, config, classnames, template)
+    if template is None:
+        method = spec.method_class(backbone, config, classnames)
+    else:
+        method = spec.method_class(backbone, config, classnames, template)
     method.registered_name = canonical_method_name(name)  # e.g. "vpt_deep" rather than the class's "vpt"
     return method
 
 
 __all__ = [
-    "APT", "APTConfig", "CoCoOp", "CoCoOpConfig", "CoOp", "CoOpConfig", "DPT", "DPTConfig", "IVLP", "IVLPConfig",
+    "APT", "APTConfig", "DetCoOp", "DetCoOpConfig", "DetFull", "DetFullConfig", "DetFusionPrompt",
+    "DetFusionPromptConfig", "DetHeads", "DetHeadsConfig", "DetLoRA", "DetLoRAConfig", "DetZeroShot",
+    "DetZeroShotConfig", "DetectionMethod", "SDPTNative", "SDPTNativeConfig", "is_detection_method", "CoCoOp", "CoCoOpConfig", "CoOp", "CoOpConfig", "DPT", "DPTConfig", "IVLP", "IVLPConfig",
     "LinearProbe", "LinearProbeConfig", "MaPLe", "MaPLeConfig", "SDPT", "SDPTConfig", "UPT", "UPTConfig", "VPT",
     "VPTConfig", "ZeroShot", "ZeroShotConfig",
     "ALIASES",

@@ -1,0 +1,279 @@
+"""Methods on fusion detectors (Grounding DINO family): the common base and the baselines SDPT is compared with.
+
+A detection method holds the category prompt (category names as phrases, ``[CLS] cat . dog . [SEP]``) and fills the
+detector adapter's sites: learned context at the text encoder's input (``det_coop``), tokens at the fusion layers'
+bi-directional attention (``sdpt_native``, ``det_fusion_prompt``), or the detector's own weights (``det_heads``,
+``det_full``, ``det_lora``). Training uses the detector's own losses; see ``engine/detection.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vlprompt.backbones.base import SITE_DETECTION_TEXT, SITE_DETECTOR, SITE_FUSION, FusionTokens
+from vlprompt.methods.base import MethodConfig, PromptMethod, require
+
+DETECTION_TEMPLATE = "{}"  # a category's phrase is its name
+
+
+class DetectionMethod(PromptMethod):
+    """Base of detection methods: a category prompt over a frozen detector, scored per category.
+
+    ``forward(pixel_values, pixel_mask, labels)`` returns the detector's output (with ``loss`` when labels are
+    given); ``predict`` gives per-category scores ``(B, Q, C)`` and normalised ``(cx, cy, w, h)`` boxes.
+    Subclasses fill :meth:`context` (text-input tokens) and/or :meth:`fusion_tokens`, or unfreeze detector weights.
+    """
+
+    task: ClassVar[str] = "detection"
+    required_sites = frozenset({SITE_DETECTOR})
+    modifies_text = True
+    modifies_image = True
+
+    def __init__(self, backbone, config: MethodConfig, classnames, template: str = DETECTION_TEMPLATE) -> None:
+        super().__init__(backbone, config, classnames, template)
+        self._weights: dict[str, nn.Parameter] = {}  # detector weights this method trains (by model name)
+        self._build_text()
+
+    # ----------------------------------------------------------------- category prompt
+    def n_context(self) -> int:
+        return 0
+
+    def _build_text(self) -> None:
+        text = self.backbone.tokenize_categories(self.classnames, self.template, self.n_context())
+        self.register_buffer("text_ids", text.input_ids, persistent=False)
+        self.register_buffer("context_index", text.context_index, persistent=False)
+        self.register_buffer("label_map", text.label_map, persistent=False)
+
+    def _on_classes_changed(self) -> None:
+        self._build_text()
+
+    @property
+    def text(self):
+        from vlprompt.backbones.grounding_dino import DetectionText
+
+        return DetectionText(self.text_ids, self.context_index, self.label_map, self.n_context())
+
+    # ----------------------------------------------------------------- what subclasses fill
+    def context(self) -> torch.Tensor | None:
+        """Learned word embeddings ``(n, d_text)`` at the start of every phrase, or None."""
+        return None
+
+    def fusion_tokens(self, layer: int) -> FusionTokens | None:
+        """Tokens for fusion layer ``layer``'s attention, or None."""
+        return None
+
+    uses_fusion: ClassVar[bool] = False
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
+                labels: list[dict[str, torch.Tensor]] | None = None, **kwargs: Any):
+        return self.backbone.detect(
+            pixel_values, self.text, pixel_mask=pixel_mask, labels=labels, context=self.context(),
+            fusion=self.fusion_tokens if self.uses_fusion else None, **kwargs,
+        )
+
+    @torch.no_grad()
+    def predict(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None):
+        """Per-category scores ``(B, Q, C)`` and boxes ``(B, Q, 4)`` (normalised cx, cy, w, h)."""
+        out = self(pixel_values, pixel_mask)
+        return self.backbone.category_scores(out.logits, self.text), out.pred_boxes.float()
+
+    def text_features(self) -> torch.Tensor:
+        raise TypeError(f"{self.name!r} is a detection method: it has no class text features (use predict()).")
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{self.name!r} is a detection method: it has no image features (use predict()).")
+
+    # ----------------------------------------------------------------- trainable state
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.model.eval()  # the detector keeps eval behaviour (no dropout / drop-path) in every method
+        return self
+
+    def _train_weights(self, weights: dict[str, nn.Parameter]) -> None:
+        for p in weights.values():
+            p.requires_grad_(True)
+        self._weights = dict(weights)
+
+    def prompt_parameters(self) -> dict[str, nn.Parameter]:
+        own = super().prompt_parameters()
+        own.update({f"backbone.model.{n}": p for n, p in self._weights.items()})
+        return own
+
+
+# --------------------------------------------------------------------------------------------- zero-shot
+@dataclass
+class DetZeroShotConfig(MethodConfig):
+    pass
+
+
+class DetZeroShot(DetectionMethod):
+    """The frozen detector with the category names as its prompt: nothing trains."""
+
+    name = "det_zeroshot"
+    config_class = DetZeroShotConfig
+
+
+# --------------------------------------------------------------------------------------------- CoOp on the text input
+@dataclass
+class DetCoOpConfig(MethodConfig):
+    n_ctx: int = 4  # learned tokens before every category name (short: the prompt holds one copy per category)
+    init_std: float = 0.02
+    init_phrase: str | None = None  # e.g. "a photo of a": initialise from its word embeddings (n_ctx = its length)
+
+    def validate(self) -> None:
+        require(self.n_ctx >= 1 or self.init_phrase, f"det_coop.n_ctx must be >= 1, got {self.n_ctx}")
+        require(self.init_std > 0, "det_coop.init_std must be > 0")
+
+
+class DetCoOp(DetectionMethod):
+    """CoOp on the detector's text encoder: ``[CLS] v1..vn cat . v1..vn dog . [SEP]`` with shared learned ``v``.
+
+    The vectors replace the BERT word embeddings of placeholder positions (position and type embeddings still
+    apply). Each phrase (context + name) is one label, as the detector's loss reads its prompt.
+    """
+
+    name = "det_coop"
+    config_class = DetCoOpConfig
+    required_sites = frozenset({SITE_DETECTOR, SITE_DETECTION_TEXT})
+
+    def __init__(self, backbone, config: DetCoOpConfig, classnames, template: str = DETECTION_TEMPLATE) -> None:
+        if config.init_phrase:
+            words = backbone.phrase_ids(config.init_phrase)
+            require(len(words) > 0, f"det_coop.init_phrase {config.init_phrase!r} has no tokens")
+            with torch.no_grad():
+                init = backbone.embed_tokens(torch.tensor(words, device=backbone.device)).detach().clone().float()
+        else:
+            init = torch.randn(config.n_ctx, backbone.text_width) * config.init_std
+        self._n = init.shape[0]
+        super().__init__(backbone, config, classnames, template)
+        self.ctx = nn.Parameter(init)
+
+    def n_context(self) -> int:
+        return self._n
+
+    def context(self) -> torch.Tensor:
+        return self.ctx
+
+
+# --------------------------------------------------------------------------------------------- deep fusion prompts
+def resolve_layers(layers: Any, backbone, method: str) -> list[int]:
+    """``"all"`` or a list of fusion-layer indices, checked against the detector's fusion layer count."""
+    n = backbone.fusion_layers
+    if layers == "all":
+        return list(range(n))
+    out = [int(j) for j in layers]
+    bad = [j for j in out if not 0 <= j < n]
+    require(not bad, f"{method}.layers {bad} out of range: this detector has fusion layers 0..{n - 1}")
+    return out
+
+
+def check_layers_option(layers: Any, method: str) -> None:
+    ok = layers == "all" or (
+        isinstance(layers, (list, tuple)) and len(layers) > 0 and all(isinstance(j, int) for j in layers)
+        and len(set(layers)) == len(layers)
+    )
+    require(ok, f"{method}.layers must be 'all' or a non-empty list of distinct fusion-layer indices, got {layers!r}")
+
+
+@dataclass
+class DetFusionPromptConfig(MethodConfig):
+    n_tokens: int = 16  # per modality and layer (same count as SDPT's default prototypes)
+    layers: Any = "all"
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        require(self.n_tokens >= 1, f"det_fusion_prompt.n_tokens must be >= 1, got {self.n_tokens}")
+        check_layers_option(self.layers, "det_fusion_prompt")
+        require(self.init_std > 0, "det_fusion_prompt.init_std must be > 0")
+
+
+class DetFusionPrompt(DetectionMethod):
+    """Deep prompts at the fusion layers with *separate* tokens per modality (SDPT's ablation baseline).
+
+    Per chosen layer: vision tokens ``(K, d_v)`` and text tokens ``(K, d_t)``, appended to that layer's
+    bi-directional attention input exactly where SDPT puts its prototypes' pre-images, but learned independently.
+    Trainable = layers * K * (d_v + d_t).
+    """
+
+    name = "det_fusion_prompt"
+    config_class = DetFusionPromptConfig
+    required_sites = frozenset({SITE_DETECTOR, SITE_FUSION})
+    uses_fusion = True
+
+    def __init__(self, backbone, config: DetFusionPromptConfig, classnames, template: str = DETECTION_TEMPLATE) -> None:
+        super().__init__(backbone, config, classnames, template)
+        self.layers = resolve_layers(config.layers, backbone, self.name)
+        site = backbone.fusion_site(0)
+        k = config.n_tokens
+        self.vision_tokens = nn.Parameter(torch.randn(len(self.layers), k, site.vision_dim) * config.init_std)
+        self.text_tokens = nn.Parameter(torch.randn(len(self.layers), k, site.text_dim) * config.init_std)
+        self._slot = {layer: i for i, layer in enumerate(self.layers)}
+
+    def fusion_tokens(self, layer: int) -> FusionTokens | None:
+        i = self._slot.get(layer)
+        if i is None:
+            return None
+        return FusionTokens(vision=self.vision_tokens[i], text=self.text_tokens[i])
+
+
+# --------------------------------------------------------------------------------------------- detector weights
+@dataclass
+class DetHeadsConfig(MethodConfig):
+    pass
+
+
+class DetHeads(DetectionMethod):
+    """Head-only tuning: the decoder's box and class heads and the two-stage proposal heads train."""
+
+    name = "det_heads"
+    config_class = DetHeadsConfig
+
+    def __init__(self, backbone, config: DetHeadsConfig, classnames, template: str = DETECTION_TEMPLATE) -> None:
+        super().__init__(backbone, config, classnames, template)
+        self._train_weights(backbone.named_weights("heads"))
+
+
+@dataclass
+class DetFullConfig(MethodConfig):
+    pass
+
+
+class DetFull(DetectionMethod):
+    """Full fine-tuning (reference point): every detector weight trains; the checkpoint holds them all."""
+
+    name = "det_full"
+    config_class = DetFullConfig
+
+    def __init__(self, backbone, config: DetFullConfig, classnames, template: str = DETECTION_TEMPLATE) -> None:
+        super().__init__(backbone, config, classnames, template)
+        self._train_weights(backbone.named_weights("all"))
+
+
+@dataclass
+class DetLoRAConfig(MethodConfig):
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | None = None  # regex over module names; None: the encoder/decoder attention projections
+
+    def validate(self) -> None:
+        require(self.r >= 1, f"det_lora.r must be >= 1, got {self.r}")
+        require(self.alpha > 0, "det_lora.alpha must be > 0")
+        require(0 <= self.dropout < 1, "det_lora.dropout must be in [0, 1)")
+
+
+class DetLoRA(DetectionMethod):
+    """LoRA (through ``peft``) on the detector's attention projections (reference point)."""
+
+    name = "det_lora"
+    config_class = DetLoRAConfig
+
+    def __init__(self, backbone, config: DetLoRAConfig, classnames, template: str = DETECTION_TEMPLATE) -> None:
+        from vlprompt.backbones.grounding_dino import LORA_TARGETS
+
+        super().__init__(backbone, config, classnames, template)
+        self._train_weights(backbone.add_lora(config.r, config.alpha, config.dropout, config.target_modules or LORA_TARGETS))
