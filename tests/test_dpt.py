@@ -77,11 +77,13 @@ def test_without_prompts_and_cavpt_is_zeroshot(tiny_backbone, classnames, pixels
 
 # ----------------------------------------------------------------------------- top-K and placement
 @pytest.mark.parametrize("n_classes", [4, 12])
-def test_selects_the_frozen_top_k(tiny_backbone, pixels, n_classes):
+def test_selects_the_frozen_top_k(tiny_backbone, pixels, n_classes, monkeypatch):
     names = MANY[:n_classes]
     model = _dpt(tiny_backbone, names).train()
     k = min(10, n_classes)
     assert model.k == k
+    assert model.ranks_classes() == (k < n_classes)
+    monkeypatch.setattr(model, "ranks_classes", lambda: True)  # K = C skips the ranking (next test); force it
     model(pixels)
     topk = model._stash["topk"]
     assert topk.shape == (4, k)
@@ -126,9 +128,42 @@ def test_tokens_are_appended_per_layer_and_dropped(tiny_backbone, classnames, pi
     model = _dpt(tiny_backbone, classnames, **options).eval()
     n_image_tokens = (tiny_backbone.image_size // tiny_backbone.patch_size) ** 2 + 1
     lengths = _layer_lengths(tiny_backbone, lambda: model.image_features(pixels))
-    if model.cavpt_layers is not None:
-        lengths = lengths[tiny_backbone.vision_layers :]  # the first pass is the frozen one (top-K ranking)
+    # K = C = 4 classes: no frozen ranking pass, one prompted pass only
+    assert not model.ranks_classes() and len(lengths) == tiny_backbone.vision_layers
     assert lengths == [n_image_tokens + e for e in extra]
+
+
+@pytest.mark.parametrize("aux_input", ["attention", "layer_output"])
+@pytest.mark.parametrize("bottom_limit", [None, 1])
+def test_all_classes_kept_skips_the_frozen_pass_with_the_same_results(tiny_backbone, pixels, monkeypatch, aux_input,
+                                                                      bottom_limit):
+    """K = C: the frozen ranking only orders the classes, which changes nothing; skipping it is exact."""
+    names = MANY[:5]
+    labels = torch.tensor([0, 4, 2, 2])
+
+    def run(force_ranking: bool):
+        model = _dpt(tiny_backbone, names, top_k=5, aux_input=aux_input, bottom_limit=bottom_limit).train()
+        if force_ranking:
+            monkeypatch.setattr(model, "ranks_classes", lambda: True)
+        lengths = _layer_lengths(tiny_backbone, lambda: model(pixels))
+        topk = model._stash["topk"]
+        terms = model.loss_terms(model(pixels), labels)
+        sum(terms.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.prompt_parameters().items()}
+        return len(lengths), topk, {k: v.detach() for k, v in terms.items()}, grads, model(pixels).detach()
+
+    passes, topk, terms, grads, logits = run(False)
+    ranked_passes, ranked_topk, ranked_terms, ranked_grads, ranked_logits = run(True)
+    assert passes == tiny_backbone.vision_layers and ranked_passes == 2 * tiny_backbone.vision_layers
+    assert torch.equal(topk, torch.arange(5).expand(4, 5))
+    assert not torch.equal(ranked_topk, topk)  # the ranking really orders the classes differently
+    torch.testing.assert_close(logits, ranked_logits, atol=1e-5, rtol=1e-5)
+    assert set(terms) == set(ranked_terms) == {"main", "aux"}
+    for key in terms:
+        torch.testing.assert_close(terms[key], ranked_terms[key], atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, ranked_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @torch.no_grad()

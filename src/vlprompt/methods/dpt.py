@@ -254,6 +254,17 @@ class DPT(PromptMethod):
         scores = F.normalize(frozen_image_feats.float(), dim=-1) @ self.template_text.t()
         return scores.topk(self.k, dim=-1).indices
 
+    def ranks_classes(self) -> bool:
+        """Whether CAVPT needs the frozen zero-shot pass: only when it keeps fewer classes than there are.
+
+        With ``K = C`` every image's top-K is every class, and nothing depends on their order: each class-aware
+        prompt is computed from its own query, the prompts are appended without positional embeddings to an
+        unmasked layer (the other tokens' outputs do not depend on their order), and the auxiliary loss picks, per
+        image, the token of its label. So the frozen image pass (a whole extra forward of the image tower) is skipped
+        and the classes are taken in index order: the same logits, losses and gradients (up to float summation
+        order; tested)."""
+        return self.k < len(self.classnames)
+
     def image_features(
         self, pixel_values: torch.Tensor, text_feats: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -262,12 +273,17 @@ class DPT(PromptMethod):
 
     def _encode(self, pixel_values: torch.Tensor, text_feats: torch.Tensor | None, need_frozen: bool = False):
         frozen = topk = queries = None
-        if self.cavpt_layers is not None or need_frozen:
+        ranking = self.cavpt_layers is not None and self.ranks_classes()
+        if ranking or need_frozen:
             frozen = self.frozen_image_features(pixel_values)
         if self.cavpt_layers is not None:
             if text_feats is None:
                 text_feats = self.text_features()
-            topk = self.top_k_classes(frozen)
+            if ranking:
+                topk = self.top_k_classes(frozen)
+            else:  # K = C: every class, in any order (see ranks_classes)
+                every = torch.arange(len(self.classnames), device=pixel_values.device)
+                topk = every.unsqueeze(0).expand(pixel_values.shape[0], -1)
             queries = text_feats[topk]  # (B, K, d): learned text features of each image's top-K classes
         if self.visual_prompts is None and queries is None:
             return self.backbone.encode_image(pixel_values), frozen, topk, None
