@@ -28,7 +28,8 @@ from vlprompt.engine.trainer import (
     make_accelerator,
     seed_everything,
 )
-from vlprompt.methods import canonical_method_name, get_prompt_model, make_config
+from vlprompt.data.coco import is_detection_dataset
+from vlprompt.methods import canonical_method_name, get_prompt_model, is_detection_method, make_config
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,6 +43,7 @@ class DataOptions:
     seed: int = 1  # few-shot sampling seed
     subsample: str = "all"  # "all" | "base" | "novel" (base-to-novel protocol)
     cache_dir: str | None = None  # few-shot split cache; default <root>/.vlprompt_splits
+    categories: list[str] | None = None  # detection: train/evaluate on these category names only (default: all)
 
 
 @dataclass
@@ -91,6 +93,10 @@ def train(options: RunOptions, resume: bool = False, overwrite: bool = False, pr
     """Train ``options.method`` on ``options.data`` and write the run folder; returns the final test metrics."""
     canonical_method_name(options.method)  # fail on a typo before any loading
     check_precision(options.train.precision)  # and on fp16 without a GPU
+    if is_detection_method(options.method) or is_detection_dataset(options.data.dataset):
+        from vlprompt.engine.detection import train_detection  # COCO-format data, detector losses, COCO mAP
+
+        return train_detection(options, resume=resume, overwrite=overwrite, progress=progress, log=log)
     splits = load_splits(options.data)
     backbone = load_backbone(options.model)
     seed_everything(options.train.seed)  # prompt initialisation is part of the seeded run
@@ -123,6 +129,10 @@ def evaluate_checkpoint(
     """
     check_precision(precision)
     saved = ckpt.read_prompt_config(run_dir)
+    if saved.get("task") == "detection":
+        from vlprompt.engine.detection import evaluate_detection_checkpoint
+
+        return evaluate_detection_checkpoint(run_dir, data, split, model, batch_size, precision)
     backbone = load_backbone(model or saved["backbone"]["name_or_path"])
     splits = load_splits(data)
     method = ckpt.load_prompt(run_dir, backbone, splits.classnames, splits.template)

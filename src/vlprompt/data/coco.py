@@ -1,0 +1,381 @@
+"""COCO-format detection data: reading, category prompts, seeded K-shot sampling, batching, and COCO mAP.
+
+Datasets are named like classification ones (``--dataset``):
+
+- ``coco:<folder or file>``: COCO JSON (``images``, ``annotations`` with ``[x, y, w, h]`` boxes, ``categories``) and
+  its images. A folder may hold, per split (train / val / test), any of
+  ``<split>/annotations.json`` (images relative to ``<split>/``; what ``vlprompt.toyworld`` exports),
+  ``annotations/instances_<split>2017.json`` with images in ``<split>2017/`` (COCO's own layout), or
+  ``<split>.json`` (images relative to the folder). A single JSON file serves every split.
+  A relative path is looked up under ``--data-root`` when given.
+- ``toydet:shapes``: multi-object scenes of the procedural toy world (the 15 shapes are the categories), exported
+  in the first layout on first use under the toy root (``$VLPROMPT_TOY_ROOT`` or ``~/.cache/vlprompt/toyworld``).
+
+Category names (underscores read as spaces) become the detector's text prompt, one phrase each, in the order of
+their ids; ``data.categories`` restricts training and evaluation to a subset (unknown names are an error).
+Few-shot: ``K`` images per category, drawn with a seed (an image counts for every category it shows; all its
+annotations of the chosen categories are kept).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .datasets import clean_classname
+from .errors import DatasetError
+
+COCO_PREFIX = "coco:"
+TOY_PREFIX = "toydet:"
+SPLITS = ("train", "val", "test")
+# toydet:<name> -> how it is generated (images per split, image size, seed)
+TOY_DETECTION = {"shapes": dict(n_train=120, n_val=24, n_test=48, size=64, seed=0)}
+MAX_DETECTIONS = 100  # per image, as COCO evaluates
+
+
+def is_detection_dataset(name: str) -> bool:
+    return str(name).startswith((COCO_PREFIX, TOY_PREFIX))
+
+
+@dataclass
+class DetectionImage:
+    """One image with its boxes (absolute ``[x, y, w, h]``) and category indices (into the dataset's list)."""
+
+    id: int
+    path: Path
+    width: int
+    height: int
+    file_name: str = ""
+    boxes: list[list[float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    crowd: list[bool] = field(default_factory=list)
+
+    def subset(self, keep: set[int], remap: dict[int, int]) -> "DetectionImage":
+        rows = [i for i, c in enumerate(self.labels) if c in keep]
+        return DetectionImage(
+            self.id, self.path, self.width, self.height, self.file_name,
+            [self.boxes[i] for i in rows], [remap[self.labels[i]] for i in rows], [self.crowd[i] for i in rows],
+        )
+
+
+@dataclass
+class DetectionSplits:
+    name: str
+    categories: list[str]  # names, the prompt's phrases (index = label)
+    category_ids: list[int]  # the COCO id of each
+    train: list[DetectionImage]
+    val: list[DetectionImage]
+    test: list[DetectionImage]
+    template: str = "{}"
+
+    def split(self, name: str) -> list[DetectionImage]:
+        if name not in SPLITS:
+            raise DatasetError(f"unknown split {name!r}; choose one of {SPLITS}")
+        return getattr(self, name)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _split_sources(base: Path) -> dict[str, tuple[Path, Path]]:
+    if base.is_file():
+        return {s: (base, base.parent) for s in SPLITS}
+    found: dict[str, tuple[Path, Path]] = {}
+    for split in SPLITS:
+        candidates = [
+            (base / split / "annotations.json", base / split),
+            (base / "annotations" / f"instances_{split}2017.json", base / f"{split}2017"),
+            (base / f"{split}.json", base),
+        ]
+        for json_path, image_dir in candidates:
+            if json_path.is_file():
+                found[split] = (json_path, image_dir)
+                break
+    if not found and (base / "annotations.json").is_file():
+        found = {s: (base / "annotations.json", base) for s in SPLITS}
+    return found
+
+
+def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], list[DetectionImage]]:
+    """Categories ``[(id, name)]`` sorted by id and the images of one COCO JSON file, checked."""
+    try:
+        data = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{json_path} is not valid JSON ({err}).") from err
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise DatasetError(
+            f"{json_path} is not a COCO detection file: it lacks {missing} (a COCO file holds lists 'images', "
+            "'annotations' and 'categories')."
+        )
+    categories = sorted((int(c["id"]), clean_classname(str(c["name"]))) for c in data["categories"])
+    names = [n for _, n in categories]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DatasetError(f"{json_path}: category names {duplicates} occur more than once; names must be unique.")
+    cat_index = {cid: i for i, (cid, _) in enumerate(categories)}
+    images: dict[int, DetectionImage] = {}
+    for img in data["images"]:
+        try:
+            image_id, file_name = int(img["id"]), str(img["file_name"])
+        except KeyError as err:
+            raise DatasetError(f"{json_path}: an image entry lacks {err} (each needs 'id' and 'file_name').") from err
+        images[image_id] = DetectionImage(
+            image_id, image_dir / file_name, int(img.get("width") or 0), int(img.get("height") or 0), file_name
+        )
+    for ann in data["annotations"]:
+        image = images.get(int(ann.get("image_id", -1)))
+        if image is None:
+            raise DatasetError(f"{json_path}: annotation {ann.get('id')} refers to image_id {ann.get('image_id')}, "
+                               "which is not in 'images'.")
+        if int(ann.get("category_id", -1)) not in cat_index:
+            raise DatasetError(f"{json_path}: annotation {ann.get('id')} has category_id {ann.get('category_id')}, "
+                               "which is not in 'categories'.")
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            raise DatasetError(f"{json_path}: annotation {ann.get('id')} has bbox {bbox!r}; expected [x, y, w, h].")
+        x, y, w, h = (float(v) for v in bbox)
+        if w <= 0 or h <= 0:
+            continue  # degenerate boxes are skipped, as COCO training pipelines do
+        image.boxes.append([x, y, w, h])
+        image.labels.append(cat_index[int(ann["category_id"])])
+        image.crowd.append(bool(ann.get("iscrowd", 0)))
+    out = list(images.values())
+    absent = [str(i.path) for i in out if not i.path.is_file()]
+    if absent:
+        raise DatasetError(
+            f"{len(absent)} image(s) listed in {json_path} are missing, e.g. {absent[:3]}; file_name is read relative "
+            f"to {image_dir}."
+        )
+    for image in out:
+        if not image.width or not image.height:
+            with Image.open(image.path) as im:
+                image.width, image.height = im.size
+    return categories, out
+
+
+def toy_detection_folder(name: str, root: str | Path | None = None) -> Path:
+    """The toy-world detection set ``name`` (generated on first use) in the ``<split>/annotations.json`` layout."""
+    if name not in TOY_DETECTION:
+        raise DatasetError(f"unknown toy detection set {name!r}; available: {sorted(TOY_DETECTION)}")
+    spec = TOY_DETECTION[name]
+    if root is None:
+        from vlprompt.toyworld.suite import default_toy_root
+
+        root = default_toy_root()
+    folder = Path(root).expanduser() / "detection" / f"{name}-{spec['size']}px-seed{spec['seed']}"
+    return write_toy_detection(folder, spec["n_train"], spec["n_val"], spec["n_test"], spec["size"], spec["seed"])
+
+
+def write_toy_detection(folder: str | Path, n_train: int, n_val: int, n_test: int, size: int = 64,
+                        seed: int = 0) -> Path:
+    """Export toy-world scenes as COCO: ``folder/<split>/images/*.png`` + ``folder/<split>/annotations.json``.
+
+    Reuses complete splits (their ``annotations.json`` is written last)."""
+    from vlprompt.toyworld.corpus import write_detection_set
+
+    folder = Path(folder).expanduser()
+    for offset, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+        if n <= 0 or (folder / split / "annotations.json").is_file():
+            continue
+        write_detection_set(folder / split, n, seed=seed * 1000 + offset, size=size)
+    return folder
+
+
+def load_detection_dataset(spec: str, root: str | Path | None = None,
+                           categories: Sequence[str] | None = None) -> DetectionSplits:
+    """Read a ``coco:<path>`` or ``toydet:<name>`` dataset (see the module docstring)."""
+    spec = str(spec)
+    if spec.startswith(TOY_PREFIX):
+        base = toy_detection_folder(spec[len(TOY_PREFIX):], root)
+    elif spec.startswith(COCO_PREFIX):
+        base = Path(spec[len(COCO_PREFIX):]).expanduser()
+        if not base.is_absolute() and root is not None and not base.exists():
+            base = Path(root).expanduser() / base
+    else:
+        raise DatasetError(f"{spec!r} is not a detection dataset; use coco:<folder or json> or toydet:<name>.")
+    if not base.exists():
+        raise DatasetError(f"detection dataset {base} does not exist; pass coco:<folder or file> (see docs/detection.md).")
+    sources = _split_sources(base)
+    if not sources:
+        raise DatasetError(
+            f"no COCO annotation file found in {base}: expected <split>/annotations.json, "
+            "annotations/instances_<split>2017.json (+ <split>2017/), <split>.json or annotations.json."
+        )
+    splits: dict[str, list[DetectionImage]] = {}
+    all_categories: list[tuple[int, str]] | None = None
+    for split in SPLITS:
+        if split not in sources:
+            splits[split] = []
+            continue
+        cats, images = read_coco(*sources[split])
+        if all_categories is None:
+            all_categories = cats
+        elif cats != all_categories:
+            raise DatasetError(f"{sources[split][0]} has other categories than the dataset's other splits.")
+        splits[split] = images
+    assert all_categories is not None
+    names = [n for _, n in all_categories]
+    chosen = list(range(len(names)))
+    if categories:
+        wanted = [clean_classname(c) for c in categories]
+        unknown = [c for c in wanted if c not in names]
+        if unknown:
+            raise DatasetError(f"unknown category names {unknown}; the dataset has {names}.")
+        chosen = [names.index(c) for c in wanted]
+    remap = {old: new for new, old in enumerate(chosen)}
+    keep = set(chosen)
+    subset = {s: [img.subset(keep, remap) for img in images] for s, images in splits.items()}
+    return DetectionSplits(
+        name=spec, categories=[names[i] for i in chosen], category_ids=[all_categories[i][0] for i in chosen],
+        train=subset["train"], val=subset["val"], test=subset["test"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- few-shot
+def few_shot_detection(images: Sequence[DetectionImage], k: int, seed: int, n_categories: int) -> list[DetectionImage]:
+    """``k`` images per category, drawn with ``seed`` (the same seed always picks the same images).
+
+    Categories are visited in order; an image already chosen counts for every category it shows.
+    """
+    if k < 1:
+        raise DatasetError(f"shots must be >= 1, got {k}")
+    by_id = sorted(images, key=lambda i: i.id)
+    chosen: list[DetectionImage] = []
+    chosen_ids: set[int] = set()
+    for c in range(n_categories):
+        have = sum(1 for img in chosen if c in _positive(img))
+        candidates = [img for img in by_id if c in _positive(img) and img.id not in chosen_ids]
+        order = np.random.default_rng([seed, c]).permutation(len(candidates))
+        for i in order[: max(k - have, 0)]:
+            chosen.append(candidates[int(i)])
+            chosen_ids.add(candidates[int(i)].id)
+    return sorted(chosen, key=lambda i: i.id)
+
+
+def _positive(image: DetectionImage) -> set[int]:
+    return {c for c, crowd in zip(image.labels, image.crowd) if not crowd}
+
+
+# ---------------------------------------------------------------------------------------------------- tensors
+class DetectionDataset(torch.utils.data.Dataset):
+    """``(pixels (3, H, W), target)``: DETR-style resize (shortest edge, capped longest edge), normalised; target
+    ``class_labels`` and ``boxes`` (normalised cx, cy, w, h; crowd boxes left out), plus ``image_id``.
+
+    ``augment``: random horizontal flip (torch's global RNG, so the trainer's per-epoch seed makes it repeatable).
+    """
+
+    def __init__(self, images: Sequence[DetectionImage], image_config, augment: bool = False) -> None:
+        self.images = list(images)
+        self.config = image_config
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _size(self, width: int, height: int) -> tuple[int, int]:
+        scale = self.config.shortest_edge / min(width, height)
+        if max(width, height) * scale > self.config.longest_edge:
+            scale = self.config.longest_edge / max(width, height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+    def __getitem__(self, index: int):
+        item = self.images[index]
+        with Image.open(item.path) as im:
+            image = im.convert("RGB")
+        width, height = image.size
+        image = image.resize(self._size(width, height), Image.Resampling.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.config.mean).view(3, 1, 1)
+        std = torch.tensor(self.config.std).view(3, 1, 1)
+        pixels = (pixels - mean) / std
+        rows = [i for i, crowd in enumerate(item.crowd) if not crowd]
+        boxes = torch.tensor([item.boxes[i] for i in rows], dtype=torch.float32).reshape(-1, 4)
+        cxcywh = torch.stack([
+            (boxes[:, 0] + boxes[:, 2] / 2) / width, (boxes[:, 1] + boxes[:, 3] / 2) / height,
+            boxes[:, 2] / width, boxes[:, 3] / height,
+        ], dim=1).clamp(0, 1) if len(rows) else boxes
+        if self.augment and float(torch.rand(())) < 0.5:
+            pixels = pixels.flip(-1)
+            if len(rows):
+                cxcywh[:, 0] = 1 - cxcywh[:, 0]
+        target = {
+            "class_labels": torch.tensor([item.labels[i] for i in rows], dtype=torch.long),
+            "boxes": cxcywh,
+            "image_id": torch.tensor(item.id),
+        }
+        return pixels, target
+
+
+def collate_detection(batch):
+    """Pad a batch to its largest image: ``(pixel_values, pixel_mask (1 = image), targets)``."""
+    height = max(p.shape[1] for p, _ in batch)
+    width = max(p.shape[2] for p, _ in batch)
+    pixels = torch.zeros(len(batch), 3, height, width)
+    mask = torch.zeros(len(batch), height, width, dtype=torch.long)
+    for i, (p, _) in enumerate(batch):
+        pixels[i, :, : p.shape[1], : p.shape[2]] = p
+        mask[i, : p.shape[1], : p.shape[2]] = 1
+    return pixels, mask, [t for _, t in batch]
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def coco_ground_truth(images: Sequence[DetectionImage], category_ids: Sequence[int],
+                      categories: Sequence[str]) -> dict[str, Any]:
+    """A COCO dict of ``images`` (labels = indices into ``category_ids``) for pycocotools."""
+    out_images, annotations = [], []
+    for img in images:
+        out_images.append({"id": img.id, "width": img.width, "height": img.height, "file_name": img.file_name})
+        for box, label, crowd in zip(img.boxes, img.labels, img.crowd):
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": img.id, "category_id": int(category_ids[label]),
+                "bbox": list(box), "area": float(box[2] * box[3]), "iscrowd": int(crowd),
+            })
+    cats = [{"id": int(i), "name": n} for i, n in zip(category_ids, categories)]
+    return {"info": {}, "licenses": [], "images": out_images, "annotations": annotations, "categories": cats}
+
+
+def detections_from_scores(image: DetectionImage, scores: torch.Tensor, boxes: torch.Tensor,
+                           category_ids: Sequence[int], max_detections: int = MAX_DETECTIONS) -> list[dict]:
+    """COCO results for one image from per-category scores ``(Q, C)`` and normalised cx, cy, w, h boxes ``(Q, 4)``."""
+    n_queries, n_cats = scores.shape
+    top = scores.reshape(-1).topk(min(max_detections, n_queries * n_cats))
+    out = []
+    for score, flat in zip(top.values.tolist(), top.indices.tolist()):
+        q, c = divmod(flat, n_cats)
+        cx, cy, w, h = boxes[q].tolist()
+        out.append({
+            "image_id": image.id, "category_id": int(category_ids[c]), "score": float(score),
+            "bbox": [(cx - w / 2) * image.width, (cy - h / 2) * image.height, w * image.width, h * image.height],
+        })
+    return out
+
+
+def coco_map(ground_truth: dict[str, Any], detections: list[dict]) -> dict[str, Any]:
+    """COCO box AP through pycocotools: ``mAP`` (AP@[.5:.95]), ``AP50``, ``AP75`` in percent, and its summary text."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not ground_truth["annotations"]:
+        raise DatasetError("the evaluation split has no annotations of the chosen categories; COCO AP is undefined.")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        gt = COCO()
+        gt.dataset = ground_truth
+        gt.createIndex()
+        if not detections:
+            return {"mAP": 0.0, "AP50": 0.0, "AP75": 0.0, "summary": "no detections"}
+        dt = gt.loadRes(detections)
+        evaluator = COCOeval(gt, dt, "bbox")
+        evaluator.params.imgIds = [img["id"] for img in ground_truth["images"]]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = [max(float(s), 0.0) * 100.0 for s in evaluator.stats]
+    summary = "\n".join(line for line in buffer.getvalue().splitlines() if line.startswith(" Average"))
+    return {"mAP": stats[0], "AP50": stats[1], "AP75": stats[2], "summary": summary}
