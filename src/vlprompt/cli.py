@@ -204,9 +204,9 @@ def cmd_params(args: argparse.Namespace) -> int:
     backbone = load_backbone(args.model)
     total = backbone.num_parameters()
     print(f"backbone {args.model}: {total:,} parameters; {args.num_classes} classes")
-    print(f"{'method':<14} {'trainable':>12} {'% of backbone':>14}")
+    print(f"{'method':<22} {'trainable':>12} {'% of backbone':>14}")
     for name, count, share in _method_rows(backbone, names, args.num_classes, per_method):
-        print(f"{name:<14} {count if count is None else format(count, ','):>12} {share:>14}")
+        print(f"{name:<22} {'None' if count is None else format(count, ','):>12} {share:>14}")
     return 0
 
 
@@ -216,16 +216,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     families = sorted(BACKBONES)
     print("method x backbone (yes = every site the method needs is offered by the family's adapter)")
-    print(f"{'method':<14} " + " ".join(f"{f:>8}" for f in families) + "  summary")
+    print(f"{'method':<22} " + " ".join(f"{f:>17}" for f in families) + "  summary")
     for name, spec in METHODS.items():
         cells = ["yes" if spec.method_class.required_sites <= BACKBONES[f].sites else "no" for f in families]
-        print(f"{name:<14} " + " ".join(f"{c:>8}" for c in cells) + f"  {spec.summary}")
+        print(f"{name:<22} " + " ".join(f"{c:>17}" for c in cells) + f"  {spec.summary}")
     print()
     backbone = load_backbone(args.model)
     total = backbone.num_parameters()
     print(f"trainable parameters on {args.model} ({total:,} parameters, {args.num_classes} classes):")
     for name, count, share in _method_rows(backbone, list(METHODS), args.num_classes, {}):
-        print(f"  {name:<14} {count if count is None else format(count, ','):>12} {share:>12}")
+        print(f"  {name:<22} {'None' if count is None else format(count, ','):>12} {share:>12}")
     return 0
 
 

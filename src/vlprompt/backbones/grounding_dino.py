@@ -201,7 +201,8 @@ class GroundingDinoBackbone(nn.Module):
         return {"family": self.family, "name_or_path": self.name_or_path, "config_hash": digest, "arch": arch}
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """The detector's own parameters (LoRA adapters injected by a method are not counted)."""
+        return sum(p.numel() for p in self.named_weights("all").values())
 
     # ------------------------------------------------------------------ dimensions
     @property
@@ -258,10 +259,11 @@ class GroundingDinoBackbone(nn.Module):
         return out
 
     def named_weights(self, part: str = "all") -> dict[str, nn.Parameter]:
-        """The detector's parameters by their model name (tied copies once): ``part`` "heads" or "all"."""
+        """The detector's parameters by their model name (tied copies once; LoRA adapters excluded): ``part``
+        "heads" or "all"."""
         if part not in ("heads", "all"):
             raise ValueError(f"part must be 'heads' or 'all', got {part!r}")
-        params = dict(self.model.named_parameters())
+        params = {n: p for n, p in self.model.named_parameters() if "lora_" not in n}
         if part == "all":
             return params
         wanted = {id(p) for module in self.head_modules() for p in module.parameters()}

@@ -38,7 +38,7 @@ _MICRO = dict(
     ),
     d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
     encoder_attention_heads=2, decoder_attention_heads=2, num_queries=16, num_feature_levels=3,
-    encoder_n_points=2, decoder_n_points=2, max_text_len=64, dropout=0.0, fusion_droppath=0.0,
+    encoder_n_points=2, decoder_n_points=2, max_text_len=128, dropout=0.0, fusion_droppath=0.0,
 )
 GDINO_PRESETS: dict[str, dict] = {
     # IDEA-Research/grounding-dino-tiny (see the module docstring for where each value comes from).
@@ -93,8 +93,9 @@ def bert_tokenizer():
         return BertTokenizer.from_pretrained(tmp)
 
 
-def random_grounding_dino(preset: str = "grounding-dino-micro", seed: int = 0):
-    """A detector of a preset architecture with seeded random weights (eval mode)."""
+def random_grounding_dino(preset: str = "grounding-dino-micro", seed: int = 0, **overrides):
+    """A detector of a preset architecture with seeded random weights (eval mode); ``overrides`` change config
+    fields (e.g. ``encoder_ffn_dim``, which sets the fusion attention's width ``E = encoder_ffn_dim // 2``)."""
     import torch
     import transformers
 
@@ -109,6 +110,7 @@ def random_grounding_dino(preset: str = "grounding-dino-micro", seed: int = 0):
     if preset.endswith("micro"):
         text["vocab_size"] = len(bert_vocab())
     values["text_config"] = text
+    values.update(overrides)
     config = config_class(**values)
     model_class = getattr(transformers, DETECTOR_CLASSES[spec["model_type"]])
     torch.manual_seed(seed)
@@ -123,8 +125,8 @@ def random_grounding_dino(preset: str = "grounding-dino-micro", seed: int = 0):
     return model
 
 
-def random_grounding_dino_backbone(preset: str, seed: int = 0) -> GroundingDinoBackbone:
-    model = random_grounding_dino(preset, seed)
+def random_grounding_dino_backbone(preset: str, seed: int = 0, **overrides) -> GroundingDinoBackbone:
+    model = random_grounding_dino(preset, seed, **overrides)
     return GroundingDinoBackbone(model, bert_tokenizer(), GDINO_PRESETS[preset]["image"], name_or_path=f"random:{preset}")
 
 

@@ -136,15 +136,23 @@ class DetectionTrainer(Trainer):
             losses: list[float] = []
             parts: dict[str, list[float]] = {}
             for step, (pixels, mask, targets) in enumerate(self._progress(loader, epoch)):
-                with self.accelerator.autocast():
-                    out = method(pixels, mask, labels=targets)
-                    loss = out.loss
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}. The state after the last "
+                def diverged(value) -> TrainingError:
+                    return TrainingError(
+                        f"loss became {value} at epoch {epoch + 1}, step {step + 1}. The state after the last "
                         f"finished epoch (if any) is kept in {self.run_dir / ckpt.RESUME_DIR}. Lower the learning "
                         f"rate (now {cfg.lr}) and --resume, set --set train.grad_clip=1.0, or use --precision fp32."
                     )
+
+                try:
+                    with self.accelerator.autocast():
+                        out = method(pixels, mask, labels=targets)
+                        loss = out.loss
+                except ValueError as err:  # the matcher refuses non-finite boxes before any loss exists
+                    if "nan" in str(err).lower() or not all(torch.isfinite(p).all() for p in params):
+                        raise diverged("nan") from err
+                    raise
+                if not torch.isfinite(loss):
+                    raise diverged(loss.item())
                 optimizer.zero_grad(set_to_none=True)
                 self.accelerator.backward(loss)
                 if cfg.grad_clip is not None:

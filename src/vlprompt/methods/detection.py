@@ -70,6 +70,13 @@ class DetectionMethod(PromptMethod):
     # ----------------------------------------------------------------- forward
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None,
                 labels: list[dict[str, torch.Tensor]] | None = None, **kwargs: Any):
+        if labels is not None:
+            top = max((int(t["class_labels"].max()) for t in labels if len(t["class_labels"])), default=-1)
+            if top >= len(self.classnames):
+                raise ValueError(
+                    f"a target has class label {top} but the prompt has {len(self.classnames)} categories "
+                    f"({self.classnames}); labels index the method's category list."
+                )
         return self.backbone.detect(
             pixel_values, self.text, pixel_mask=pixel_mask, labels=labels, context=self.context(),
             fusion=self.fusion_tokens if self.uses_fusion else None, **kwargs,
