@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlprompt.backbones.base import SITE_JOINT_SPACE
 from vlprompt.methods.base import MethodConfig, PromptMethod, require
 
 
@@ -28,6 +29,7 @@ class LinearProbeConfig(MethodConfig):
 class LinearProbe(PromptMethod):
     name = "linear_probe"
     config_class = LinearProbeConfig
+    required_sites = frozenset({SITE_JOINT_SPACE})  # image (and text) features in a shared embedding space
     fits_features = True
 
     def __init__(self, backbone, config: LinearProbeConfig, classnames, template="a photo of a {}.") -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from vlprompt.backbones.base import SITE_JOINT_SPACE
 from vlprompt.methods.base import MethodConfig, PromptMethod, require
 
 # CLIP's 7-template ensemble used by CoOp-family code bases for ImageNet-like data.
@@ -37,6 +38,7 @@ class ZeroShotConfig(MethodConfig):
 class ZeroShot(PromptMethod):
     name = "zeroshot"
     config_class = ZeroShotConfig
+    required_sites = frozenset({SITE_JOINT_SPACE})  # image (and text) features in a shared embedding space
 
     def _templates(self) -> list[str]:
         if self.config.templates == "ensemble":

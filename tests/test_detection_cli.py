@@ -1,0 +1,124 @@
+"""``vlprompt train / eval / params / methods`` with detection methods on a toy COCO-format set."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from safetensors.torch import load_file
+
+from vlprompt.backbones.grounding_dino_presets import save_random_grounding_dino
+from vlprompt.cli import main
+from vlprompt.data.coco import write_toy_detection
+
+METHODS = ["sdpt_native", "det_coop", "det_fusion_prompt", "det_heads", "det_full", "det_lora"]
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def detector_dir(tmp_path_factory):
+    return save_random_grounding_dino(tmp_path_factory.mktemp("gdino"), "grounding-dino-micro")
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory):
+    return write_toy_detection(tmp_path_factory.mktemp("coco"), 8, 4, 6, size=64, seed=0)
+
+
+def train_args(detector_dir, coco_root, method, output, *extra):
+    return ["train", "--model", detector_dir, "--method", method, "--dataset", f"coco:{coco_root}", "--shots", 2,
+            "--epochs", 2, "--batch-size", 4, "--optimizer", "adamw", "--lr", 0.01, "--output", output, "--quiet",
+            "--set", "train.warmup_epochs=0", *extra]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_then_eval_prints_coco_map(capsys, detector_dir, coco_root, tmp_path, method):
+    run = tmp_path / method
+    code, out, err = cli(capsys, *train_args(detector_dir, coco_root, method, run))
+    assert code == 0, err
+    trained = last_json(out)
+    assert trained["split"] == "test" and trained["n"] == 6
+    assert 0.0 <= trained["mAP"] <= 100.0 and 0.0 <= trained["AP50"] <= 100.0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records[:-1]] == [1, 2] and all("val_mAP" in r for r in records[:-1])
+    config = json.loads((run / "prompt_config.json").read_text())
+    assert config["task"] == "detection" and config["method"] == method
+    assert config["backbone"]["family"] == "grounding-dino"
+    saved = load_file(str(run / "prompt.safetensors"))
+    assert sum(t.numel() for t in saved.values()) == config["trainable_parameters"] > 0
+
+    code, out, err = cli(capsys, "eval", run, "--dataset", f"coco:{coco_root}")
+    assert code == 0, err
+    evaluated = last_json(out)
+    assert set(evaluated) >= {"mAP", "AP50", "AP75", "n"}
+    assert evaluated["mAP"] == pytest.approx(trained["mAP"]) and evaluated["AP50"] == pytest.approx(trained["AP50"])
+
+
+def test_resume_ends_as_an_uninterrupted_run(capsys, detector_dir, coco_root, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli(capsys, *train_args(detector_dir, coco_root, "sdpt_native", full))[0] == 0
+    args = train_args(detector_dir, coco_root, "sdpt_native", part)
+    args[args.index("--epochs") + 1] = 1
+    assert cli(capsys, *args)[0] == 0
+    code, _, err = cli(capsys, *train_args(detector_dir, coco_root, "sdpt_native", part), "--resume")
+    assert code == 0, err
+    a, b = load_file(str(full / "prompt.safetensors")), load_file(str(part / "prompt.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_category_subset_and_zero_shot(capsys, detector_dir, coco_root, tmp_path):
+    run = tmp_path / "zs"
+    code, out, err = cli(capsys, *train_args(detector_dir, coco_root, "det_zeroshot", run),
+                         "--set", "data.categories=[circle, square, star]")
+    assert code == 0, err
+    assert json.loads((run / "prompt_config.json").read_text())["classnames"] == ["circle", "square", "star"]
+    assert "mAP" in last_json(out)
+
+
+def test_clear_errors(capsys, detector_dir, coco_root, tmp_path):
+    run = tmp_path / "run"
+    cases = [
+        (train_args(detector_dir, coco_root, "coop", run), "is a classification method"),
+        (train_args(detector_dir, coco_root, "sdpt_native", run, "--set", "data.categories=[zebra]"),
+         "unknown category names ['zebra']"),
+        (train_args(detector_dir, tmp_path / "nowhere", "sdpt_native", run), "does not exist"),
+    ]
+    for argv, message in cases:
+        code, out, err = cli(capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert cli(capsys, *train_args(detector_dir, coco_root, "det_zeroshot", run))[0] == 0
+    code, _, err = cli(capsys, "eval", run, "--dataset", "eurosat")
+    assert code == 2 and "evaluate it on a detection dataset" in err
+
+
+def test_params_on_the_public_tiny_architecture(capsys):
+    code, out, err = cli(capsys, "params", "--model", "random:grounding-dino-tiny",
+                         "--methods", "sdpt_native", "sdpt_native_released")
+    assert code == 0, err
+    assert "172,250,626 parameters" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    # 6 fusion layers x K x E (E = 1024): default K = 16, released K = 700
+    assert rows["sdpt_native"] == ["98,304", "0.0571%"]
+    assert rows["sdpt_native_released"] == ["4,300,800", "2.4968%"]
+
+
+def test_methods_matrix_has_the_detector_families(capsys):
+    code, out, err = cli(capsys, "methods", "--model", "random:grounding-dino-micro")
+    assert code == 0, err
+    header = out.splitlines()[1].split()
+    assert header[:4] == ["method", "clip", "grounding-dino", "mm-grounding-dino"]
+    matrix = out.split("trainable parameters on", 1)[0]
+    assert re.search(r"^sdpt_native\s+no\s+yes\s+yes\b", matrix, re.M)
+    assert re.search(r"^coop\s+yes\s+no\s+no\b", matrix, re.M)
+    counts = out.split("trainable parameters on", 1)[1]
+    assert re.search(r"^\s+sdpt_native\s+1,024\b", counts, re.M)  # 2 layers x 16 x 32
+    assert re.search(r"^\s+coop\s+None\s+unsupported", counts, re.M)
