@@ -329,6 +329,35 @@ def test_cocoop_chunking_is_exact(tiny_backbone, classnames, checkpoint_chunks):
     torch.testing.assert_close(cocoop(pixel_values=pixels).detach(), reference, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("batch, budget, per_chunk, recomputed", [(5, 8, 2, 3), (2, 8, 2, 0), (5, 128, 32, 0),
+                                                                  (3, 2, 1, 3)])
+def test_cocoop_auto_chunks_batch_images_and_recompute_only_with_several_chunks(
+    tiny_backbone, classnames, monkeypatch, batch, budget, per_chunk, recomputed
+):
+    """Default chunk_size None: as many images as fit in max_chunk_sequences sequences (at least one); activations
+    are recomputed in the backward only when the batch takes several chunks. Same logits and gradients."""
+    from vlprompt.methods import cocoop as cocoop_module
+
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        image_feats = tiny_backbone.encode_image(
+            torch.randn(batch, 3, tiny_backbone.image_size, tiny_backbone.image_size, generator=g)
+        )
+    labels = torch.arange(batch) % len(classnames)
+    reference, ref_grads = _cocoop_logits_and_grads(
+        tiny_backbone, classnames, image_feats, labels, chunk_size=batch, checkpoint_chunks=False
+    )
+    calls = []
+    real = cocoop_module.checkpoint
+    monkeypatch.setattr(cocoop_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert _cocoop(tiny_backbone, classnames, {"max_chunk_sequences": budget}).images_per_chunk() == per_chunk
+    logits, grads = _cocoop_logits_and_grads(tiny_backbone, classnames, image_feats, labels, max_chunk_sequences=budget)
+    assert len(calls) == recomputed
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4)
+
+
 @torch.no_grad()
 def test_cocoop_meta_net_sees_the_normalised_image_feature(tiny_backbone, classnames, pixels):
     cocoop = _cocoop(tiny_backbone, classnames)

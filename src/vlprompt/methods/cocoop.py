@@ -1,9 +1,12 @@
 """CoCoOp: CoOp contexts shifted per image by a meta-network on the (normalised) image feature.
 
 Each image has its own prompts, so the text tower runs for ``batch x classes`` sequences. The authors trained
-with batch size 1 for memory; here images are processed in chunks and, when training, each chunk's text-tower
-activations are recomputed in the backward pass (activation checkpointing), so peak memory grows with the chunk,
-not with the batch.
+with batch size 1 for memory; here the images of a batch go through the text tower together, in chunks of at most
+``max_chunk_sequences`` (128) sequences (one image's classes at least), and when a batch takes several chunks each
+chunk's text-tower activations are recomputed in the backward pass (activation checkpointing). Peak memory
+therefore follows one chunk (``max(classes, 128)`` sequences), not the batch, and a batch that fits in one chunk
+(e.g. 8 images x 10 classes) pays neither the per-image loop nor the recomputation. Every chunking gives the same
+logits and gradients (tested).
 """
 from __future__ import annotations
 
@@ -29,12 +32,16 @@ class CoCoOpConfig(MethodConfig):
     n_ctx: int = 4
     init: str | None = "a photo of a"  # fixes n_ctx to the phrase's token count; None: N(0, init_std)
     init_std: float = 0.02
-    chunk_size: int = 1  # images whose classes run through the text tower together: memory ~ chunk x classes
-    checkpoint_chunks: bool = True  # recompute chunk activations in backward: memory ~ one chunk
+    # Images whose classes run through the text tower together (memory ~ chunk x classes sequences). None: as many
+    # as keep a chunk within max_chunk_sequences sequences, at least one image.
+    chunk_size: int | None = None
+    max_chunk_sequences: int = 128
+    checkpoint_chunks: bool = True  # with several chunks, recompute each in backward: memory ~ one chunk
 
     def validate(self) -> None:
         require(self.n_ctx >= 0, f"cocoop.n_ctx must be >= 0, got {self.n_ctx}")
-        require(self.chunk_size >= 1, "cocoop.chunk_size must be >= 1")
+        require(self.chunk_size is None or self.chunk_size >= 1, "cocoop.chunk_size must be >= 1 or null (auto)")
+        require(self.max_chunk_sequences >= 1, "cocoop.max_chunk_sequences must be >= 1")
         require(
             self.init is None or (isinstance(self.init, str) and self.init.strip() != ""),
             "cocoop.init must be a non-empty phrase or null",
@@ -86,16 +93,25 @@ class CoCoOp(PromptMethod):
             return self.logits(image_feats, self.text_features())
         contexts = self.instance_contexts(image_feats)
         image_norm = F.normalize(image_feats.float(), dim=-1)
+        size = self.images_per_chunk()
+        # One chunk: checkpointing would hold the same activations at its peak (during the recomputation), so it
+        # would only cost time. Several chunks: only one chunk's activations at a time.
+        recompute = self.config.checkpoint_chunks and len(image_feats) > size
         rows = []
-        for start in range(0, len(image_feats), self.config.chunk_size):
-            chunk = contexts[start : start + self.config.chunk_size]
-            if self.config.checkpoint_chunks and torch.is_grad_enabled() and chunk.requires_grad:
+        for start in range(0, len(image_feats), size):
+            chunk = contexts[start : start + size]
+            if recompute and torch.is_grad_enabled() and chunk.requires_grad:
                 feats = checkpoint(self._chunk_text_features, chunk, use_reentrant=False)
             else:
                 feats = self._chunk_text_features(chunk)
             text_norm = F.normalize(feats.float(), dim=-1)  # (b, C, d)
             rows.append(torch.einsum("bd,bcd->bc", image_norm[start : start + len(chunk)], text_norm))
         return self.backbone.logit_scale.float() * torch.cat(rows)
+
+    def images_per_chunk(self) -> int:
+        if self.config.chunk_size is not None:
+            return self.config.chunk_size
+        return max(1, self.config.max_chunk_sequences // len(self.classnames))
 
     def _chunk_text_features(self, contexts: torch.Tensor) -> torch.Tensor:
         """Text features ``(b, C, d)`` of every class under each of ``b`` per-image contexts."""
