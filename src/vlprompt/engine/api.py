@@ -159,6 +159,10 @@ def predict(
     from vlprompt.data import Sample
 
     saved = ckpt.read_prompt_config(run_dir)
+    if saved.get("task") == "detection":
+        raise ValueError(
+            f"{run_dir} holds a detection prompt; score it with `vlprompt eval {run_dir} --dataset coco:<path>`."
+        )
     backbone = load_backbone(model or saved["backbone"]["name_or_path"])
     method = ckpt.load_prompt(run_dir, backbone, classnames)
     method.eval()
