@@ -212,6 +212,22 @@ def test_pretraining_corpus_excludes_the_holdout():
         PretrainingCorpus(10, domains={"clean": 1.0, "sketch": 0.5})
 
 
+def test_hard_negative_groups_differ_in_one_attribute_only():
+    corpus = PretrainingCorpus(400, seed=0, group_size=4)
+    fields = ("shape", "colour", "fill", "x", "y")
+    for g in range(100):
+        members = [corpus._draw(4 * g + j) for j in range(4)]
+        scenes = [m[0] for m in members]
+        assert len({m[1] for m in members}) == 1  # one domain per group
+        assert len({(s.kind, s.background, s.bg_rgb, s.seed, s.count) for s in scenes}) == 1
+        differing = {f for f in fields if len({getattr(s.objects[0], f) for s in scenes}) > 1}
+        assert differing and (differing <= {"x", "y"} or len(differing) == 1), differing
+        assert all(HOLDOUT.allows_scene(s) for s in scenes)
+    assert np.array_equal(corpus[9][0], PretrainingCorpus(400, seed=0, group_size=4)[9][0])
+    with pytest.raises(ValueError, match="group_size"):
+        PretrainingCorpus(10, group_size=0)
+
+
 def test_pretraining_cache_roundtrip(tmp_path):
     folder = write_pretraining_cache(tmp_path / "corpus", 12, seed=3, size=32)
     images, texts = load_pretraining_cache(folder)

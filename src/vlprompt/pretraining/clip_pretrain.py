@@ -40,6 +40,8 @@ class PretrainConfig:
     embed_dim: int = 128
     context_length: int = 77  # room for deep prompts (e.g. 50 tokens) on top of a class sentence
     batch_size: int = 256
+    # Pairs per hard-negative group (see PretrainingCorpus); batches are made of whole groups. 1 = plain CLIP batches.
+    group_size: int = 1
     steps: int = 2500
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -51,6 +53,9 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        if self.group_size < 1 or self.batch_size % self.group_size or self.n_pairs % self.group_size:
+            raise ValueError(f"group_size {self.group_size} must be >= 1 and divide batch_size {self.batch_size} "
+                             f"and n_pairs {self.n_pairs}")
 
 
 def world_vocabulary_texts(n_captions: int = 20_000, seed: int = 12345) -> list[str]:
@@ -109,9 +114,11 @@ def pretrain(config: PretrainConfig, output: str | Path, cache_dir: str | Path, 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    grouped = f"-g{config.group_size}" if config.group_size > 1 else ""
     cache = toy_corpus.write_pretraining_cache(
-        Path(cache_dir) / f"corpus-n{config.n_pairs}-s{config.image_size}-seed{config.seed}",
+        Path(cache_dir) / f"corpus-n{config.n_pairs}-s{config.image_size}-seed{config.seed}{grouped}",
         n=config.n_pairs, seed=config.seed, size=config.image_size, workers=config.threads,
+        group_size=config.group_size,
     )
     images, captions = toy_corpus.load_pretraining_cache(cache)
     log(f"corpus: {len(images)} pairs ready in {time.perf_counter() - start:.0f}s")
@@ -143,7 +150,9 @@ def pretrain(config: PretrainConfig, output: str | Path, cache_dir: str | Path, 
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        idx = torch.randint(0, len(images), (config.batch_size,), generator=generator).numpy()
+        g = config.group_size
+        groups = torch.randint(0, len(images) // g, (config.batch_size // g,), generator=generator)
+        idx = (groups[:, None] * g + torch.arange(g)).flatten().numpy()
         idx.sort()  # memmap reads in order
         pixels = _normalise(images[idx])
         ids = tokens.input_ids[idx]

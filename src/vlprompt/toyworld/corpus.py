@@ -20,7 +20,10 @@ from PIL import Image
 
 from .captions import caption
 from .render import boxes, render_array
-from .world import HOLDOUT, PRETRAIN_DOMAINS, SHAPES, WORLD_VERSION, Holdout, Scene, sample_scene
+from .world import (
+    HOLDOUT, PRETRAIN_DOMAINS, SHAPES, VARY_WEIGHTS, WORLD_VERSION, Holdout, Scene, attribute_values, sample_scene,
+    vary_scene,
+)  # fmt: skip
 
 __all__ = [
     "PretrainingCorpus",
@@ -38,6 +41,11 @@ class PretrainingCorpus:
 
     ``corpus[i]`` -> (uint8 array of shape (size, size, 3), caption); ``corpus.scene(i)`` and ``corpus.domain(i)``
     give what was drawn. Domains are mixed by ``domains`` ({name: weight}); held-out domains are refused.
+
+    ``group_size`` > 1 makes consecutive pairs ``g * group_size .. (g + 1) * group_size - 1`` a hard-negative group:
+    one scene in one domain, with one attribute (shape, position, colour or fill, drawn by :data:`VARY_WEIGHTS`)
+    set to a different value in each member. A contrastive batch made of whole groups can then only be solved by
+    seeing that attribute, which is how a small ViT learns shapes and positions from a few hundred thousand pairs.
     """
 
     n: int
@@ -45,8 +53,11 @@ class PretrainingCorpus:
     size: int = 48
     holdout: Holdout = HOLDOUT
     domains: Mapping[str, float] = field(default_factory=lambda: dict(PRETRAIN_DOMAINS))
+    group_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         banned = [d for d, w in self.domains.items() if w > 0 and d in self.holdout.domains]
         if banned:
             raise ValueError(f"domains {banned} are held out ({self.holdout.domains}); give them weight 0")
@@ -62,10 +73,27 @@ class PretrainingCorpus:
     def _draw(self, i: int) -> tuple[Scene, str, np.random.Generator]:
         if not 0 <= i < self.n:
             raise IndexError(f"pair {i} out of range 0..{self.n - 1}")
+        if self.group_size > 1:
+            return self._draw_grouped(i)
         rng = np.random.default_rng([self.seed, i, 0x70726574])  # "pret"
         scene = sample_scene(rng, holdout=self.holdout)
         domain = self._domain_keys[int(rng.choice(len(self._domain_keys), p=self._domain_p))]
         return scene, domain, rng
+
+    def _draw_grouped(self, i: int) -> tuple[Scene, str, np.random.Generator]:
+        group, member = divmod(i, self.group_size)
+        rng = np.random.default_rng([self.seed, group, self.group_size, 0x67727570])  # "grup"
+        base = sample_scene(rng, holdout=self.holdout)
+        domain = self._domain_keys[int(rng.choice(len(self._domain_keys), p=self._domain_p))]
+        attributes = list(VARY_WEIGHTS)
+        weights = np.asarray([VARY_WEIGHTS[a] for a in attributes])
+        attribute = attributes[int(rng.choice(len(attributes), p=weights / weights.sum()))]
+        if attribute == "position" and base.kind != "single":
+            attribute = "shape"
+        variants = [vary_scene(base, attribute, str(v)) for v in rng.permutation(attribute_values(attribute))]
+        variants = [v for v in variants if self.holdout.allows_scene(v)]
+        scene = variants[member % len(variants)]
+        return scene, domain, np.random.default_rng([self.seed, i, 0x70726574])
 
     def scene(self, i: int) -> Scene:
         return self._draw(i)[0]
@@ -108,7 +136,8 @@ def _holdout_meta(h: Holdout) -> dict[str, Any]:
 
 def _render_chunk(args: tuple[str, dict[str, Any], int, int]) -> list[str]:
     path, meta, lo, hi = args
-    corpus = PretrainingCorpus(meta["n"], meta["seed"], meta["size"], meta["_holdout"], meta["domains"])
+    corpus = PretrainingCorpus(meta["n"], meta["seed"], meta["size"], meta["_holdout"], meta["domains"],
+                               meta.get("group_size", 1))
     arr = np.load(path, mmap_mode="r+")
     texts = []
     for i in range(lo, hi):
@@ -121,16 +150,18 @@ def _render_chunk(args: tuple[str, dict[str, Any], int, int]) -> list[str]:
 
 def write_pretraining_cache(
     folder: str | Path, n: int, seed: int = 0, size: int = 48, holdout: Holdout = HOLDOUT,
-    domains: Mapping[str, float] | None = None, workers: int = 1,
+    domains: Mapping[str, float] | None = None, workers: int = 1, group_size: int = 1,
 ) -> Path:  # fmt: skip
     """Render the corpus once into ``folder/{images.npy, captions.json, meta.json}`` (images: uint8, shape
     (n, size, size, 3)). Reuses a complete cache with the same settings; writes atomically (temp folder +
     rename). ``workers`` > 1 renders chunks in parallel processes. Returns ``folder``."""
     folder = Path(folder).expanduser()
     domains = dict(domains or PRETRAIN_DOMAINS)
-    PretrainingCorpus(n, seed, size, holdout, domains)  # validate before any work
+    PretrainingCorpus(n, seed, size, holdout, domains, group_size)  # validate before any work
     meta = {"world_version": WORLD_VERSION, "n": n, "seed": seed, "size": size, "domains": domains,
             "holdout": _holdout_meta(holdout)}  # fmt: skip
+    if group_size > 1:  # only then, so caches written before grouping existed stay valid
+        meta["group_size"] = group_size
     if _cache_matches(folder, meta):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ functions of their arguments, and the same scene can be rendered in any domain o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 import numpy as np
@@ -31,12 +31,15 @@ __all__ = [
     "RELATIONS",
     "SHAPES",
     "SIZES",
+    "VARY_WEIGHTS",
     "WORLD_VERSION",
     "Holdout",
     "Obj",
     "Scene",
     "as_rng",
+    "attribute_values",
     "sample_scene",
+    "vary_scene",
 ]
 
 # Bumped whenever a change to the sampler, renderer or captions changes what a seed produces; cached datasets and
@@ -391,6 +394,50 @@ def _sample_once(
             f = _pick(rng, fill, FILL_WEIGHTS, "fill")
             objects.append(_make_obj(rng, sh, c, z, f, x, y, r))
     return Scene(k, tuple(objects), bg, bg_rgb, seed, rel)
+
+
+# Attributes a contrastive "hard-negative group" varies: the group's images share everything else (background,
+# domain, pixel noise), so only this attribute tells their captions apart. Shape is what a small ViT learns last.
+VARY_WEIGHTS: dict[str, float] = {"shape": 0.5, "position": 0.2, "colour": 0.15, "fill": 0.15}
+
+
+def vary_scene(scene: Scene, attribute: str, value: str) -> Scene:
+    """``scene`` with ``attribute`` of its first object (and of every object sharing that object's value: the
+    copies of a count scene) set to ``value``. ``position`` moves the object of a single scene (other kinds are
+    returned unchanged). Geometry, jitter and pixel randomness are kept, so only the attribute differs."""
+    _check(attribute, VARY_WEIGHTS, "attribute to vary")
+    first = scene.objects[0]
+    if attribute == "position":
+        if scene.kind != "single":
+            return scene
+        _check(value, POSITIONS, "position")
+        px, py = POSITIONS[value]
+        r = first.radius
+        moved = replace(first, x=float(np.clip(px, r + 0.01, 1 - r - 0.01)),
+                        y=float(np.clip(py, r + 0.01, 1 - r - 0.01)), position=value)  # fmt: skip
+        return replace(scene, objects=(moved,))
+    old = getattr(first, attribute)
+
+    def changed(o: Obj) -> Obj:
+        if getattr(o, attribute) != old:
+            return o
+        if attribute == "shape":
+            _check(value, SHAPES, "shape")
+            lo_hi = _ELONGATED.get(value)
+            return replace(o, shape=value, aspect=float(sum(lo_hi) / 2) if lo_hi else 1.0)
+        if attribute == "colour":
+            _check(value, COLOURS, "colour")
+            jitter = np.asarray(o.rgb) - np.asarray(COLOURS[o.colour])
+            rgb = np.clip(np.asarray(COLOURS[value]) + jitter, 0, 255)
+            return replace(o, colour=value, rgb=(int(rgb[0]), int(rgb[1]), int(rgb[2])))
+        _check(value, FILLS, "fill")
+        return replace(o, fill=value)
+
+    return replace(scene, objects=tuple(changed(o) for o in scene.objects))
+
+
+def attribute_values(attribute: str) -> tuple[str, ...]:
+    return {"shape": SHAPES, "position": tuple(POSITIONS), "colour": tuple(COLOURS), "fill": FILLS}[attribute]
 
 
 def _pair_centres(rng: np.random.Generator, rel: str) -> tuple[tuple[float, float], tuple[float, float]]:
