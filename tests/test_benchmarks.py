@@ -76,3 +76,50 @@ def test_measure_records_have_sane_fields(bench, fp32_accelerator_state):
     table = bench.render_markdown(meta, list(records.values()))
     assert "## `random:tiny`" in table
     assert "| coop |" in table and "| vpt_deep |" in table
+
+
+# ------------------------------------------------------------------------------------------ benchmarks/step_time.py
+STEP_TIME = BENCH.parent / "step_time.py"
+
+
+@pytest.fixture(scope="module")
+def step_time():
+    spec = importlib.util.spec_from_file_location("step_time", STEP_TIME)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_time_measures_u_and_engine_steps_in_both_precisions(step_time):
+    small = dict(batch_size=4, num_classes=3, steps=1, warmup=0)
+    u = {p: step_time.measure_u("random:tiny", p, **small) for p in ("fp32", "bf16")}
+    steps = {
+        name: {p: step_time.measure_step("random:tiny", name, p, **small) for p in ("fp32", "bf16")}
+        for name in ("coop", "dpt", "linear_probe")
+    }
+    for p, r in u.items():
+        assert r["kind"] == "U" and r["precision"] == p and _finite_positive(r["step_s"])
+        assert r["peak_mb"] > 0 and r["extra_peak_mb"] >= 0 and len(r["times_s"]) == 1
+    for name in ("coop", "dpt"):
+        for p, r in steps[name].items():
+            assert r["kind"] == "sgd" and r["method"] == name and r["precision"] == p
+            assert _finite_positive(r["step_s"]) and r["trainable_params"] > 0 and r["peak_mb"] > 0
+    assert steps["linear_probe"]["fp32"]["kind"] == "feature_fit" and "step_s" not in steps["linear_probe"]["fp32"]
+
+    meta = {"command": "python benchmarks/step_time.py --model random:tiny", "date": "today", "torch": "x",
+            "transformers": "x", "accelerate": "x", "python": "x", "cpu": "cpu", "cpu_count": 2, "device": "cpu",
+            "gpu": None, "threads": 2, "model": "random:tiny", "batch_size": 4, "num_classes": 3, "steps": 1,
+            "warmup": 0, "precisions": ["fp32", "bf16"], "coop_classes": 3, "coop_batch": 4, "wall_s": 1.0}
+    result = step_time.summarise(u, steps, {"fp32": steps["coop"]["fp32"]}, meta)
+    assert math.isclose(result["coop"]["fp32_over_U"], steps["coop"]["fp32"]["step_s"] / u["fp32"]["step_s"])
+    assert math.isclose(result["dpt"]["bf16_over_U"], steps["dpt"]["bf16"]["step_s"] / u["bf16"]["step_s"])
+    assert result["coop"]["peak_mb"] == steps["coop"]["fp32"]["peak_mb"]
+    assert result["linear_probe"]["fp32_over_U"] is None
+    table = step_time.render_markdown(result)
+    assert meta["command"] in table and "| coop |" in table and "| dpt |" in table and "## CoOp with 3 classes" in table
+
+
+def test_step_time_class_names_are_distinct_and_multi_word(step_time):
+    names = step_time.class_names(1000)
+    assert len(set(names)) == 1000 and step_time.class_names(10) == step_time.CIFAR10
+    assert all(len(n.split()) == 3 for n in names)

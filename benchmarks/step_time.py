@@ -1,0 +1,508 @@
+#!/usr/bin/env python
+"""Training-step time of every method relative to U, in fp32 and bf16, with peak memory; CoOp at 1,000 classes.
+
+U is the unavoidable cost of a prompt method that changes the image tower: one forward of the frozen image tower
+plus the backward of its activations (the input requires a gradient, so the backward runs through every layer;
+no parameter gradient, no optimiser step), at the same batch size and precision. Each registered method's step is
+what ``vlprompt.engine.trainer.Trainer`` does per batch: forward through the method under the accelerator's
+autocast (text features computed once outside the step when the method leaves the text tower alone; the text tower
+cut at the last end-of-text token, as the adapter always does), the method's loss, ``zero_grad``, ``backward``, the
+optimiser step (engine defaults: SGD, lr 0.002, momentum 0.9, weight decay 5e-4), ``loss.item()`` and the accuracy
+count. Training augmentation is on (the engine's default), so image features are never cached. Every (method,
+precision) and every U runs in a fresh Python process, so peak memory (peak RSS; CUDA: max allocated) is its own.
+
+Usage::
+
+    python benchmarks/step_time.py                                   # random:vit-b-16, writes docs/benchmarks/
+    python benchmarks/step_time.py --model random:tiny --steps 2 --warmup 0 --coop-classes 50 --coop-batch 4 \\
+        --out /tmp/step_time.md                                      # smoke run (seconds)
+
+Writes ``--out`` (markdown) and ``--json`` (default: ``--out`` with ``.json``): one key per method with
+``fp32_over_U``, ``bf16_over_U`` (each precision's step over the same precision's U), ``peak_mb`` (fp32 process peak)
+and the raw records; ``_U``, ``_coop_large`` and ``_meta`` hold U, the CoOp many-class run and the run's details.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks" / "step_time.md"
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PRECISIONS = ("fp32", "bf16")
+
+
+def _helpers():
+    """bench_methods.py's memory and CPU-use helpers (one implementation for both benchmarks)."""
+    spec = importlib.util.spec_from_file_location("bench_methods", HERE / "bench_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def class_names(n: int) -> list[str]:
+    """CIFAR-10's names for up to 10 classes; beyond, distinct three-word names made of them (1000 = 10^3), so a
+    many-class run has realistic multi-token names rather than "class 123"."""
+    if n <= len(CIFAR10):
+        return CIFAR10[:n]
+    if n > len(CIFAR10) ** 3:
+        raise ValueError(f"at most {len(CIFAR10) ** 3} classes")
+    return [f"{a} {b} {c}" for a, b, c in product(CIFAR10, repeat=3)][:n]
+
+
+# --------------------------------------------------------------------------------------------- measurement
+class _Setup:
+    """Backbone, accelerator and memory baseline of one measurement process."""
+
+    def __init__(self, model: str, precision: str, threads: int | None, seed: int, reset_peak: bool) -> None:
+        import torch
+
+        from vlprompt.backbones import load_backbone
+        from vlprompt.engine.trainer import make_accelerator
+
+        self.h = _helpers()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.accelerator = make_accelerator(precision)
+        self.device = self.accelerator.device
+        self.cuda = self.device.type == "cuda"
+        t0 = time.perf_counter()
+        self.backbone = load_backbone(model).to(self.device)
+        self.build_s = time.perf_counter() - t0
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base_cuda = torch.cuda.memory_allocated()
+        self.build_peak_kib = self.h.peak_rss_kib()
+        self.rss_after_build = self.h.current_rss_kib()
+        self.peak_was_reset = self.h.reset_peak_rss() if reset_peak else False
+        self.counters, self.clock = self.h.cpu_counters(), time.perf_counter()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sync(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def batch(self, batch_size: int, num_classes: int):
+        import torch
+
+        size = self.backbone.image_size
+        pixels = torch.randn(batch_size, 3, size, size, generator=self.generator)
+        labels = torch.randint(num_classes, (batch_size,), generator=self.generator)
+        return pixels.to(self.device), labels.to(self.device)
+
+    def finish(self, record: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        if self.cuda:
+            record["memory_kind"] = "cuda_max_memory_allocated"
+            record["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            record["extra_peak_mb"] = (torch.cuda.max_memory_allocated() - self.base_cuda) / 2**20
+        else:
+            end_peak = self.h.peak_rss_kib()
+            record["memory_kind"] = "peak_rss"
+            record["peak_mb"] = max(end_peak, self.build_peak_kib if not self.peak_was_reset else 0) / 1024
+            record["extra_peak_mb"] = max(0, end_peak - self.rss_after_build) / 1024
+        record["rss_after_build_mb"] = self.rss_after_build / 1024
+        record["peak_reset_after_build"] = self.peak_was_reset
+        record["build_s"] = self.build_s
+        record["measure_s"] = time.perf_counter() - self.clock
+        record["other_cpu_use"] = self.h.other_cpu_use(self.counters, self.h.cpu_counters(), record["measure_s"])
+        record["threads"] = torch.get_num_threads()
+        record["device"] = str(self.device)
+        return record
+
+
+def _summarise(record: dict[str, Any], times: list[float]) -> None:
+    record["times_s"] = times
+    record["step_s"] = statistics.median(times)
+    record["step_min_s"] = min(times)
+
+
+def measure_u(model: str, precision: str = "fp32", *, batch_size: int = 8, num_classes: int = 10, steps: int = 3,
+              warmup: int = 1, threads: int | None = None, seed: int = 0, reset_peak: bool = False) -> dict[str, Any]:
+    """U: frozen image-tower forward + activation-only backward (input requires grad), under autocast."""
+    import torch
+    import torch.nn.functional as F
+
+    s = _Setup(model, precision, threads, seed, reset_peak)
+    backbone, accelerator = s.backbone, s.accelerator
+    with torch.no_grad(), accelerator.autocast():
+        text = F.normalize(backbone.encode_texts([f"a photo of a {c}." for c in class_names(num_classes)]).float(), -1)
+    times = []
+    for i in range(warmup + steps):
+        pixels, labels = s.batch(batch_size, num_classes)
+        pixels.requires_grad_(True)
+        s.sync()
+        t = time.perf_counter()
+        with accelerator.autocast():
+            feats = F.normalize(backbone.encode_image(pixels).float(), dim=-1)
+            loss = F.cross_entropy(backbone.logit_scale.float() * feats @ text.t(), labels)
+        accelerator.backward(loss)
+        loss.item()
+        s.sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+        assert pixels.grad is not None  # the backward really ran through the whole tower
+    record = {"kind": "U", "model": model, "precision": precision, "batch_size": batch_size,
+              "num_classes": num_classes, "steps": steps, "warmup": warmup}
+    _summarise(record, times)
+    return s.finish(record)
+
+
+def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch_size: int = 8,
+                 num_classes: int = 10, steps: int = 3, warmup: int = 1, threads: int | None = None, seed: int = 0,
+                 reset_peak: bool = False) -> dict[str, Any]:
+    """One method's engine training step (see the module docstring), timed ``steps`` times after ``warmup``."""
+    import torch
+
+    from vlprompt.engine.trainer import TrainConfig, build_optimizer
+    from vlprompt.methods import canonical_method_name, get_prompt_model
+
+    name = canonical_method_name(method_name)
+    s = _Setup(model, precision, threads, seed, reset_peak)
+    accelerator = s.accelerator
+    names = class_names(num_classes)
+    method = get_prompt_model(s.backbone, name, names).to(s.device)
+    text_tokens = int(method.backbone.tokenize([f"{n}." for n in names]).eot_index.max()) + 1
+    record: dict[str, Any] = {
+        "kind": None, "model": model, "method": name, "precision": precision, "batch_size": batch_size,
+        "num_classes": num_classes, "steps": steps, "warmup": warmup, "trainable_params": method.num_trainable(),
+        "method_config": method.config.to_dict(), "modifies_text": bool(method.modifies_text),
+        "modifies_image": bool(method.modifies_image), "longest_class_tokens": text_tokens,
+        "conditions_text_on_image": bool(getattr(method, "conditions_text_on_image", False)),
+    }
+    if method.fits_features or method.num_trainable() == 0:
+        record["kind"] = "feature_fit" if method.fits_features else "no_training"
+        record["notes"] = ("closed-form fit on frozen features (no SGD step)" if method.fits_features
+                           else "nothing to train (the engine only evaluates)")
+        return s.finish(record)
+
+    optimizer = build_optimizer(method, TrainConfig(batch_size=batch_size))
+    method, optimizer = accelerator.prepare(method, optimizer)
+    core = accelerator.unwrap_model(method)
+    text_feats = None  # the engine's caching: class text features once when the text tower is untouched
+    if not core.modifies_text and not getattr(core, "conditions_text_on_image", False):
+        with torch.no_grad(), accelerator.autocast():
+            text_feats = core.text_features().detach()
+    if hasattr(core, "set_epoch"):
+        core.set_epoch(0)
+    method.train()
+
+    times = []
+    for i in range(warmup + steps):
+        pixels, labels = s.batch(batch_size, num_classes)
+        s.sync()
+        t = time.perf_counter()
+        with accelerator.autocast():
+            logits = method(pixel_values=pixels, text_feats=text_feats)
+            loss = core.loss(logits, labels)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {loss.item()} while benchmarking {name}")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        loss.item()
+        int((logits.argmax(-1) == labels).sum())
+        s.sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    record["kind"] = "sgd"
+    record["notes"] = "text features cached" if text_feats is not None else (
+        "text tower per image (batch x classes sequences)" if record["conditions_text_on_image"]
+        else "text tower every step")
+    _summarise(record, times)
+    return s.finish(record)
+
+
+# --------------------------------------------------------------------------------------------- subprocesses
+def run_isolated(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "record.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--result", str(result)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**spec, "error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - t0}
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0 or not result.exists():
+            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
+            return {**spec, "error": f"worker exited with {proc.returncode}: " + " | ".join(tail), "wall_s": wall}
+        record = json.loads(result.read_text())
+        record["wall_s"] = wall
+        return record
+
+
+def _worker(spec_json: str, result_path: str) -> int:
+    spec = json.loads(spec_json)
+    kind = spec.pop("what")
+    record = measure_u(**spec, reset_peak=True) if kind == "U" else measure_step(**spec, reset_peak=True)
+    Path(result_path).write_text(json.dumps(record))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- results
+def summarise(u: dict[str, dict], steps: dict[str, dict[str, dict]], coop_large: dict[str, dict],
+              meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON: one key per method (ratios to U and peak memory), then ``_U``, ``_coop_large``, ``_meta``."""
+    out: dict[str, Any] = {}
+    for method, by_precision in steps.items():
+        entry: dict[str, Any] = {}
+        for precision, r in by_precision.items():
+            ok = "error" not in r and r.get("kind") == "sgd" and "error" not in u.get(precision, {"error": 1})
+            entry[f"{precision}_step_s"] = r.get("step_s")
+            entry[f"{precision}_over_U"] = r["step_s"] / u[precision]["step_s"] if ok else None
+            entry[f"{precision}_peak_mb"] = r.get("peak_mb")
+            entry[f"{precision}_extra_peak_mb"] = r.get("extra_peak_mb")
+        first = next(iter(by_precision.values()))
+        entry["peak_mb"] = by_precision.get("fp32", first).get("peak_mb")
+        fp32, bf16 = by_precision.get("fp32", {}), by_precision.get("bf16", {})
+        if fp32.get("step_s") and bf16.get("step_s"):
+            entry["bf16_speedup"] = fp32["step_s"] / bf16["step_s"]
+            if u.get("fp32", {}).get("step_s"):
+                entry["bf16_over_U_fp32"] = bf16["step_s"] / u["fp32"]["step_s"]
+        entry["kind"] = first.get("kind")
+        entry["trainable_params"] = first.get("trainable_params")
+        entry["notes"] = first.get("notes", first.get("error", ""))
+        entry["records"] = by_precision
+        out[method] = entry
+    out["_U"] = u
+    out["_coop_large"] = coop_large
+    out["_meta"] = meta
+    return out
+
+
+def _t(s: float | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _r(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def _mb(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.0f}"
+
+
+def _load(r: dict[str, Any]) -> str:
+    use = r.get("other_cpu_use")
+    return "—" if use is None else f"{use:.2f}"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    meta, u, large = result["_meta"], result["_U"], result["_coop_large"]
+    precisions = meta["precisions"]
+    cuda = meta["device"] == "cuda"
+    mem = "CUDA max allocated" if cuda else "peak RSS"
+    lines = [
+        "# Training-step time relative to U, fp32 and bf16",
+        "",
+        "Produced by",
+        "",
+        "```bash",
+        meta["command"],
+        "```",
+        "",
+        f"- date: {meta['date']}; total wall time {meta['wall_s']:.0f} s",
+        f"- torch {meta['torch']}, transformers {meta['transformers']}, accelerate {meta['accelerate']}, "
+        f"Python {meta['python']}",
+        f"- CPU: {meta['cpu']} ({meta['cpu_count']} logical CPUs visible); device: {meta['device']}"
+        + (f" ({meta['gpu']})" if meta.get("gpu") else "") + f"; torch threads {meta['threads']}",
+        f"- model `{meta['model']}` (random weights: times and memory do not depend on weight values), batch "
+        f"{meta['batch_size']}, {meta['num_classes']} classes (CIFAR-10's names), random pixels and labels; median of "
+        f"{meta['steps']} timed steps after {meta['warmup']} warm-up step(s), each (method, precision) in a fresh "
+        "process",
+        "",
+        "**U** = one forward of the frozen image tower + the backward of its activations (the input requires a "
+        "gradient; no parameter gradients, no optimiser step), same batch and precision: the floor for any method "
+        "that prompts the image tower. **Step** = what `engine/trainer.py` does per batch: forward under the "
+        "accelerator's autocast (class text features computed once outside the step when the method leaves the "
+        "text tower alone; text cut after the last end-of-text token), loss, backward, SGD step (engine defaults), "
+        "`loss.item()`; training augmentation on, so image features are never cached. *x/U* = the method's median "
+        "step over U of the same precision. *bf16 speed-up* = fp32 step / bf16 step. Memory: " + mem + " of the "
+        "method's own process (the frozen model included); *extra* = above the process's memory right after the "
+        "backbone was built. *other CPU use*: CPUs other processes kept busy during the measurement (0 = quiet; "
+        "well above 0 inflates the times).",
+        "",
+        "| U | median (min) | " + mem + " (MiB) | other CPU use |",
+        "|---|---:|---:|---:|",
+    ]
+    for p in precisions:
+        r = u.get(p, {})
+        if "error" in r:
+            lines.append(f"| {p} | error: {r['error']} | | |")
+        else:
+            lines.append(f"| {p} | {_t(r['step_s'])} ({_t(r['step_min_s'])}) | {_mb(r['peak_mb'])} | {_load(r)} |")
+    lines.append("")
+    head = "| method | trainable |"
+    rule = "|---|---:|"
+    for p in precisions:
+        head += f" {p} step: median (min) | {p} x/U | {p} peak / extra (MiB) |"
+        rule += "---:|---:|---:|"
+    if "fp32" in precisions and "bf16" in precisions:
+        head += " bf16 speed-up |"
+        rule += "---:|"
+    head += " other CPU use | notes |"
+    rule += "---:|---|"
+    lines += [head, rule]
+    for method, entry in result.items():
+        if method.startswith("_"):
+            continue
+        row = f"| {method} | {_mb(entry.get('trainable_params'))} |"
+        for p in precisions:
+            r = entry["records"].get(p, {})
+            if "error" in r:
+                row += f" error | | |"
+                continue
+            if r.get("kind") != "sgd":
+                row += " n/a | — | " + f"{_mb(r.get('peak_mb'))} / {_mb(r.get('extra_peak_mb'))} |"
+                continue
+            row += (f" {_t(r['step_s'])} ({_t(r['step_min_s'])}) | {_r(entry.get(f'{p}_over_U'))} | "
+                    f"{_mb(r['peak_mb'])} / {_mb(r['extra_peak_mb'])} |")
+        if "fp32" in precisions and "bf16" in precisions:
+            row += f" {_r(entry.get('bf16_speedup'))} |"
+        loads = "/".join(_load(entry["records"].get(p, {})) for p in precisions)
+        row += f" {loads} | {entry.get('notes', '')} |"
+        lines.append(row)
+    lines.append("")
+    if large:
+        first = next(iter(large.values()))
+        lines += [
+            f"## CoOp with {meta['coop_classes']:,} classes, batch {meta['coop_batch']}",
+            "",
+            f"The text tower runs for every class with gradients each step: {meta['coop_classes']:,} sequences of "
+            f"{first.get('longest_class_tokens', '?')} tokens before the 16 context tokens are inserted (distinct "
+            "three-word names made of CIFAR-10's words). Median of "
+            f"{first.get('steps', '?')} timed steps after {first.get('warmup', '?')} warm-up step(s).",
+            "",
+            "| precision | step: median (min) | peak / extra " + mem + " (MiB) | other CPU use |",
+            "|---|---:|---:|---:|",
+        ]
+        for p, r in large.items():
+            if "error" in r:
+                lines.append(f"| {p} | error: {r['error']} | | |")
+            else:
+                lines.append(f"| {p} | {_t(r['step_s'])} ({_t(r['step_min_s'])}) | {_mb(r['peak_mb'])} / "
+                             f"{_mb(r['extra_peak_mb'])} | {_load(r)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def collect_meta(args, wall_s: float) -> dict[str, Any]:
+    import accelerate
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    return {
+        "command": "python benchmarks/step_time.py" + ("" if not args.argv else " " + shlex.join(args.argv)),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+        "python": platform.python_version(), "cpu": _helpers().cpu_model_name(), "cpu_count": os.cpu_count(),
+        "device": "cuda" if cuda else "cpu", "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "threads": args.threads, "model": args.model, "batch_size": args.batch_size, "num_classes": args.num_classes,
+        "steps": args.steps, "warmup": args.warmup, "precisions": args.precisions,
+        "coop_classes": args.coop_classes, "coop_batch": args.coop_batch, "wall_s": wall_s,
+    }
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="random:vit-b-16")
+    p.add_argument("--method", action="append", default=None, help="repeatable; default: every registered method")
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every measurement process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coop-classes", type=int, default=1000, help="classes of the CoOp many-class run (0: skip it)")
+    p.add_argument("--coop-batch", type=int, default=32)
+    p.add_argument("--coop-steps", type=int, default=2)
+    p.add_argument("--coop-warmup", type=int, default=1)
+    p.add_argument("--coop-precisions", nargs="+", default=None, help="default: --precisions")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--json", type=Path, default=None, help="default: --out with .json")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per measurement process")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return _worker(args.worker, args.result)
+    from vlprompt.backbones import CLIPBackbone
+    from vlprompt.methods import METHODS, canonical_method_name
+
+    methods = [canonical_method_name(m) for m in args.method] if args.method else [
+        n for n, spec in METHODS.items() if spec.method_class.required_sites <= CLIPBackbone.sites
+    ]
+    common = dict(model=args.model, batch_size=args.batch_size, num_classes=args.num_classes, steps=args.steps,
+                  warmup=args.warmup, threads=args.threads, seed=args.seed)
+    start = time.perf_counter()
+
+    def run(label: str, spec: dict[str, Any]) -> dict[str, Any]:
+        print(f"[step_time] {label} ...", file=sys.stderr, flush=True)
+        r = run_isolated(spec, args.timeout)
+        if "error" in r:
+            print(f"[step_time]   FAILED: {r['error']}", file=sys.stderr, flush=True)
+        else:
+            step = _t(r.get("step_s")) if r.get("step_s") is not None else r.get("kind")
+            print(f"[step_time]   {step}, peak {_mb(r.get('peak_mb'))} MiB, other CPU use {_load(r)} "
+                  f"({r['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+        return r
+
+    u = {p: run(f"U {p}", {"what": "U", "precision": p, **common}) for p in args.precisions}
+    steps: dict[str, dict[str, dict]] = {}
+    for name in methods:
+        steps[name] = {p: run(f"{name} {p}", {"what": "step", "method_name": name, "precision": p, **common})
+                       for p in args.precisions}
+    coop_large = {}
+    if args.coop_classes:
+        large = dict(common, batch_size=args.coop_batch, num_classes=args.coop_classes, steps=args.coop_steps,
+                     warmup=args.coop_warmup)
+        for p in args.coop_precisions or args.precisions:
+            coop_large[p] = run(f"coop {args.coop_classes} classes, batch {args.coop_batch}, {p}",
+                                {"what": "step", "method_name": "coop", "precision": p, **large})
+    meta = collect_meta(args, time.perf_counter() - start)
+    result = summarise(u, steps, coop_large, meta)
+    out = args.out
+    json_out = args.json or out.with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_markdown(result) + "\n", encoding="utf-8")
+    json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"[step_time] wrote {out} and {json_out} in {meta['wall_s']:.0f} s", file=sys.stderr)
+    failed = [r for r in [*u.values(), *coop_large.values(), *(r for d in steps.values() for r in d.values())]
+              if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
