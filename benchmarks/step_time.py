@@ -224,6 +224,29 @@ def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch
         s.sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
+    if not core.modifies_image and not getattr(core, "conditions_text_on_image", False):
+        # The engine's other mode (--no-augment): image features of the frozen tower are computed once per image
+        # and every step starts from them. Timed on the same batches' cached features.
+        cached_times = []
+        for i in range(warmup + steps):
+            pixels, labels = s.batch(batch_size, num_classes)
+            with torch.no_grad(), accelerator.autocast():
+                image_feats = core.backbone.encode_image(pixels).detach()
+            s.sync()
+            t = time.perf_counter()
+            with accelerator.autocast():
+                logits = method(image_feats=image_feats, text_feats=text_feats)
+                loss = core.loss(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            loss.item()
+            int((logits.argmax(-1) == labels).sum())
+            s.sync()
+            if i >= warmup:
+                cached_times.append(time.perf_counter() - t)
+        record["cached_image_step_s"] = statistics.median(cached_times)
+        record["cached_image_times_s"] = cached_times
     record["kind"] = "sgd"
     record["notes"] = "text features cached" if text_feats is not None else (
         "text tower per image (batch x classes sequences)" if record["conditions_text_on_image"]
@@ -270,6 +293,9 @@ def summarise(u: dict[str, dict], steps: dict[str, dict[str, dict]], coop_large:
             ok = "error" not in r and r.get("kind") == "sgd" and "error" not in u.get(precision, {"error": 1})
             entry[f"{precision}_step_s"] = r.get("step_s")
             entry[f"{precision}_over_U"] = r["step_s"] / u[precision]["step_s"] if ok else None
+            if ok and r.get("cached_image_step_s") is not None:
+                entry[f"{precision}_cached_image_step_s"] = r["cached_image_step_s"]
+                entry[f"{precision}_cached_image_over_U"] = r["cached_image_step_s"] / u[precision]["step_s"]
             entry[f"{precision}_peak_mb"] = r.get("peak_mb")
             entry[f"{precision}_extra_peak_mb"] = r.get("extra_peak_mb")
         first = next(iter(by_precision.values()))
@@ -342,7 +368,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         "that prompts the image tower. **Step** = what `engine/trainer.py` does per batch: forward under the "
         "accelerator's autocast (class text features computed once outside the step when the method leaves the "
         "text tower alone; text cut after the last end-of-text token), loss, backward, SGD step (engine defaults), "
-        "`loss.item()`; training augmentation on, so image features are never cached. *x/U* = the method's median "
+        "`loss.item()`; training augmentation on, so image features are never cached (for methods that leave the image "
+        "tower alone, the notes also give the step from cached image features, the engine's `--no-augment` mode). "
+        "*x/U* = the method's median "
         "step over U of the same precision. *bf16 speed-up* = fp32 step / bf16 step. Memory: " + mem + " of the "
         "method's own process (the frozen model included); *extra* = above the process's memory right after the "
         "backbone was built. *other CPU use*: CPUs other processes kept busy during the measurement (0 = quiet; "
@@ -386,7 +414,12 @@ def render_markdown(result: dict[str, Any]) -> str:
         if "fp32" in precisions and "bf16" in precisions:
             row += f" {_r(entry.get('bf16_speedup'))} |"
         loads = "/".join(_load(entry["records"].get(p, {})) for p in precisions)
-        row += f" {loads} | {entry.get('notes', '')} |"
+        notes = entry.get("notes", "")
+        cached = [f"{p} {_t(entry[f'{p}_cached_image_step_s'])} = {_r(entry[f'{p}_cached_image_over_U'])} U"
+                  for p in precisions if entry.get(f"{p}_cached_image_over_U") is not None]
+        if cached:
+            notes += "; with cached image features (`--no-augment`): " + ", ".join(cached)
+        row += f" {loads} | {notes} |"
         lines.append(row)
     lines.append("")
     if large:

@@ -181,3 +181,29 @@ def test_engine_training_and_evaluation_run_truncated_and_match_the_full_context
     assert set(prompts) == set(full_prompts)
     for key, tensor in prompts.items():
         torch.testing.assert_close(tensor, full_prompts[key], atol=1e-4, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("case", ["coop", "coop_class_specific", "ivlp", "maple"])
+def test_many_class_text_chunks_checkpointed_give_the_same_logits_and_gradients(case, monkeypatch):
+    """Above ClassTextPrompts.checkpoint_classes the text tower runs in recomputed chunks: same numbers."""
+    from vlprompt.methods.base import ClassTextPrompts
+
+    name, options = _spec(case) if case in TEXT_METHODS else (case, {})
+    backbone = load_backbone("random:tiny")
+    torch.manual_seed(0)
+    names = [f"{a} {b}" for a in VARIED_NAMES for b in ("one", "two")]  # more classes than the chunk below
+    method = get_prompt_model(backbone, name, names, config=dict(options))
+    pixels = torch.randn(3, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 3, 5])
+    whole = _logits_and_grads(method, pixels, labels)
+    chunks = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: chunks.append(1) or original(*a, **k))
+    monkeypatch.setattr(ClassTextPrompts, "checkpoint_classes", 3)
+    chunked = _logits_and_grads(method, pixels, labels)
+    assert len(chunks) == -(-len(names) // 3)  # the text tower really ran in chunks
+    torch.testing.assert_close(chunked[0], whole[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked[2], whole[2], atol=2e-5, rtol=1e-5)
+    assert set(chunked[1]) == set(whole[1]) and chunked[1]
+    for param, grad in chunked[1].items():
+        torch.testing.assert_close(grad, whole[1][param], atol=1e-5, rtol=1e-4, msg=param)

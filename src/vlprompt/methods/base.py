@@ -192,8 +192,27 @@ class ClassTextPrompts(nn.Module):
     def tokenized(self) -> TokenizedText:
         return TokenizedText(self.input_ids, self.eot_index)
 
+    # Above this many classes, a training forward runs the text tower in chunks of classes whose activations are
+    # recomputed in backward (activation checkpointing): peak memory ~ one chunk instead of every class (CoOp on an
+    # ImageNet-sized label set). Same features and gradients; the text tower runs once more in backward.
+    checkpoint_classes: int = 128
+
     def features(self, backbone, prompts: DeepPrompts | None) -> torch.Tensor:
-        return backbone.encode_text_ids(self.tokenized, prompts)
+        n_classes = self.input_ids.shape[0]
+        needs_grad = torch.is_grad_enabled() and prompts is not None and any(
+            t is not None and t.requires_grad for t in prompts.tokens)  # fmt: skip
+        if not needs_grad or n_classes <= self.checkpoint_classes:
+            return backbone.encode_text_ids(self.tokenized, prompts)
+        from torch.utils.checkpoint import checkpoint
+
+        chunks = []
+        for lo in range(0, n_classes, self.checkpoint_classes):
+            hi = min(lo + self.checkpoint_classes, n_classes)
+            chunk_prompts = DeepPrompts([
+                t[lo:hi] if t is not None and t.dim() == 3 else t for t in prompts.tokens])  # fmt: skip
+            chunk = TokenizedText(self.input_ids[lo:hi], self.eot_index[lo:hi])
+            chunks.append(checkpoint(backbone.encode_text_ids, chunk, chunk_prompts, use_reentrant=False))
+        return torch.cat(chunks)
 
 
 def placeholder_prefix_embedding(backbone, placeholder: str, n: int) -> torch.Tensor | None:
