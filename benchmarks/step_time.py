@@ -224,7 +224,7 @@ def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch
         s.sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    if not core.modifies_image and not getattr(core, "conditions_text_on_image", False):
+    if not core.modifies_image:
         # The engine's other mode (--no-augment): image features of the frozen tower are computed once per image
         # and every step starts from them. Timed on the same batches' cached features.
         cached_times = []

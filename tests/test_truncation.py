@@ -200,6 +200,7 @@ def test_many_class_text_chunks_checkpointed_give_the_same_logits_and_gradients(
     original = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: chunks.append(1) or original(*a, **k))
     monkeypatch.setattr(ClassTextPrompts, "checkpoint_classes", 3)
+    monkeypatch.setattr(ClassTextPrompts, "chunk_classes", 3)
     chunked = _logits_and_grads(method, pixels, labels)
     assert len(chunks) == -(-len(names) // 3)  # the text tower really ran in chunks
     torch.testing.assert_close(chunked[0], whole[0], atol=2e-5, rtol=1e-5)

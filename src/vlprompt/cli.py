@@ -240,7 +240,15 @@ def bench_config_from(args: argparse.Namespace):
     }
     tree = deep_merge(tree, {k: v for k, v in flags.items() if v is not None})
     tree = deep_merge(tree, parse_set(args.set or []))
-    tree["recipes"] = {k: Recipe(**v) for k, v in (tree.get("recipes") or {}).items()}
+    if tree.get("recipes") == "toy":  # the embedded default's recipes (vlprompt.protocols.recipes), as the demo's
+        from vlprompt.protocols.recipes import TOY_DEFAULT_TRAIN, TOY_RECIPES
+
+        tree["recipes"] = dict(TOY_RECIPES)
+        tree["default_train"] = {**TOY_DEFAULT_TRAIN, **(tree.get("default_train") or {})}
+    elif isinstance(tree.get("recipes"), str):
+        raise CLIError(f"unknown recipes preset {tree['recipes']!r}: use 'toy' or a mapping method -> recipe")
+    else:
+        tree["recipes"] = {k: Recipe(**v) for k, v in (tree.get("recipes") or {}).items()}
     missing = [k for k in ("methods", "datasets") if not tree.get(k)]
     if missing:
         raise CLIError(f"bench needs {missing}: pass --methods/--datasets or a --config YAML with them")

@@ -192,10 +192,12 @@ class ClassTextPrompts(nn.Module):
     def tokenized(self) -> TokenizedText:
         return TokenizedText(self.input_ids, self.eot_index)
 
-    # Above this many classes, a training forward runs the text tower in chunks of classes whose activations are
-    # recomputed in backward (activation checkpointing): peak memory ~ one chunk instead of every class (CoOp on an
-    # ImageNet-sized label set). Same features and gradients; the text tower runs once more in backward.
+    # Above checkpoint_classes classes, a training forward runs the text tower in chunks of chunk_classes classes
+    # whose activations are recomputed in backward (activation checkpointing): peak memory ~ one chunk instead of
+    # every class (CoOp on an ImageNet-sized label set: ~50 kB per token per layer at ViT-B/16's text width).
+    # Same features and gradients; the text tower runs once more in backward.
     checkpoint_classes: int = 128
+    chunk_classes: int = 32
 
     def features(self, backbone, prompts: DeepPrompts | None) -> torch.Tensor:
         n_classes = self.input_ids.shape[0]
@@ -206,8 +208,8 @@ class ClassTextPrompts(nn.Module):
         from torch.utils.checkpoint import checkpoint
 
         chunks = []
-        for lo in range(0, n_classes, self.checkpoint_classes):
-            hi = min(lo + self.checkpoint_classes, n_classes)
+        for lo in range(0, n_classes, self.chunk_classes):
+            hi = min(lo + self.chunk_classes, n_classes)
             chunk_prompts = DeepPrompts([
                 t[lo:hi] if t is not None and t.dim() == 3 else t for t in prompts.tokens])  # fmt: skip
             chunk = TokenizedText(self.input_ids[lo:hi], self.eot_index[lo:hi])
