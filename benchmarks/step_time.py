@@ -206,37 +206,22 @@ def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch
         core.set_epoch(0)
     method.train()
 
-    times = []
-    for i in range(warmup + steps):
-        pixels, labels = s.batch(batch_size, num_classes)
-        s.sync()
-        t = time.perf_counter()
-        with accelerator.autocast():
-            logits = method(pixel_values=pixels, text_feats=text_feats)
-            loss = core.loss(logits, labels)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {loss.item()} while benchmarking {name}")
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        loss.item()
-        int((logits.argmax(-1) == labels).sum())
-        s.sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    if not core.modifies_image:
-        # The engine's other mode (--no-augment): image features of the frozen tower are computed once per image
-        # and every step starts from them. Timed on the same batches' cached features.
-        cached_times = []
+    def timed_steps(cached_images: bool) -> list[float]:
+        """Engine steps on fresh batches; ``cached_images``: from the frozen tower's features (--no-augment mode)."""
+        times = []
         for i in range(warmup + steps):
             pixels, labels = s.batch(batch_size, num_classes)
-            with torch.no_grad(), accelerator.autocast():
-                image_feats = core.backbone.encode_image(pixels).detach()
+            inputs = {"pixel_values": pixels}
+            if cached_images:
+                with torch.no_grad(), accelerator.autocast():
+                    inputs = {"image_feats": core.backbone.encode_image(pixels).detach()}
             s.sync()
             t = time.perf_counter()
             with accelerator.autocast():
-                logits = method(image_feats=image_feats, text_feats=text_feats)
+                logits = method(**inputs, text_feats=text_feats)
                 loss = core.loss(logits, labels)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss {loss.item()} while benchmarking {name}")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
@@ -244,7 +229,14 @@ def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch
             int((logits.argmax(-1) == labels).sum())
             s.sync()
             if i >= warmup:
-                cached_times.append(time.perf_counter() - t)
+                times.append(time.perf_counter() - t)
+        return times
+
+    times = timed_steps(cached_images=False)
+    if not core.modifies_image:
+        # The engine's other mode (--no-augment): image features of the frozen tower are computed once per image
+        # and every step starts from them.
+        cached_times = timed_steps(cached_images=True)
         record["cached_image_step_s"] = statistics.median(cached_times)
         record["cached_image_times_s"] = cached_times
     record["kind"] = "sgd"
