@@ -332,3 +332,27 @@ def test_rendering_speed_sanity(capsys):
     ms = (time.perf_counter() - t) / len(scenes) * 1e3
     with capsys.disabled():
         print(f"\n[toyworld] render 48px clean: {ms:.2f} ms/image (~{ms * 10:.0f} s per 10k images)")
+
+
+def test_length_bucketed_caption_encoding_equals_one_padded_batch(tiny_model_dir):
+    import torch
+
+    from vlprompt.backbones import load_backbone
+    from vlprompt.pretraining.clip_pretrain import encode_captions_bucketed
+
+    backbone = load_backbone(str(tiny_model_dir))
+    backbone.model.requires_grad_(True)
+    corpus = PretrainingCorpus(40, seed=2)
+    tokens = backbone.tokenize([corpus.caption(i) for i in range(40)])
+    assert len(set(tokens.eot_index.tolist())) > 5  # captions of many lengths
+    outputs, grads = [], []
+    for buckets in (1, 3, 4, 40, 64):
+        backbone.model.zero_grad()
+        features = encode_captions_bucketed(backbone, tokens.input_ids, tokens.eot_index, buckets)
+        features.pow(2).sum().backward()
+        outputs.append(features.detach())
+        grads.append(backbone.model.text_model.embeddings.token_embedding.weight.grad.clone())
+    for features, grad in zip(outputs[1:], grads[1:]):
+        assert features.shape == outputs[0].shape
+        torch.testing.assert_close(features, outputs[0], atol=1e-5, rtol=1e-5)  # same rows, same order
+        torch.testing.assert_close(grad, grads[0], atol=1e-4, rtol=1e-3)  # float summation order only

@@ -241,20 +241,24 @@ def bench_config_from(args: argparse.Namespace):
     tree = deep_merge(tree, {k: v for k, v in flags.items() if v is not None})
     tree = deep_merge(tree, parse_set(args.set or []))
     if tree.get("recipes") == "toy":  # the embedded default's recipes (vlprompt.protocols.recipes), as the demo's
-        from vlprompt.protocols.recipes import TOY_DEFAULT_TRAIN, TOY_RECIPES
+        from vlprompt.protocols.recipes import TOY_DEFAULT_TRAIN, TOY_EPOCHS_BY_SHOTS, TOY_RECIPES
 
         tree["recipes"] = dict(TOY_RECIPES)
         tree["default_train"] = {**TOY_DEFAULT_TRAIN, **(tree.get("default_train") or {})}
+        tree["default_epochs_by_shots"] = {**TOY_EPOCHS_BY_SHOTS, **(tree.get("default_epochs_by_shots") or {})}
     elif isinstance(tree.get("recipes"), str):
         raise CLIError(f"unknown recipes preset {tree['recipes']!r}: use 'toy' or a mapping method -> recipe")
     else:
-        tree["recipes"] = {k: Recipe(**v) for k, v in (tree.get("recipes") or {}).items()}
+        try:
+            tree["recipes"] = {k: Recipe(**v) for k, v in (tree.get("recipes") or {}).items()}
+        except (TypeError, ValueError) as err:
+            raise CLIError(f"bad recipe in the bench config: {err}") from err
     missing = [k for k in ("methods", "datasets") if not tree.get(k)]
     if missing:
         raise CLIError(f"bench needs {missing}: pass --methods/--datasets or a --config YAML with them")
     try:
         return BenchConfig(**tree)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise CLIError(f"bad bench config: {err}") from err
 
 

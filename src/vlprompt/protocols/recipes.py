@@ -12,6 +12,8 @@ TOY_DEFAULT_TRAIN = {
     "epochs": 10, "batch_size": 32, "optimizer": "adamw", "weight_decay": 0.0, "warmup_epochs": 0,
     "augment": False, "eval_batch_size": 256,
 }
+# Epochs per shot count for every method (placeholder until measured).
+TOY_EPOCHS_BY_SHOTS: dict[int, int] = {}
 TOY_RECIPES: dict[str, Recipe] = {
     "coop": Recipe(train={"lr": 0.005}),
     "cocoop": Recipe(train={"lr": 0.005}),

@@ -41,6 +41,12 @@ class Recipe:
 
     train: dict[str, Any] = field(default_factory=dict)
     method_options: dict[str, Any] = field(default_factory=dict)
+    # Epochs per shot count, as the papers schedule few-shot training (CoOp: 50 / 100 / 200 epochs for 1-2 / 4-8 /
+    # 16 shots); overrides ``train["epochs"]`` for the shot counts it names.
+    epochs_by_shots: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.epochs_by_shots = _epochs_by_shots(self.epochs_by_shots, "a recipe's epochs_by_shots")
 
 
 @dataclass
@@ -59,10 +65,13 @@ class BenchConfig:
     domain_targets: dict[str, list[str]] = field(default_factory=dict)
     recipes: dict[str, Recipe] = field(default_factory=dict)
     default_train: dict[str, Any] = field(default_factory=dict)
+    # Epochs per shot count for every method (a recipe's own epochs / epochs_by_shots take precedence).
+    default_epochs_by_shots: dict[int, int] = field(default_factory=dict)
     precision: str = "fp32"  # of every run's training and evaluation; part of the run folders' and files' names
 
     def __post_init__(self) -> None:
         self.methods = [canonical_method_name(m) for m in self.methods]
+        self.default_epochs_by_shots = _epochs_by_shots(self.default_epochs_by_shots, "default_epochs_by_shots")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
         recipe_trains = [getattr(r, "train", None) or {} for r in self.recipes.values()]
@@ -78,6 +87,31 @@ class BenchConfig:
             raise ValueError("the bench needs at least one dataset")
         if any(k < 1 for k in self.shots):
             raise ValueError(f"shots must be >= 1, got {self.shots}")
+
+
+def _epochs_by_shots(mapping: dict[Any, Any], what: str) -> dict[int, int]:
+    """{shots: epochs} with integer keys (YAML may give "16"), every value a positive integer."""
+    out: dict[int, int] = {}
+    for shots, epochs in (mapping or {}).items():
+        try:
+            shots_i, epochs_i = int(shots), int(epochs)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: {shots!r}: {epochs!r} is not a shots: epochs pair of integers") from None
+        if shots_i < 1 or epochs_i < 1 or epochs_i != epochs:
+            raise ValueError(f"{what}: shots and epochs must be positive integers (got {shots!r}: {epochs!r})")
+        out[shots_i] = epochs_i
+    return out
+
+
+def job_epochs(config: BenchConfig, recipe: Recipe, shots: int) -> int | None:
+    """Epochs of a job: recipe by shots > recipe's train > bench default by shots > default_train (None: engine's)."""
+    if shots in recipe.epochs_by_shots:
+        return recipe.epochs_by_shots[shots]
+    if "epochs" in recipe.train:
+        return int(recipe.train["epochs"])
+    if shots in config.default_epochs_by_shots:
+        return config.default_epochs_by_shots[shots]
+    return config.default_train.get("epochs")
 
 
 @dataclass(frozen=True)
@@ -139,6 +173,9 @@ def _protocol_jobs(config: BenchConfig, protocol: str, method: str, seed: int) -
 def _run_options(config: BenchConfig, job: Job, run_dir: Path) -> RunOptions:
     recipe = config.recipes.get(job.method, Recipe())
     train_values = {**config.default_train, **recipe.train, "seed": job.seed, "precision": job.precision}
+    epochs = job_epochs(config, recipe, job.shots)
+    if epochs is not None:
+        train_values["epochs"] = epochs
     return RunOptions(
         model=config.model,
         method=job.method,
@@ -179,8 +216,38 @@ def run_job(config: BenchConfig, job: Job) -> list[dict[str, Any]]:
                 "precision": job.precision,
             }
         )
-    ckpt.atomic_write_json(run_dir / "result.json", {"job": asdict(job), "rows": rows})
+    ckpt.atomic_write_json(run_dir / "result.json", {"job": asdict(job), "settings": job_settings(options),
+                                                     "rows": rows})
     return rows
+
+
+# Training options that cannot change a run's result (how evaluation is batched, data loading workers).
+_RESULT_NEUTRAL = ("eval_batch_size", "num_workers", "validate_every")
+
+
+def job_settings(options: RunOptions) -> dict[str, Any]:
+    """What a finished run was trained with, as stored beside its result and compared when it is reused."""
+    train_values = {k: v for k, v in asdict(options.train).items() if k not in _RESULT_NEUTRAL}
+    return {"model": options.model, "method_options": options.method_options, "train": train_values}
+
+
+def _check_reusable(config: BenchConfig, job: Job, stored: dict[str, Any], result_file: Path) -> None:
+    """A finished run is reused only if it was trained as this bench would train it now."""
+    before = stored.get("settings")
+    if before is None:  # written before settings were stored: nothing to compare
+        return
+    now = json.loads(json.dumps(job_settings(_run_options(config, job, result_file.parent))))
+    if before != now:
+        changed = [f"{part}.{k}: {before[part].get(k)!r} -> {now[part].get(k)!r}"
+                   for part in ("train", "method_options") for k in sorted(set(before[part]) | set(now[part]))
+                   if before[part].get(k) != now[part].get(k)]
+        if before["model"] != now["model"]:
+            changed.insert(0, f"model: {before['model']!r} -> {now['model']!r}")
+        raise ValueError(
+            f"{result_file.parent} was trained with other settings than this bench asks for ({'; '.join(changed)}). "
+            "Results of different recipes must not be mixed in one table: use another --output, or delete that "
+            "run folder to retrain it."
+        )
 
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -195,7 +262,9 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
     for i, job in enumerate(jobs, 1):
         result_file = output / "runs" / job.key / "result.json"
         if result_file.exists():
-            rows.extend({"precision": job.precision, **row} for row in json.loads(result_file.read_text())["rows"])
+            stored = json.loads(result_file.read_text())
+            _check_reusable(config, job, stored, result_file)
+            rows.extend({"precision": job.precision, **row} for row in stored["rows"])
             done += 1
             continue
         start = time.perf_counter()

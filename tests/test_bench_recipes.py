@@ -1,0 +1,83 @@
+"""Bench recipes: epochs by shot count, and finished runs reused only when trained as the bench would train them."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vlprompt.cli import main
+from vlprompt.protocols.runner import BenchConfig, Job, Recipe, _run_options, job_epochs
+
+
+def _config(**kw) -> BenchConfig:
+    return BenchConfig(methods=["coop", "vpt_deep"], datasets=["eurosat"], **kw)
+
+
+def test_epochs_by_shots_precedence():
+    config = _config(default_train={"epochs": 3}, default_epochs_by_shots={16: 20, 1: 5})
+    plain, own_epochs = Recipe(), Recipe(train={"epochs": 7})
+    by_shots = Recipe(train={"epochs": 7}, epochs_by_shots={16: 40})
+    assert job_epochs(config, plain, 16) == 20  # bench default by shots beats default_train
+    assert job_epochs(config, plain, 4) == 3  # shot count not named: default_train
+    assert job_epochs(config, own_epochs, 16) == 7  # a recipe's own epochs beat the bench defaults
+    assert job_epochs(config, by_shots, 16) == 40 and job_epochs(config, by_shots, 1) == 7
+    assert job_epochs(_config(), plain, 16) is None  # nothing set: the engine's default
+
+
+def test_run_options_take_the_epochs_of_the_job_shots(tmp_path):
+    config = _config(default_train={"epochs": 3, "lr": 0.01}, default_epochs_by_shots={"16": 12},
+                     recipes={"vpt_deep": Recipe(epochs_by_shots={"2": 9})})
+    for method, shots, epochs in (("coop", 16, 12), ("coop", 2, 3), ("vpt_deep", 2, 9), ("vpt_deep", 16, 12)):
+        options = _run_options(config, Job("fewshot", "eurosat", method, shots, 1), tmp_path)
+        assert (options.train.epochs, options.train.lr) == (epochs, 0.01)
+
+
+@pytest.mark.parametrize("mapping", [{16: 0}, {0: 5}, {"x": 5}, {16: 2.5}, {16: None}])
+def test_bad_epochs_by_shots_are_refused(mapping):
+    with pytest.raises(ValueError, match="epochs_by_shots"):
+        _config(default_epochs_by_shots=mapping)
+    with pytest.raises(ValueError, match="epochs_by_shots"):
+        Recipe(epochs_by_shots=mapping)
+
+
+def _cli(*args) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_bench_reuses_a_finished_run_only_when_trained_with_the_same_settings(tiny_model_dir, engine_data_root,
+                                                                              tmp_path):
+    data_root = shutil.copytree(engine_data_root, tmp_path / "data")
+    out_dir = tmp_path / "bench"
+    common = [
+        "bench", "--methods", "coop", "--datasets", "eurosat", "--data-root", data_root, "--model", tiny_model_dir,
+        "--shots", "1", "--seeds", "1", "--output", out_dir, "--set", "default_train.batch_size=4",
+        "--set", "recipes.coop.method_options.n_ctx=2",
+    ]
+    code, out, err = _cli(*common, "--set", "default_train.epochs=1")
+    assert code == 0, err
+    result = Path(out_dir, "runs", "fewshot", "eurosat", "coop", "shots1_seed1", "result.json")
+    before = result.read_bytes()
+
+    code, out, err = _cli(*common, "--set", "default_train.epochs=1", "--set", "default_train.eval_batch_size=7")
+    assert code == 0, err
+    assert "1 of 1 runs were already finished" in out  # evaluation batching cannot change a result
+
+    code, out, err = _cli(*common, "--set", "default_train.epochs=1", "--set", "default_epochs_by_shots.1=2")
+    assert code == 2
+    assert "trained with other settings" in err and "train.epochs: 1 -> 2" in err and "--output" in err
+    code, out, err = _cli(*common, "--set", "default_train.epochs=1", "--set", "recipes.coop.method_options.n_ctx=3")
+    assert code == 2 and "method_options.n_ctx: 2 -> 3" in err
+    assert result.read_bytes() == before  # the finished run was left as it was
+
+
+def test_bench_config_with_bad_epochs_by_shots_exits_2(tmp_path):
+    code, out, err = _cli("bench", "--methods", "coop", "--datasets", "eurosat", "--output", tmp_path,
+                          "--set", "default_epochs_by_shots.16=0")
+    assert code == 2 and "epochs_by_shots" in err
