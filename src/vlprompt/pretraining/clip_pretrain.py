@@ -28,9 +28,9 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class PretrainConfig:
-    n_pairs: int = 100_000
+    n_pairs: int = 300_000
     image_size: int = 48  # the suite's image size: no resize between pretraining and downstream images
-    patch_size: int = 6  # 8 x 8 patches
+    patch_size: int = 12  # 4 x 4 patches: the small ViT learns shapes from these, not from 6 px ones
     vision_width: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
@@ -42,7 +42,7 @@ class PretrainConfig:
     batch_size: int = 256
     # Pairs per hard-negative group (see PretrainingCorpus); batches are made of whole groups. 1 = plain CLIP batches.
     group_size: int = 1
-    steps: int = 2500
+    steps: int = 10_000
     # Length groups the captions of a batch are encoded in (same features, about half the text tower's cost).
     text_buckets: int = 4
     lr: float = 1e-3

@@ -12,7 +12,9 @@ TOY_DEFAULT_TRAIN = {
     "epochs": 10, "batch_size": 32, "optimizer": "adamw", "weight_decay": 0.0, "warmup_epochs": 0,
     "augment": False, "eval_batch_size": 256,
 }
-# Epochs per shot count for every method (placeholder until measured).
+# Epochs per shot count for every method (empty: TOY_DEFAULT_TRAIN's 10 epochs at every shot count). CoOp's paper
+# schedule (200 epochs at 16 shots) gave 16-shot CoOp on the toy suite +0.3 points for 20x the time
+# (docs/toyworld.md), and would put the full bench far over its time budget.
 TOY_EPOCHS_BY_SHOTS: dict[int, int] = {}
 TOY_RECIPES: dict[str, Recipe] = {
     "coop": Recipe(train={"lr": 0.005}),
