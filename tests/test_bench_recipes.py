@@ -81,3 +81,12 @@ def test_bench_config_with_bad_epochs_by_shots_exits_2(tmp_path):
     code, out, err = _cli("bench", "--methods", "coop", "--datasets", "eurosat", "--output", tmp_path,
                           "--set", "default_epochs_by_shots.16=0")
     assert code == 2 and "epochs_by_shots" in err
+
+
+def test_embedded_model_results_name_the_weights_they_came_from(tmp_path):
+    from vlprompt.assets import embedded_weights_digest
+    from vlprompt.protocols.runner import job_settings
+
+    options = _run_options(_config(model="embedded"), Job("fewshot", "toy:shapes", "coop", 16, 1), tmp_path)
+    model = job_settings(options)["model"]
+    assert model == f"embedded@{embedded_weights_digest()}" and len(model) == len("embedded@") + 16

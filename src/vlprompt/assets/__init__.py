@@ -1,6 +1,8 @@
 """Files shipped inside the package: the embedded default CLIP pretrained on the toy world."""
 from __future__ import annotations
 
+import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 EMBEDDED_MODELS = {"toyclip": Path(__file__).parent / "toyclip"}
@@ -19,3 +21,10 @@ def embedded_model_path(spec: str = "embedded") -> Path:
             f"`vlprompt pretrain-toy --output {path}`."
         )
     return path
+
+
+@lru_cache(maxsize=None)
+def embedded_weights_digest(spec: str = "embedded") -> str:
+    """First 16 hex digits of the SHA-256 of an embedded model's weights: tells results of two versions apart."""
+    digest = hashlib.sha256((embedded_model_path(spec) / "model.safetensors").read_bytes()).hexdigest()
+    return digest[:16]

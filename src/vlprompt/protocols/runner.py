@@ -228,7 +228,12 @@ _RESULT_NEUTRAL = ("eval_batch_size", "num_workers", "validate_every")
 def job_settings(options: RunOptions) -> dict[str, Any]:
     """What a finished run was trained with, as stored beside its result and compared when it is reused."""
     train_values = {k: v for k, v in asdict(options.train).items() if k not in _RESULT_NEUTRAL}
-    return {"model": options.model, "method_options": options.method_options, "train": train_values}
+    model = options.model
+    if model == "embedded" or model.startswith("embedded:"):  # the same name across package versions
+        from vlprompt.assets import embedded_weights_digest
+
+        model = f"{model}@{embedded_weights_digest(model)}"
+    return {"model": model, "method_options": options.method_options, "train": train_values}
 
 
 def _check_reusable(config: BenchConfig, job: Job, stored: dict[str, Any], result_file: Path) -> None:
