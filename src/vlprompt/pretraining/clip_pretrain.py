@@ -110,17 +110,13 @@ def encode_captions_bucketed(backbone, input_ids: torch.Tensor, eot_index: torch
     causal, so what follows a caption's end-of-text token never reaches its pooled feature: cutting each group
     at its own longest caption gives the same features (up to float summation order) for about half the cost.
     """
-    if buckets <= 1:
-        return backbone.encode_text(backbone.embed_tokens(input_ids), eot_index)
+    from vlprompt.backbones.base import TokenizedText
+
     order = torch.argsort(eot_index, stable=True)
-    parts = []
-    for chunk in torch.tensor_split(order, buckets):
-        if len(chunk) == 0:
-            continue
-        length = int(eot_index[chunk].max()) + 1
-        parts.append(backbone.encode_text(backbone.embed_tokens(input_ids[chunk, :length]), eot_index[chunk]))
-    features = torch.cat(parts)
-    return features[torch.argsort(order)]
+    # encode_text_ids cuts each group at its own last end-of-text token
+    parts = [backbone.encode_text_ids(TokenizedText(input_ids[chunk], eot_index[chunk]))
+             for chunk in torch.tensor_split(order, max(buckets, 1)) if len(chunk)]
+    return torch.cat(parts)[torch.argsort(order)]
 
 
 def pretrain(config: PretrainConfig, output: str | Path, cache_dir: str | Path, log: Callable[[str], None] = print) -> Path:
