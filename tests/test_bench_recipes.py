@@ -90,3 +90,21 @@ def test_embedded_model_results_name_the_weights_they_came_from(tmp_path):
     options = _run_options(_config(model="embedded"), Job("fewshot", "toy:shapes", "coop", 16, 1), tmp_path)
     model = job_settings(options)["model"]
     assert model == f"embedded@{embedded_weights_digest()}" and len(model) == len("embedded@") + 16
+
+
+def test_toy_results_name_the_dataset_version_they_came_from(tmp_path, monkeypatch):
+    """A toy dataset is regenerated when its spec changes (e.g. fewer classes); runs measured on the old version
+    must not be reused for the new one."""
+    import dataclasses
+
+    from vlprompt.protocols.runner import job_settings
+    from vlprompt.toyworld import suite
+
+    job = Job("fewshot", "toy:texture", "coop", 1, 1, evals=(("toy:texture", "all"), ("eurosat", "all")))
+    options = _run_options(_config(model="embedded"), job, tmp_path)
+    data = job_settings(options, [d for d, _ in job.evals])["data"]
+    assert set(data) == {"toy:texture"}  # real datasets carry no digest
+
+    monkeypatch.setitem(suite.SUITE, "texture", dataclasses.replace(suite.SUITE["texture"], counts=(32, 8, 61)))
+    changed = job_settings(options, [d for d, _ in job.evals])["data"]
+    assert changed["toy:texture"] != data["toy:texture"]

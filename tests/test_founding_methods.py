@@ -329,6 +329,39 @@ def test_cocoop_chunking_is_exact(tiny_backbone, classnames, checkpoint_chunks):
     torch.testing.assert_close(cocoop(pixel_values=pixels).detach(), reference, atol=1e-5, rtol=0)
 
 
+def test_cocoop_shared_prefix_text_pass_is_exact(tiny_backbone, classnames, monkeypatch):
+    """[SOS][context] runs once per image and only the class tokens per (image, class): the same logits and gradients
+    as running every (image, class) sequence whole."""
+    from vlprompt.backbones.clip import CLIPBackbone
+
+    g = torch.Generator().manual_seed(5)
+    image_feats = torch.randn(3, tiny_backbone.embed_dim, generator=g)
+    labels = torch.tensor([0, 3, 1])
+    shared, shared_grads = _cocoop_logits_and_grads(tiny_backbone, classnames, image_feats, labels)
+    monkeypatch.setattr(CLIPBackbone, "encode_text_shared_prefix", None)  # the method falls back to whole sequences
+    whole, whole_grads = _cocoop_logits_and_grads(tiny_backbone, classnames, image_feats, labels)
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
+    for name, grad in whole_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prefix_text_encoding_matches_whole_sequences(tiny_backbone):
+    from vlprompt.backbones.base import DeepPrompts, TokenizedText
+
+    texts = ["x.", "a much longer class name with many words.", "red circle."]
+    tok = tiny_backbone.tokenize(texts)
+    prefixes = torch.randn(2, 3, tiny_backbone.text_width, generator=torch.Generator().manual_seed(0))
+    whole = tiny_backbone.encode_text_ids(
+        TokenizedText(tok.input_ids.repeat(2, 1), tok.eot_index.repeat(2)),
+        DeepPrompts([prefixes.repeat_interleave(len(texts), dim=0)]),
+    ).view(2, len(texts), -1)
+    torch.testing.assert_close(tiny_backbone.encode_text_shared_prefix(prefixes, tok), whole, atol=1e-5, rtol=0)
+    too_long = torch.zeros(1, tiny_backbone.context_length, tiny_backbone.text_width)
+    with pytest.raises(ValueError, match="text context"):
+        tiny_backbone.encode_text_shared_prefix(too_long, tok)
+
+
 @pytest.mark.parametrize("batch, budget, per_chunk, recomputed", [(5, 8, 2, 3), (2, 8, 2, 0), (5, 128, 32, 0),
                                                                   (3, 2, 1, 3)])
 def test_cocoop_auto_chunks_batch_images_and_recompute_only_with_several_chunks(

@@ -260,7 +260,8 @@ def test_every_suite_class_produces_its_attribute():
                 assert scene.background == kw["background"]
     combo = SUITE["combo"]
     assert len(combo.classnames) >= 100
-    assert sum((kw["colour"], kw["shape"]) in HOLDOUT.pairs for kw in combo.class_kwargs) == len(HOLDOUT.pairs)
+    held_out = sum((kw["colour"], kw["shape"]) in HOLDOUT.pairs for kw in combo.class_kwargs)
+    assert held_out >= 0.15 * len(combo.classnames)  # compositions never seen in pretraining
     assert len([s for s in SUITE.values() if s.source is None]) >= 8
 
 

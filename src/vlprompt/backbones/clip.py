@@ -239,6 +239,63 @@ class CLIPBackbone(nn.Module):
         pooled = text_model.final_layer_norm(hidden[rows, eot_index])
         return self.model.text_projection(pooled)
 
+    def encode_text_shared_prefix(self, prefixes: torch.Tensor, tokenized: TokenizedText) -> torch.Tensor:
+        """Text features ``(B, C, d)`` of the ``B x C`` sequences ``[SOS][prefixes[b]][text c after its SOS]``.
+
+        Equals ``encode_text_ids`` of the texts repeated ``B`` times with ``DeepPrompts([prefixes repeated C times])``
+        (CoCoOp's per-image contexts), for less work: the tower is causal, so ``[SOS][prefix]`` does not depend on
+        the text after it and runs once per prefix; only the text's own tokens run per (prefix, text) pair, attending
+        to the prefix's keys and values. With 4 context tokens and short class names that is about half the tokens.
+        """
+        text_model = self.model.text_model
+        batch, n_prefix = prefixes.shape[0], prefixes.shape[1]
+        n_texts = tokenized.input_ids.shape[0]
+        length = int(tokenized.eot_index.max()) + 1  # of the texts alone; only the truncated form exists here
+        embeds = self.embed_tokens(tokenized.input_ids[:, :length]).to(prefixes.dtype)
+        if length + n_prefix > self.context_length:
+            raise ValueError(
+                f"a prompted text needs {length + n_prefix} positions but CLIP's text context is "
+                f"{self.context_length}: use fewer prompt tokens or shorter class names / templates."
+            )
+        positions = text_model.embeddings.position_embedding.weight.to(prefixes.dtype)
+        head_len = n_prefix + 1
+        head = torch.cat([embeds[:1, :1].expand(batch, 1, -1), prefixes], dim=1) + positions[:head_len]
+        tail = (embeds[:, 1:] + positions[head_len : head_len + length - 1]).unsqueeze(0).expand(batch, -1, -1, -1)
+        tail = tail.reshape(batch * n_texts, length - 1, -1)
+        head_mask = self._causal_mask(head)
+        tail_len = length - 1
+        # Tail query i sees the whole head and tail keys 0..i.
+        visible = torch.ones(tail_len, head_len + tail_len, dtype=torch.bool, device=tail.device)
+        visible[:, head_len:] = torch.tril(visible[:, head_len:])
+        for layer in text_model.encoder.layers:
+            head_in = layer.layer_norm1(head)
+            tail = tail + self._attend_with_head(layer.self_attn, layer.layer_norm1(tail), head_in, visible, n_texts)
+            tail = tail + layer.mlp(layer.layer_norm2(tail))
+            head = layer(head, head_mask, is_causal=True)
+        rows = torch.arange(tail.shape[0], device=tail.device)
+        eot_in_tail = (tokenized.eot_index - 1).repeat(batch)
+        pooled = text_model.final_layer_norm(tail[rows, eot_in_tail])
+        return self.model.text_projection(pooled).view(batch, n_texts, -1)
+
+    @staticmethod
+    def _attend_with_head(attn: nn.Module, tail: torch.Tensor, head: torch.Tensor, visible: torch.Tensor,
+                          n_texts: int) -> torch.Tensor:  # fmt: skip
+        """The attention module's output for ``tail`` tokens ``(B*C, t, w)`` whose keys and values are their shared
+        ``head`` ``(B, h, w)`` (one per group of ``n_texts`` tails) followed by their own, under ``visible`` (t, h+t).
+        Uses the module's own projections and scale, with torch's scaled-dot-product attention."""
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(*x.shape[:-1], -1, attn.head_dim).transpose(-3, -2)
+
+        head_k = heads(attn.k_proj(head)).repeat_interleave(n_texts, dim=0)
+        head_v = heads(attn.v_proj(head)).repeat_interleave(n_texts, dim=0)
+        keys = torch.cat([head_k, heads(attn.k_proj(tail))], dim=-2)
+        values = torch.cat([head_v, heads(attn.v_proj(tail))], dim=-2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            heads(attn.q_proj(tail)), keys, values, attn_mask=visible,
+            dropout_p=attn.dropout if attn.training else 0.0, scale=attn.scale,
+        )  # fmt: skip
+        return attn.out_proj(out.transpose(-3, -2).reshape(*tail.shape[:-1], -1))
+
     def encode_text_ids(
         self, tokenized: TokenizedText, prompts: DeepPrompts | None = None, block: BlockAdapter | None = None
     ) -> torch.Tensor:

@@ -117,6 +117,9 @@ class CoCoOp(PromptMethod):
         """Text features ``(b, C, d)`` of every class under each of ``b`` per-image contexts."""
         b, n_classes = contexts.shape[0], len(self.classnames)
         tok = self.class_text.tokenized
+        shared_prefix = getattr(self.backbone, "encode_text_shared_prefix", None)
+        if shared_prefix is not None and self.config.n_ctx:
+            return shared_prefix(contexts, tok)  # [SOS][context] once per image, not once per (image, class)
         ids = TokenizedText(tok.input_ids.repeat(b, 1), tok.eot_index.repeat(b))
         prompts = DeepPrompts([contexts.repeat_interleave(n_classes, dim=0)]) if self.config.n_ctx else None
         return self.backbone.encode_text_ids(ids, prompts).view(b, n_classes, -1)

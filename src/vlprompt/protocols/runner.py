@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.api import DataOptions, RunOptions, evaluate_checkpoint, train
@@ -216,7 +216,8 @@ def run_job(config: BenchConfig, job: Job) -> list[dict[str, Any]]:
                 "precision": job.precision,
             }
         )
-    ckpt.atomic_write_json(run_dir / "result.json", {"job": asdict(job), "settings": job_settings(options),
+    settings = job_settings(options, [dataset for dataset, _ in job.evals])
+    ckpt.atomic_write_json(run_dir / "result.json", {"job": asdict(job), "settings": settings,
                                                      "rows": rows})
     return rows
 
@@ -225,7 +226,7 @@ def run_job(config: BenchConfig, job: Job) -> list[dict[str, Any]]:
 _RESULT_NEUTRAL = ("eval_batch_size", "num_workers", "validate_every")
 
 
-def job_settings(options: RunOptions) -> dict[str, Any]:
+def job_settings(options: RunOptions, eval_datasets: Sequence[str] = ()) -> dict[str, Any]:
     """What a finished run was trained with, as stored beside its result and compared when it is reused."""
     train_values = {k: v for k, v in asdict(options.train).items() if k not in _RESULT_NEUTRAL}
     model = options.model
@@ -233,7 +234,20 @@ def job_settings(options: RunOptions) -> dict[str, Any]:
         from vlprompt.assets import embedded_weights_digest
 
         model = f"{model}@{embedded_weights_digest(model)}"
-    return {"model": model, "method_options": options.method_options, "train": train_values}
+    return {"model": model, "method_options": options.method_options, "train": train_values,
+            "data": _toy_fingerprints([options.data.dataset, *eval_datasets])}
+
+
+def _toy_fingerprints(datasets: Sequence[str]) -> dict[str, str]:
+    """Digest of each procedural toy dataset (their content changes with the package version; real datasets' do not)."""
+    from vlprompt.toyworld.suite import toy_fingerprint
+
+    out = {}
+    for name in dict.fromkeys(datasets):
+        prefix, sep, arg = name.partition(":")
+        if sep and prefix.strip().lower() == "toy":  # as vlprompt.data.datasets dispatches it
+            out[name] = toy_fingerprint(arg)
+    return out
 
 
 def _check_reusable(config: BenchConfig, job: Job, stored: dict[str, Any], result_file: Path) -> None:
@@ -241,10 +255,14 @@ def _check_reusable(config: BenchConfig, job: Job, stored: dict[str, Any], resul
     before = stored.get("settings")
     if before is None:  # written before settings were stored: nothing to compare
         return
-    now = json.loads(json.dumps(job_settings(_run_options(config, job, result_file.parent))))
+    now = json.loads(json.dumps(job_settings(_run_options(config, job, result_file.parent),
+                                             [dataset for dataset, _ in job.evals])))
+    if "data" not in before:  # stored before dataset digests were: nothing to compare
+        now.pop("data")
     if before != now:
+        parts = ("train", "method_options", "data")
         changed = [f"{part}.{k}: {before[part].get(k)!r} -> {now[part].get(k)!r}"
-                   for part in ("train", "method_options") for k in sorted(set(before[part]) | set(now[part]))
+                   for part in parts if part in now for k in sorted(set(before[part]) | set(now[part]))
                    if before[part].get(k) != now[part].get(k)]
         if before["model"] != now["model"]:
             changed.insert(0, f"model: {before['model']!r} -> {now['model']!r}")
