@@ -267,22 +267,34 @@ class CLIPBackbone(nn.Module):
         # Tail query i sees the whole head and tail keys 0..i.
         visible = torch.ones(tail_len, head_len + tail_len, dtype=torch.bool, device=tail.device)
         visible[:, head_len:] = torch.tril(visible[:, head_len:])
-        for layer in text_model.encoder.layers:
-            head_in = layer.layer_norm1(head)
-            tail = tail + self._attend_with_head(layer.self_attn, layer.layer_norm1(tail), head_in, visible, n_texts)
-            tail = tail + layer.mlp(layer.layer_norm2(tail))
-            head = layer(head, head_mask, is_causal=True)
         rows = torch.arange(tail.shape[0], device=tail.device)
         eot_in_tail = (tokenized.eot_index - 1).repeat(batch)
-        pooled = text_model.final_layer_norm(tail[rows, eot_in_tail])
+        layers = list(text_model.encoder.layers)
+        for layer in layers[:-1]:
+            head_in = layer.layer_norm1(head)
+            normed = layer.layer_norm1(tail)
+            tail = tail + self._attend_with_head(layer.self_attn, normed, normed, head_in, visible, n_texts)
+            tail = tail + layer.mlp(layer.layer_norm2(tail))
+            head = layer(head, head_mask, is_causal=True)
+        # Only the end-of-text token's output is pooled, so the last layer runs for that token alone (its keys and
+        # values still come from every token it sees).
+        last = layers[-1]
+        pooled_in = tail[rows, eot_in_tail].unsqueeze(1)
+        sees = visible[eot_in_tail].unsqueeze(1).unsqueeze(1)  # (B*C, 1, 1, head + tail)
+        out = pooled_in + self._attend_with_head(
+            last.self_attn, last.layer_norm1(pooled_in), last.layer_norm1(tail), last.layer_norm1(head), sees, n_texts
+        )
+        out = out + last.mlp(last.layer_norm2(out))
+        pooled = text_model.final_layer_norm(out[:, 0])
         return self.model.text_projection(pooled).view(batch, n_texts, -1)
 
     @staticmethod
-    def _attend_with_head(attn: nn.Module, tail: torch.Tensor, head: torch.Tensor, visible: torch.Tensor,
-                          n_texts: int) -> torch.Tensor:  # fmt: skip
-        """The attention module's output for ``tail`` tokens ``(B*C, t, w)`` whose keys and values are their shared
-        ``head`` ``(B, h, w)`` (one per group of ``n_texts`` tails) followed by their own, under ``visible`` (t, h+t).
-        Uses the module's own projections and scale, with torch's scaled-dot-product attention."""
+    def _attend_with_head(attn: nn.Module, queries: torch.Tensor, tail: torch.Tensor, head: torch.Tensor,
+                          visible: torch.Tensor, n_texts: int) -> torch.Tensor:  # fmt: skip
+        """The attention module's output for ``queries`` ``(B*C, q, w)`` over keys and values of a shared ``head``
+        ``(B, h, w)`` (one per group of ``n_texts`` rows) followed by each row's own ``tail`` ``(B*C, t, w)``, where
+        ``visible`` (broadcastable to ``(B*C, heads, q, h+t)``) says which keys a query sees. Uses the module's own
+        projections and scale, with torch's scaled-dot-product attention."""
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(*x.shape[:-1], -1, attn.head_dim).transpose(-3, -2)
 
@@ -291,10 +303,10 @@ class CLIPBackbone(nn.Module):
         keys = torch.cat([head_k, heads(attn.k_proj(tail))], dim=-2)
         values = torch.cat([head_v, heads(attn.v_proj(tail))], dim=-2)
         out = torch.nn.functional.scaled_dot_product_attention(
-            heads(attn.q_proj(tail)), keys, values, attn_mask=visible,
+            heads(attn.q_proj(queries)), keys, values, attn_mask=visible,
             dropout_p=attn.dropout if attn.training else 0.0, scale=attn.scale,
         )  # fmt: skip
-        return attn.out_proj(out.transpose(-3, -2).reshape(*tail.shape[:-1], -1))
+        return attn.out_proj(out.transpose(-3, -2).reshape(*queries.shape[:-1], -1))
 
     def encode_text_ids(
         self, tokenized: TokenizedText, prompts: DeepPrompts | None = None, block: BlockAdapter | None = None
