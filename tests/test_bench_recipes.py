@@ -108,3 +108,35 @@ def test_toy_results_name_the_dataset_version_they_came_from(tmp_path, monkeypat
     monkeypatch.setitem(suite.SUITE, "texture", dataclasses.replace(suite.SUITE["texture"], counts=(32, 8, 61)))
     changed = job_settings(options, [d for d, _ in job.evals])["data"]
     assert changed["toy:texture"] != data["toy:texture"]
+
+
+def test_methods_tied_to_their_classes_are_evaluated_on_base_classes_only():
+    from vlprompt.protocols.runner import plan_jobs
+
+    config = BenchConfig(methods=["linear_probe", "coop"], datasets=["eurosat", "dtd"],
+                         protocols=["base2novel", "crossdataset"], seeds=[1])
+    evals = {(j.protocol, j.method, j.dataset): j.evals for j in plan_jobs(config)}
+    assert evals[("base2novel", "linear_probe", "eurosat")] == (("eurosat", "base"),)
+    assert evals[("base2novel", "coop", "eurosat")] == (("eurosat", "base"), ("eurosat", "novel"))
+    assert evals[("crossdataset", "linear_probe", "eurosat")] == (("eurosat", "all"),)
+    assert evals[("crossdataset", "coop", "eurosat")] == (("eurosat", "all"), ("dtd", "all"))
+    csc = BenchConfig(methods=["coop"], datasets=["eurosat"], protocols=["base2novel"], seeds=[1],
+                      recipes={"coop": Recipe(method_options={"class_specific": True})})
+    assert [j.evals for j in plan_jobs(csc)] == [(("eurosat", "base"),)]
+
+
+def test_base_to_novel_bench_with_a_linear_probe_reports_base_only(tiny_model_dir, engine_data_root, tmp_path):
+    data_root = shutil.copytree(engine_data_root, tmp_path / "data")
+    out_dir = tmp_path / "bench"
+    code, out, err = _cli(
+        "bench", "--methods", "linear_probe", "coop", "--datasets", "eurosat", "--protocols", "base2novel",
+        "--data-root", data_root, "--model", tiny_model_dir, "--seeds", "1", "--output", out_dir,
+        "--set", "default_train.batch_size=4", "--set", "default_train.epochs=1", "--set", "b2n_shots=1",
+        "--set", "recipes.coop.method_options.n_ctx=2",
+    )
+    assert code == 0, err
+    report = Path(out_dir, "results.md").read_text()
+    probe_row = next(line for line in report.splitlines() if line.startswith("| linear_probe |"))
+    assert probe_row.split("|")[3].strip() == "-" and probe_row.split("|")[4].strip() == "-"
+    coop_row = next(line for line in report.splitlines() if line.startswith("| coop |"))
+    assert "-" not in coop_row.split("|")[3]

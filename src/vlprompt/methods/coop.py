@@ -42,6 +42,10 @@ class CoOp(PromptMethod):
     required_sites = frozenset({SITE_TEXT_SEQUENCE})
     modifies_text = True
 
+    @classmethod
+    def tied_to_classes(cls, config: CoOpConfig) -> bool:
+        return bool(config.class_specific)
+
     def __init__(self, backbone, config: CoOpConfig, classnames, template="a photo of a {}.") -> None:
         super().__init__(backbone, config, classnames, template)
         self.trained_classnames = list(self.classnames)

@@ -32,6 +32,10 @@ class LinearProbe(PromptMethod):
     required_sites = frozenset({SITE_JOINT_SPACE})  # image (and text) features in a shared embedding space
     fits_features = True
 
+    @classmethod
+    def tied_to_classes(cls, config: LinearProbeConfig) -> bool:
+        return True
+
     def __init__(self, backbone, config: LinearProbeConfig, classnames, template="a photo of a {}.") -> None:
         super().__init__(backbone, config, classnames, template)
         self.fitted_classnames = list(self.classnames)

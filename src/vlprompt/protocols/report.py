@@ -65,7 +65,11 @@ def base2novel_cells(rows: list[Row]) -> dict[tuple[str, str], dict[str, float]]
     out: dict[tuple[str, str], dict[str, float]] = {}
     for (dataset, method), group in _group(rows, "eval_dataset", "method").items():
         base = mean_std([r["accuracy"] for r in group if r["subset"] == "base"])
-        novel = mean_std([r["accuracy"] for r in group if r["subset"] == "novel"])
+        novel_rows = [r["accuracy"] for r in group if r["subset"] == "novel"]
+        if not novel_rows:  # a method tied to its training classes (linear probe): base accuracy only
+            out[(dataset, method)] = {"base": base[0], "base_std": base[1]}
+            continue
+        novel = mean_std(novel_rows)
         out[(dataset, method)] = {
             "base": base[0], "base_std": base[1], "novel": novel[0], "novel_std": novel[1],
             "hm": harmonic_mean(base[0], novel[0]),
@@ -117,6 +121,9 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
             if not per:
                 continue
             base = sum(p["base"] for p in per) / len(per)
+            if any("novel" not in p for p in per):  # cannot score novel classes
+                lines.append(f"| {m} | {base:.1f} | - | - | " + " | ".join("-" for _ in datasets) + " |")
+                continue
             novel = sum(p["novel"] for p in per) / len(per)
             lines.append(f"| {m} | {base:.1f} | {novel:.1f} | {harmonic_mean(base, novel):.1f} | " + " | ".join(
                 f"{b2n[(d, m)]['hm']:.1f}" if (d, m) in b2n else "-" for d in datasets) + " |")
@@ -240,7 +247,7 @@ def plot_base2novel(rows: list[Row], out_dir: Path, methods: list[str] | None = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    b2n = base2novel_cells(rows)
+    b2n = {k: v for k, v in base2novel_cells(rows).items() if "novel" in v}  # bars need both
     if not b2n:
         return None
     methods = _ordered((m for _, m in b2n), methods)

@@ -150,7 +150,19 @@ def plan_jobs(config: BenchConfig) -> list[Job]:
     return [dataclasses.replace(job, precision=config.precision) for job in jobs]
 
 
+def tied_to_classes(config: BenchConfig, method: str) -> bool:
+    """Whether ``method`` under this bench's recipe can only score its training classes (then base-to-novel
+    evaluates base classes only and cross-dataset only the source, as papers report a linear probe)."""
+    from vlprompt.methods import METHODS, make_config
+
+    if method not in METHODS:
+        return False
+    recipe = config.recipes.get(method, Recipe())
+    return METHODS[method].method_class.tied_to_classes(make_config(method, recipe.method_options))
+
+
 def _protocol_jobs(config: BenchConfig, protocol: str, method: str, seed: int) -> Iterable[Job]:
+    tied = tied_to_classes(config, method)
     if protocol == "fewshot":
         shot_list = [config.shots[-1]] if method in SHOT_INDEPENDENT else config.shots
         for dataset in config.datasets:
@@ -158,11 +170,11 @@ def _protocol_jobs(config: BenchConfig, protocol: str, method: str, seed: int) -
                 yield Job(protocol, dataset, method, shots, seed, evals=((dataset, "all"),))
     elif protocol == "base2novel":
         for dataset in config.datasets:
-            yield Job(protocol, dataset, method, config.b2n_shots, seed, subsample="base",
-                      evals=((dataset, "base"), (dataset, "novel")))
+            evals = ((dataset, "base"),) if tied else ((dataset, "base"), (dataset, "novel"))
+            yield Job(protocol, dataset, method, config.b2n_shots, seed, subsample="base", evals=evals)
     elif protocol == "crossdataset":
         source = config.cross_source or config.datasets[0]
-        targets = tuple((d, "all") for d in config.datasets)
+        targets = ((source, "all"),) if tied else tuple((d, "all") for d in config.datasets)
         yield Job(protocol, source, method, config.b2n_shots, seed, evals=targets)
     elif protocol == "domain":
         for source, targets in config.domain_targets.items():
