@@ -44,6 +44,10 @@ def test_findings_reproduced_and_not(tmp_path):
     _write(tmp_path, acc)
     text = _module().findings(_module().read_rows(tmp_path))
     assert text.count("does NOT reproduce") == 2
+    acc[("coop", "toy:a", "novel")] = acc[("coop", "toy:b", "novel")] = [50, 52]
+    acc.update({("dpt", d, s): [10, 10] for d in ("toy:a", "toy:b") for s in ("base", "novel")})
+    _write(tmp_path, acc)
+    assert "partly reproduces" in _module().findings(_module().read_rows(tmp_path))
 
 
 def test_missing_results_name_the_folder(tmp_path):

@@ -250,6 +250,10 @@ class CLIPBackbone(nn.Module):
         text_model = self.model.text_model
         batch, n_prefix = prefixes.shape[0], prefixes.shape[1]
         n_texts = tokenized.input_ids.shape[0]
+        if not self.truncate_text:  # the reference's full-context computation (only to check the cuts are exact)
+            repeated = TokenizedText(tokenized.input_ids.repeat(batch, 1), tokenized.eot_index.repeat(batch))
+            prompts = DeepPrompts([prefixes.repeat_interleave(n_texts, dim=0)])
+            return self.encode_text_ids(repeated, prompts).view(batch, n_texts, -1)
         length = int(tokenized.eot_index.max()) + 1  # of the texts alone; only the truncated form exists here
         embeds = self.embed_tokens(tokenized.input_ids[:, :length]).to(prefixes.dtype)
         if length + n_prefix > self.context_length:
