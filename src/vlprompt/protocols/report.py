@@ -268,7 +268,8 @@ def plot_base2novel(rows: list[Row], out_dir: Path, methods: list[str] | None = 
     ax.set_xticks(list(x), methods, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("base-to-novel (average over datasets)")
-    ax.legend(fontsize=7)
+    ax.set_ylim(0, max(base + novel + hm) * 1.2)  # headroom so the legend never covers a bar
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = out_dir / f"base2novel{suffix}.png"
