@@ -17,52 +17,37 @@ the averaged base and novel accuracies (the papers' and the bench report's conve
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
+
+from vlprompt.protocols.report import base2novel_cells
+from vlprompt.protocols.runner import harmonic_mean, read_csv
 
 UNI_MODAL = {"coop": "text", "cocoop": "text", "vpt_shallow": "image", "vpt_deep": "image"}
 MULTI_MODAL = ("ivlp", "maple", "dpt", "upt", "sdpt", "apt")  # APT's default towers: both
 
 
-def harmonic_mean(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
-
-
-def read_rows(folder: Path) -> list[dict[str, str]]:
+def read_rows(folder: Path) -> list[dict]:
     path = folder / "results.csv"
     if not path.exists():
         raise SystemExit(f"{path} not found: pass the --output folder of a finished `vlprompt bench` run")
-    with path.open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    return read_csv(path)
 
 
-def base_novel(rows: list[dict[str, str]]) -> dict[tuple[str, str], dict[str, float]]:
-    """(method, dataset) -> base, novel (seed means), hm, seeds."""
-    acc: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    for r in rows:
-        if r["protocol"] == "base2novel" and r["subset"] in ("base", "novel"):
-            acc[(r["method"], r["train_dataset"], r["subset"])].append(float(r["accuracy"]))
-    out = {}
-    for (method, dataset, subset), values in acc.items():
-        entry = out.setdefault((method, dataset), {})
-        entry[subset] = statistics.fmean(values)
-        entry["seeds"] = len(values)
-    for entry in out.values():
-        if "base" in entry and "novel" in entry:
-            entry["hm"] = harmonic_mean(entry["base"], entry["novel"])
-    return {k: v for k, v in out.items() if "hm" in v}
+def base_novel(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
+    """(method, dataset) -> base, novel (seed means) and hm, for methods that score novel classes."""
+    return {(method, dataset): cell for (dataset, method), cell in base2novel_cells(rows).items() if "novel" in cell}
 
 
-def findings(rows: list[dict[str, str]]) -> str:
+def findings(rows: list[dict]) -> str:
     table = base_novel(rows)
     if not table:
         return "No base-to-novel results in this folder.\n"
     methods = sorted({m for m, _ in table})
     datasets = sorted({d for _, d in table})
-    seeds = sorted({v["seeds"] for v in table.values()})
+    seeds = sorted({len({r["seed"] for r in rows if (r["method"], r["train_dataset"]) == key and
+                         r["protocol"] == "base2novel"}) for key in table})
     lines = [f"Base-to-novel over {len(datasets)} datasets, seeds per cell: {', '.join(map(str, seeds))}.", ""]
 
     def avg(method: str, key: str) -> float | None:

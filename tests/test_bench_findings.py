@@ -18,14 +18,16 @@ def _module():
 
 
 def _write(folder: Path, accuracies: dict[tuple[str, str, str], list[float]]) -> None:
-    fields = ["protocol", "train_dataset", "eval_dataset", "subset", "method", "shots", "seed", "accuracy"]
+    fields = ["protocol", "train_dataset", "eval_dataset", "subset", "method", "shots", "seed", "accuracy", "n",
+              "trainable_parameters", "train_time_s", "precision"]
     with (folder / "results.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for (method, dataset, subset), values in accuracies.items():
             for seed, acc in enumerate(values, 1):
                 w.writerow({"protocol": "base2novel", "train_dataset": dataset, "eval_dataset": dataset,
-                            "subset": subset, "method": method, "shots": 16, "seed": seed, "accuracy": acc})
+                            "subset": subset, "method": method, "shots": 16, "seed": seed, "accuracy": acc,
+                            "n": 10, "trainable_parameters": 0, "train_time_s": 0.0, "precision": "fp32"})
 
 
 def test_findings_reproduced_and_not(tmp_path):

@@ -63,14 +63,14 @@ class PromptMethod(nn.Module):
     required_sites: ClassVar[frozenset[str]] = frozenset()
     modifies_text: ClassVar[bool] = False
     modifies_image: ClassVar[bool] = False
+    # Methods fitted in closed form / by their own solver instead of SGD (linear probe) set this.
+    fits_features: ClassVar[bool] = False
 
     @classmethod
     def tied_to_classes(cls, config: MethodConfig) -> bool:
         """True if what ``config`` trains belongs to the training classes (a classifier head, class-specific
         contexts): such a model cannot score other class names (no novel-class or cross-dataset evaluation)."""
         return False
-    # Methods fitted in closed form / by their own solver instead of SGD (linear probe) set this.
-    fits_features: ClassVar[bool] = False
 
     def __init__(self, backbone, config: MethodConfig, classnames: list[str], template: str = "a photo of a {}.") -> None:
         super().__init__()
