@@ -140,3 +140,31 @@ def test_base_to_novel_bench_with_a_linear_probe_reports_base_only(tiny_model_di
     assert probe_row.split("|")[3].strip() == "-" and probe_row.split("|")[4].strip() == "-"
     coop_row = next(line for line in report.splitlines() if line.startswith("| coop |"))
     assert "-" not in coop_row.split("|")[3]
+
+
+def test_parallel_workers_give_the_sequential_results_in_plan_order(tiny_model_dir, engine_data_root, tmp_path):
+    from vlprompt.protocols.runner import read_csv
+
+    data_root = shutil.copytree(engine_data_root, tmp_path / "data")
+    common = [
+        "bench", "--methods", "zeroshot", "coop", "vpt_deep", "--datasets", "eurosat", "--data-root", data_root,
+        "--model", tiny_model_dir, "--shots", "1", "2", "--seeds", "1", "--set", "default_train.batch_size=4",
+        "--set", "default_train.epochs=1", "--set", "recipes.coop.method_options.n_ctx=2",
+    ]
+    code, _, err = _cli(*common, "--output", tmp_path / "seq")
+    assert code == 0, err
+    code, out, err = _cli(*common, "--output", tmp_path / "par", "--workers", "2")
+    assert code == 0, err
+    seq, par = read_csv(tmp_path / "seq" / "results.csv"), read_csv(tmp_path / "par" / "results.csv")
+    key = ("method", "shots", "seed", "eval_dataset", "subset")
+    assert [tuple(r[k] for k in key) for r in par] == [tuple(r[k] for k in key) for r in seq]
+    for a, b in zip(seq, par):  # one thread per worker instead of two: the same up to float summation order
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-6)
+    code, out, err = _cli(*common, "--output", tmp_path / "par", "--workers", "2")
+    assert code == 0 and "5 of 5 runs were already finished" in out
+
+
+@pytest.mark.parametrize("workers", [0, -1])
+def test_bench_refuses_a_worker_count_below_one(workers):
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        _config(workers=workers)

@@ -236,7 +236,7 @@ def bench_config_from(args: argparse.Namespace):
     flags = {
         "methods": args.methods, "datasets": args.datasets, "protocols": args.protocols, "shots": args.shots,
         "seeds": args.seeds, "model": args.model, "data_root": args.data_root, "output": args.output,
-        "precision": args.precision,
+        "precision": args.precision, "workers": args.workers,
     }
     tree = deep_merge(tree, {k: v for k, v in flags.items() if v is not None})
     tree = deep_merge(tree, parse_set(args.set or []))
@@ -376,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                    help="of every run's training and evaluation (default fp32); other precisions get their own run "
                         "folders and results_<precision>.* files, with the difference to fp32 when it was run too")
+    p.add_argument("--workers", type=int,
+                   help="runs trained at once, each in its own process (default 1); torch's threads are divided "
+                        "among them (set threads_per_worker in the config to choose)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from results.csv")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
