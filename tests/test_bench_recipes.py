@@ -142,7 +142,8 @@ def test_base_to_novel_bench_with_a_linear_probe_reports_base_only(tiny_model_di
     assert "-" not in coop_row.split("|")[3]
 
 
-def test_parallel_workers_give_the_sequential_results_in_plan_order(tiny_model_dir, engine_data_root, tmp_path):
+def test_parallel_workers_give_the_sequential_results_in_plan_order(tiny_model_dir, engine_data_root, tmp_path,
+                                                                  capfd):
     from vlprompt.protocols.runner import read_csv
 
     data_root = shutil.copytree(engine_data_root, tmp_path / "data")
@@ -153,8 +154,11 @@ def test_parallel_workers_give_the_sequential_results_in_plan_order(tiny_model_d
     ]
     code, _, err = _cli(*common, "--output", tmp_path / "seq")
     assert code == 0, err
+    capfd.readouterr()
     code, out, err = _cli(*common, "--output", tmp_path / "par", "--workers", "2")
     assert code == 0, err
+    worker_output = capfd.readouterr()  # the workers write to the process's file descriptors
+    assert "Loading weights" not in worker_output.err + worker_output.out  # quiet as the CLI itself
     seq, par = read_csv(tmp_path / "seq" / "results.csv"), read_csv(tmp_path / "par" / "results.csv")
     key = ("method", "shots", "seed", "eval_dataset", "subset")
     assert [tuple(r[k] for k in key) for r in par] == [tuple(r[k] for k in key) for r in seq]

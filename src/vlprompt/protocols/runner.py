@@ -340,8 +340,11 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     import torch
+    from transformers.utils import logging as hf_logging
 
     threads = config.threads_per_worker or max(1, torch.get_num_threads() // config.workers)
+    # a spawned worker starts with transformers' default logging: give it the caller's (the CLI quiets it)
+    hf_state = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
     # Procedural datasets are written on first use: write each once here, not racing in several workers.
     from vlprompt.data import load_dataset
 
@@ -350,7 +353,7 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
     # spawn, not fork: a forked child inherits the parent's OpenMP thread pool state, which can deadlock torch
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
-                             initargs=(threads,)) as pool:
+                             initargs=(threads, *hf_state)) as pool:
         futures = {pool.submit(_timed_job, config, job): (i, job) for i, job in pending}
         remaining = set(futures)
         while remaining:
@@ -365,10 +368,18 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
                 finished(i, job, job_rows, seconds)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, hf_verbosity: int, hf_progress_bars: bool) -> None:
+    import warnings
+
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(threads)
+    hf_logging.set_verbosity(hf_verbosity)
+    if not hf_progress_bars:
+        hf_logging.disable_progress_bar()
+    if hf_verbosity >= hf_logging.ERROR:
+        warnings.filterwarnings("ignore", module="transformers")
 
 
 def _timed_job(config: BenchConfig, job: Job) -> tuple[list[dict[str, Any]], float]:
