@@ -283,10 +283,10 @@ class CLIPBackbone(nn.Module):
         # Only the end-of-text token's output is pooled, so the last layer runs for that token alone (its keys and
         # values still come from every token it sees).
         last = layers[-1]
-        pooled_in = tail[rows, eot_in_tail].unsqueeze(1)
+        normed = last.layer_norm1(tail)
         sees = visible[eot_in_tail].unsqueeze(1).unsqueeze(1)  # (B*C, 1, 1, head + tail)
-        out = pooled_in + self._attend_with_head(
-            last.self_attn, last.layer_norm1(pooled_in), last.layer_norm1(tail), last.layer_norm1(head), sees, n_texts
+        out = tail[rows, eot_in_tail].unsqueeze(1) + self._attend_with_head(
+            last.self_attn, normed[rows, eot_in_tail].unsqueeze(1), normed, last.layer_norm1(head), sees, n_texts
         )
         out = out + last.mlp(last.layer_norm2(out))
         pooled = text_model.final_layer_norm(out[:, 0])

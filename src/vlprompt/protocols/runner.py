@@ -153,10 +153,11 @@ def results_csv_path(config: BenchConfig) -> Path:
 
 def plan_jobs(config: BenchConfig) -> list[Job]:
     jobs: list[Job] = []
+    tied = {method: tied_to_classes(config, method) for method in config.methods}
     for protocol in config.protocols:
         for method in config.methods:
             for seed in config.seeds:
-                jobs.extend(_protocol_jobs(config, protocol, method, seed))
+                jobs.extend(_protocol_jobs(config, protocol, method, seed, tied[method]))
     return [dataclasses.replace(job, precision=config.precision) for job in jobs]
 
 
@@ -171,8 +172,8 @@ def tied_to_classes(config: BenchConfig, method: str) -> bool:
     return METHODS[method].method_class.tied_to_classes(make_config(method, recipe.method_options))
 
 
-def _protocol_jobs(config: BenchConfig, protocol: str, method: str, seed: int) -> Iterable[Job]:
-    tied = tied_to_classes(config, method)
+def _protocol_jobs(config: BenchConfig, protocol: str, method: str, seed: int, tied: bool) -> Iterable[Job]:
+    """``tied``: the method can only score its training classes (:func:`tied_to_classes`)."""
     if protocol == "fewshot":
         shot_list = [config.shots[-1]] if method in SHOT_INDEPENDENT else config.shots
         for dataset in config.datasets:
@@ -321,8 +322,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
 
     if config.workers == 1 or len(pending) <= 1:
         for i, job in pending:
-            start = time.perf_counter()
-            finished(i, job, run_job(config, job), time.perf_counter() - start)
+            finished(i, job, *_timed_job(config, job))
     else:
         _run_parallel(config, pending, finished)
     if done:
