@@ -7,7 +7,14 @@ Fixtures defined here (append new ones below this block):
 """
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The suite is the CPU suite on every machine: exact-equality tests share session-wide models, and a run trained on
+# a GPU would move them there. GPU checks live in tests/gpu (VLPROMPT_TEST_DEVICE=cuda python -m pytest tests/gpu).
+if os.environ.get("VLPROMPT_TEST_DEVICE", "cpu") == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 from vlprompt.backbones import load_backbone
 from vlprompt.backbones.presets import save_random_clip

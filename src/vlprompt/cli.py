@@ -285,7 +285,7 @@ def cmd_pretrain_toy(args: argparse.Namespace) -> int:
     values = parse_set(args.set or [])
     try:
         config = PretrainConfig(**values)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise CLIError(f"bad pretraining option: {err}") from err
     pretrain(config, args.output, args.cache_dir)
     return 0

@@ -128,11 +128,21 @@ def build_optimizer(method, config: TrainConfig) -> torch.optim.Optimizer:
 def image_features_of(method, loader: Iterable, accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Image features and labels of a whole loader (frozen or prompted image tower, no gradient)."""
     feats, labels = [], []
+    device = _device_of(method, accelerator)
     for pixels, y in loader:
         with _autocast(accelerator):
-            feats.append(method.image_features(pixels).float().cpu())
+            feats.append(method.image_features(pixels.to(device)).float().cpu())
         labels.append(y.cpu())
     return torch.cat(feats), torch.cat(labels)
+
+
+def _device_of(method, accelerator) -> torch.device:
+    # Evaluation loaders are not passed through accelerator.prepare (no sharding of the test set), so their
+    # batches arrive on the CPU and go to the method's device here.
+    if accelerator is not None:
+        return accelerator.device
+    first = next(iter(method.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _autocast(accelerator):
@@ -154,9 +164,10 @@ def evaluate(method, loader: Iterable, accelerator=None, num_classes: int | None
     n_classes = num_classes or len(method.classnames)
     per_class_correct = torch.zeros(n_classes)
     per_class_total = torch.zeros(n_classes)
+    device = _device_of(method, accelerator)
     for pixels, labels in loader:
         with _autocast(accelerator):
-            logits = method(pixel_values=pixels, text_feats=text_feats)
+            logits = method(pixel_values=pixels.to(device), text_feats=text_feats)
         pred = logits.argmax(-1).cpu()
         labels = labels.cpu()
         correct += int((pred == labels).sum())

@@ -39,6 +39,7 @@ class PretrainConfig:
     text_heads: int = 4
     embed_dim: int = 128
     context_length: int = 77  # room for deep prompts (e.g. 50 tokens) on top of a class sentence
+    vocab_captions: int = 20_000  # corpus captions sampled for the tokenizer's vocabulary (besides every world word)
     batch_size: int = 256
     # Pairs per hard-negative group (see PretrainingCorpus); batches are made of whole groups. 1 = plain CLIP batches.
     group_size: int = 1
@@ -51,6 +52,9 @@ class PretrainConfig:
     seed: int = 0
     threads: int = 2
     log_every: int = 100
+    # Where the model trains: "cpu" (the shipped weights' device, bit-reproducible) or a torch device such as "cuda".
+    # A GPU run is the same recipe, not the same weights: float summation order differs.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -58,6 +62,12 @@ class PretrainConfig:
         if self.group_size < 1 or self.batch_size % self.group_size or self.n_pairs % self.group_size:
             raise ValueError(f"group_size {self.group_size} must be >= 1 and divide batch_size {self.batch_size} "
                              f"and n_pairs {self.n_pairs}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"device {self.device!r} is not a torch device (use cpu, cuda or cuda:N)") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA GPU here; use device=cpu")
 
 
 def world_vocabulary_texts(n_captions: int = 20_000, seed: int = 12345) -> list[str]:
@@ -141,8 +151,9 @@ def pretrain(config: PretrainConfig, output: str | Path, cache_dir: str | Path, 
     images, captions = toy_corpus.load_pretraining_cache(cache)
     log(f"corpus: {len(images)} pairs ready in {time.perf_counter() - start:.0f}s")
 
-    tokenizer = closed_vocab_tokenizer(output / "tokenizer_src", world_vocabulary_texts())
-    model = build_model(config, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
+    tokenizer = closed_vocab_tokenizer(output / "tokenizer_src", world_vocabulary_texts(config.vocab_captions))
+    device = torch.device(config.device)
+    model = build_model(config, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id).to(device)
     backbone = CLIPBackbone(model, tokenizer, None, name_or_path=str(output))
     model.requires_grad_(True)
     model.train()
@@ -172,13 +183,13 @@ def pretrain(config: PretrainConfig, output: str | Path, cache_dir: str | Path, 
         groups = torch.randint(0, len(images) // g, (config.batch_size // g,), generator=generator)
         idx = (groups[:, None] * g + torch.arange(g)).flatten().numpy()
         idx.sort()  # memmap reads in order
-        pixels = _normalise(images[idx])
-        ids = tokens.input_ids[idx]
-        eot = tokens.eot_index[idx]
+        pixels = _normalise(images[idx]).to(device)
+        ids = tokens.input_ids[idx].to(device)
+        eot = tokens.eot_index[idx].to(device)
         img = F.normalize(backbone.encode_image(pixels), dim=-1)
         txt = F.normalize(encode_captions_bucketed(backbone, ids, eot, config.text_buckets), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.t()
-        target = torch.arange(len(idx))
+        target = torch.arange(len(idx), device=device)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -192,7 +203,7 @@ def pretrain(config: PretrainConfig, output: str | Path, cache_dir: str | Path, 
             history.append({"step": step, "loss": loss.item(), "batch_acc": acc, "elapsed_s": elapsed})
             log(f"step {step}/{config.steps} loss {loss.item():.3f} in-batch acc {acc:.2f} ({elapsed:.0f}s)")
 
-    model.eval()
+    model.eval().to("cpu")
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     size = config.image_size
