@@ -107,14 +107,11 @@ def test_detection_trains_on_the_gpu(tmp_path, capsys):
 
 def test_pretraining_on_the_gpu_writes_a_cpu_loadable_model(tmp_path):
     from vlprompt.backbones import load_backbone
+    from test_pretraining import TINY  # the CPU suite's tiny pretraining config (tests/ is on sys.path)
     from vlprompt.pretraining.clip_pretrain import PretrainConfig, pretrain
 
-    out = pretrain(PretrainConfig(**TINY_PRETRAIN, device="cuda"), tmp_path / "model", tmp_path / "cache", log=quiet)
+    out = pretrain(PretrainConfig(**TINY, device="cuda"), tmp_path / "model", tmp_path / "cache", log=quiet)
     backbone = load_backbone(str(out))
     assert next(backbone.model.parameters()).device.type == "cpu"
     assert torch.isfinite(backbone.encode_texts(["a red circle"])).all()
 
-
-TINY_PRETRAIN = dict(n_pairs=64, image_size=24, patch_size=12, vision_width=32, vision_layers=1, vision_heads=2,
-                     text_width=32, text_layers=1, text_heads=2, embed_dim=16, batch_size=16, steps=3,
-                     warmup_steps=1, threads=1, vocab_captions=300)
