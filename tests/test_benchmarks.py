@@ -123,3 +123,27 @@ def test_step_time_class_names_are_distinct_and_multi_word(step_time):
     names = step_time.class_names(1000)
     assert len(set(names)) == 1000 and step_time.class_names(10) == step_time.CIFAR10
     assert all(len(n.split()) == 3 for n in names)
+
+
+TOY_TEMPLATES = Path(__file__).resolve().parent.parent / "benchmarks" / "toy_templates.py"
+
+
+def test_toy_templates_swaps_only_its_datasets_templates(monkeypatch):
+    """benchmarks/toy_templates.py changes the template of its three datasets, and nothing else of the suite."""
+    from vlprompt.toyworld import suite
+
+    spec = importlib.util.spec_from_file_location("toy_templates", TOY_TEMPLATES)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    original = dict(suite.SUITE)
+    monkeypatch.setattr(suite, "SUITE", dict(original))
+    module.use_caption_like_templates()
+    assert set(module.MAIN_DATASETS) == set(suite.toy_dataset_names(include_variants=False))
+    for name, spec_now in suite.SUITE.items():
+        before = original[name]
+        if name in module.CAPTION_LIKE_TEMPLATES:
+            assert spec_now.template == module.CAPTION_LIKE_TEMPLATES[name] != before.template
+            assert spec_now.template.count("{}") == 1
+            assert spec_now.classnames == before.classnames and spec_now.class_kwargs == before.class_kwargs
+        else:
+            assert spec_now == before
