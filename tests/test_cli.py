@@ -264,3 +264,23 @@ def test_console_script_help():
     for command in ("train", "eval", "predict", "params", "methods", "demo"):
         assert command in proc.stdout
     assert "usage: vlprompt" in proc.stdout
+
+
+def test_config_numbers_in_exponent_notation_are_floats(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; learning rates are written that way in ML configs."""
+    from vlprompt.cli import load_yaml, parse_set
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-4\n  warmup_lr: -2.5e-5\nname: 1e3x\n")
+    loaded = load_yaml(str(config_file))
+    assert loaded["train"] == {"lr": 0.001, "weight_decay": 0.0005, "warmup_lr": -2.5e-5}
+    assert loaded["name"] == "1e3x"  # not a number: stays a string
+    assert parse_set(["train.lr=1e-3", "method.n_ctx=4"]) == {"train": {"lr": 0.001}, "method_options": {"n_ctx": 4}}
+
+
+def test_quoted_numbers_in_training_options_are_refused_by_name():
+    from vlprompt.engine.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match=r"epochs='3' \(an integer\); lr='1e-3' \(a number\)"):
+        TrainConfig(epochs="3", lr="1e-3")
+    assert TrainConfig(lr=1, grad_clip=2).lr == 1.0

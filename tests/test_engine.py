@@ -247,6 +247,8 @@ def test_nan_loss_keeps_the_last_finished_epoch_resumable(uninterrupted_run, tin
     with pytest.raises(TrainingError, match="learning rate") as info:
         train(resume_options(tiny_model_dir, engine_data_root, run_dir), progress=False, log=poison_after_epoch_1)
     assert "epoch 2, step 1" in str(info.value)
+    # The first batch from the saved state failing points at that state: the message says how to start over.
+    assert "--overwrite" in str(info.value)
     assert not (run_dir / ckpt.PROMPT_FILE).exists()
     assert [r["epoch"] for r in metrics(run_dir)] == [1]
 
@@ -268,6 +270,45 @@ def test_resume_after_divergence_with_a_lower_learning_rate_uses_it(tiny_model_d
                    progress=False, log=quiet)
     assert result["n"] == N_TEST
     assert all(r["lr"] <= 0.002 for r in metrics(run_dir) if r.get("epoch", 0) >= 2)
+
+
+def _crash_after_epoch(n: int):
+    def log(message: str) -> None:
+        if message.startswith(f"epoch {n}/"):
+            raise Interrupt(message)
+
+    return log
+
+
+def test_resume_refuses_a_run_of_other_settings_and_leaves_it_untouched(tiny_model_dir, engine_data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train(resume_options(tiny_model_dir, engine_data_root, run_dir), progress=False, log=_crash_after_epoch(1))
+    before = snapshot(run_dir)
+    other_prompt = resume_options(tiny_model_dir, engine_data_root, run_dir)
+    other_prompt.method_options = {"n_ctx": 3}
+    with pytest.raises(TrainingError, match=r"other settings \(method_options: .*--output") as info:
+        train(other_prompt, resume=True, progress=False, log=quiet)
+    assert "n_ctx" in str(info.value)
+    with pytest.raises(TrainingError, match=r"train\.seed: 1 there, 2 now"):
+        train(resume_options(tiny_model_dir, engine_data_root, run_dir, seed=2), resume=True, progress=False,
+              log=quiet)
+    assert snapshot(run_dir) == before  # a refused resume writes nothing
+
+
+def test_a_crash_while_replacing_the_resume_state_resumes_from_a_complete_one(uninterrupted_run, tiny_model_dir,
+                                                                             engine_data_root, tmp_path):
+    full_dir, full_result = uninterrupted_run
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train(resume_options(tiny_model_dir, engine_data_root, run_dir), progress=False, log=_crash_after_epoch(2))
+    # As if the process died inside the next save: the previous state moved aside, the new one half written.
+    (run_dir / ckpt.RESUME_DIR).rename(run_dir / (ckpt.RESUME_DIR + ".old"))
+    (run_dir / (ckpt.RESUME_DIR + ".tmp")).mkdir()
+    (run_dir / (ckpt.RESUME_DIR + ".tmp") / ckpt.PROMPT_FILE).write_bytes(b"half")
+    result = train(resume_options(tiny_model_dir, engine_data_root, run_dir), resume=True, progress=False, log=quiet)
+    assert result == full_result
+    assert_same_tensors(prompt_tensors(run_dir), prompt_tensors(full_dir))
 
 
 # ------------------------------------------------------------------------------------------------ bad checkpoints

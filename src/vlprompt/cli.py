@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +32,29 @@ class CLIError(Exception):
 
 
 # ------------------------------------------------------------------------------------------- config plumbing
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; ML configs write learning rates that way, so read it as YAML 1.2
+    and Python do: a float."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_set(assignments: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in assignments:
@@ -38,7 +62,7 @@ def parse_set(assignments: Sequence[str]) -> dict[str, Any]:
             raise CLIError(f"--set expects key=value, got {item!r} (e.g. --set train.lr=0.01)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = read_yaml(raw)
         except yaml.YAMLError as err:
             raise CLIError(f"--set {item!r}: value is not valid YAML ({err})") from err
         _assign(out, key.strip(), value)
@@ -72,7 +96,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not file.exists():
         raise CLIError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = read_yaml(file.read_text()) or {}
     except yaml.YAMLError as err:
         raise CLIError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):

@@ -137,11 +137,7 @@ class DetectionTrainer(Trainer):
             parts: dict[str, list[float]] = {}
             for step, (pixels, mask, targets) in enumerate(self._progress(loader, epoch)):
                 def diverged(value) -> TrainingError:
-                    return TrainingError(
-                        f"loss became {value} at epoch {epoch + 1}, step {step + 1}. The state after the last "
-                        f"finished epoch (if any) is kept in {self.run_dir / ckpt.RESUME_DIR}. Lower the learning "
-                        f"rate (now {cfg.lr}) and --resume, set --set train.grad_clip=1.0, or use --precision fp32."
-                    )
+                    return TrainingError(self._divergence_message(f"loss became {value}", epoch, step))
 
                 try:
                     with self.accelerator.autocast():
@@ -163,6 +159,8 @@ class DetectionTrainer(Trainer):
                     if out.loss_dict and key in out.loss_dict:
                         parts.setdefault(key, []).append(float(out.loss_dict[key].detach()))
             scheduler.step()
+            if not all(torch.isfinite(p).all() for p in params):
+                raise TrainingError(self._divergence_message("the prompt parameters became non-finite", epoch, step))
             record = {
                 "epoch": epoch + 1,
                 "lr": optimizer.param_groups[0]["lr"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class TrainConfig:
     validate_every: int = 1  # epochs
 
     def __post_init__(self) -> None:
+        self._check_types()
         problems = []
         if self.warmup_epochs is None:
             self.warmup_epochs = 1 if self.epochs > 1 else 0
@@ -66,6 +68,26 @@ class TrainConfig:
             problems.append("grad_clip must be > 0 or null")
         if problems:
             raise ValueError("invalid training options: " + "; ".join(problems))
+
+    def _check_types(self) -> None:
+        """A quoted number from a config file ("1e-3") would otherwise fail later, far from its cause."""
+        wrong = []
+        for name in ("epochs", "batch_size", "eval_batch_size", "num_workers", "seed", "validate_every",
+                     "warmup_epochs"):  # fmt: skip
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool)) and not (
+                name == "warmup_epochs" and value is None
+            ):
+                wrong.append(f"{name}={value!r} (an integer)")
+        for name in ("lr", "momentum", "weight_decay", "warmup_lr", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                setattr(self, name, float(value))
+            elif not (name == "grad_clip" and value is None):
+                wrong.append(f"{name}={value!r} (a number)")
+        if wrong:
+            raise ValueError("invalid training options, wrong type: " + "; ".join(wrong) + " - write numbers "
+                             "unquoted, e.g. lr: 0.001 or lr: 1e-3")
 
 
 def seed_everything(seed: int) -> None:
@@ -229,24 +251,59 @@ class Trainer:
     # ---------------------------------------------------------------- run folder
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
         finished = (self.run_dir / ckpt.PROMPT_FILE).exists()
-        started = (self.run_dir / ckpt.RESUME_DIR).exists() or (self.run_dir / ckpt.METRICS_FILE).exists()
+        started = any((self.run_dir / name).exists()
+                      for name in (ckpt.RESUME_DIR, ckpt.RESUME_DIR + ".old", ckpt.METRICS_FILE))
         if (finished or started) and not (resume or overwrite):
             raise TrainingError(
                 f"{self.run_dir} already holds a {'finished' if finished else 'started'} run. Use --resume to "
                 "continue it, --overwrite to replace it, or --output to write somewhere else."
             )
+        if resume and not overwrite and (finished or started):
+            self._check_resumable_as_configured()
         if overwrite and not resume:
             for name in (ckpt.PROMPT_FILE, ckpt.CONFIG_FILE, ckpt.METRICS_FILE):
                 (self.run_dir / name).unlink(missing_ok=True)
-            resume_dir = self.run_dir / ckpt.RESUME_DIR
-            if resume_dir.exists():
-                for f in resume_dir.iterdir():
-                    f.unlink()
-                resume_dir.rmdir()
+            for suffix in ("", ".tmp", ".old"):
+                shutil.rmtree(self.run_dir / (ckpt.RESUME_DIR + suffix), ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_json(
             self.run_dir / ckpt.RUN_CONFIG_FILE, {"train": asdict(self.config), **self.run_info}
         )
+
+    def _divergence_message(self, what: str, epoch: int, step: int) -> str:
+        cfg = self.config
+        if step == 0 and epoch > 0:  # the first step from the saved state already fails: that state has diverged
+            return (f"{what} at epoch {epoch + 1}, step 1, before any step of this epoch: the prompt saved after "
+                    f"epoch {epoch} has most likely diverged, and --resume from it would fail the same way. Start over "
+                    f"with --overwrite and a lower learning rate (now {cfg.lr}) or --set train.grad_clip=1.0.")
+        fixes = [f"lower the learning rate (now {cfg.lr}) and --resume", "set --set train.grad_clip=1.0"]
+        if cfg.precision != "fp32":
+            fixes.append("use --precision fp32")
+        return (f"{what} at epoch {epoch + 1}, step {step + 1}. The state after the last finished epoch (if any) is "
+                f"kept in {self.run_dir / ckpt.RESUME_DIR}: " + ", or ".join(fixes) + " (--overwrite starts over).")
+
+    def _check_resumable_as_configured(self) -> None:
+        """Refuse to resume a run of another model, method, dataset, shots or seed: its saved epochs would be passed
+        off as training on the new options. The schedule (epochs, lr, ...) may change, e.g. after a divergence."""
+        stored_file = self.run_dir / ckpt.RUN_CONFIG_FILE
+        if not stored_file.exists():
+            return
+        stored = json.loads(stored_file.read_text())
+        current = json.loads(json.dumps({"train": asdict(self.config), **self.run_info}))
+        differences = [
+            f"{key}: {stored.get(key)!r} there, {current.get(key)!r} now"
+            for key in sorted(set(self.run_info) | set(stored) - {"train"})
+            if stored.get(key) != current.get(key)
+        ]
+        if stored.get("train", {}).get("seed") != current["train"]["seed"]:
+            differences.append(f"train.seed: {stored.get('train', {}).get('seed')!r} there, "
+                               f"{current['train']['seed']!r} now")
+        if differences:
+            raise TrainingError(
+                f"cannot --resume {self.run_dir}: it holds a run with other settings ("
+                + "; ".join(differences)
+                + "). Resume it with its own settings, or use --output for a new run (--overwrite replaces it)."
+            )
 
     def _write_metrics(self) -> None:
         lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history)
@@ -319,11 +376,7 @@ class Trainer:
                         logits = method(pixel_values=inputs, text_feats=text_feats)
                     loss = core.loss(logits, labels)
                 if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}. The state after the last "
-                        f"finished epoch (if any) is kept in {self.run_dir / ckpt.RESUME_DIR}. Lower the learning "
-                        f"rate (now {cfg.lr}) and --resume, set --set train.grad_clip=1.0, or use --precision fp32."
-                    )
+                    raise TrainingError(self._divergence_message(f"loss became {loss.item()}", epoch, step))
                 optimizer.zero_grad(set_to_none=True)
                 self.accelerator.backward(loss)
                 if cfg.grad_clip is not None:
@@ -333,6 +386,10 @@ class Trainer:
                 correct += int((logits.argmax(-1) == labels).sum())
                 seen += len(labels)
             scheduler.step()
+            if not all(torch.isfinite(p).all() for p in core.prompt_parameters().values()):
+                # The epoch's last step is not followed by a loss check; a diverged prompt must not become the
+                # resume point, or every --resume would fail the same way.
+                raise TrainingError(self._divergence_message("the prompt parameters became non-finite", epoch, step))
             record = {
                 "epoch": epoch + 1,
                 "lr": optimizer.param_groups[0]["lr"],
@@ -384,17 +441,31 @@ class Trainer:
     def _save_resume_state(self, method, optimizer, scheduler, epochs_done: int) -> None:
         if not self.accelerator.is_main_process:
             return
+        # The three files are one state: they are written to a fresh folder that then replaces the previous one, so a
+        # crash at any point leaves either the previous epoch's complete state or this one's (see _resume_folder).
         folder = self.run_dir / ckpt.RESUME_DIR
-        ckpt.atomic_save_tensors(folder / ckpt.PROMPT_FILE, method.prompt_state_dict())
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        tmp = folder / ".trainer_state.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(folder / "trainer_state.pt")
-        # Written last: a crash before this line leaves the previous epoch's state as the resume point.
-        ckpt.atomic_write_json(folder / "state.json", {"epochs_done": epochs_done, "history": self.history})
+        staging, previous = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        ckpt.atomic_save_tensors(staging / ckpt.PROMPT_FILE, method.prompt_state_dict())
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   staging / "trainer_state.pt")
+        ckpt.atomic_write_json(staging / "state.json", {"epochs_done": epochs_done, "history": self.history})
+        if folder.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            folder.rename(previous)
+        staging.rename(folder)
+        shutil.rmtree(previous, ignore_errors=True)
+
+    def _resume_folder(self) -> Path:
+        folder = self.run_dir / ckpt.RESUME_DIR
+        previous = folder.with_name(folder.name + ".old")
+        if not (folder / "state.json").exists() and (previous / "state.json").exists():
+            return previous  # a crash between the two renames of _save_resume_state
+        return folder
 
     def _load_resume_state(self, method, optimizer, scheduler) -> int:
-        folder = self.run_dir / ckpt.RESUME_DIR
+        folder = self._resume_folder()
         state_file = folder / "state.json"
         if not state_file.exists():
             if (self.run_dir / ckpt.PROMPT_FILE).exists():
