@@ -367,3 +367,15 @@ def test_coco_map_of_perfect_and_shifted_detections(toy_det):
     shifted = [dict(d, bbox=[d["bbox"][0] + 0.3 * d["bbox"][2], *d["bbox"][1:]]) for d in perfect]
     result = coco_map(gt, shifted)  # IoU ~0.54: counts at 0.5, not at 0.75
     assert result["AP50"] == pytest.approx(100.0) and result["AP75"] == 0.0 and 0 < result["mAP"] < 50
+
+
+def test_det_lora_dropout_trains_while_the_detector_stays_in_eval_mode(batch):
+    splits = batch[0]
+    backbone = load_backbone("random:grounding-dino-micro")
+    method = get_prompt_model(backbone, "det_lora", splits.categories, config={"dropout": 0.5}).train()
+    dropouts = [m for n, m in backbone.model.named_modules() if n.endswith("lora_dropout")]
+    assert dropouts and all(m.training for m in dropouts)
+    others = [m for n, m in backbone.model.named_modules() if "lora_dropout" not in n]
+    assert not any(m.training for m in others)
+    method.eval()
+    assert not any(m.training for m in backbone.model.modules())

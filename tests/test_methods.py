@@ -1,6 +1,8 @@
 """Prompt methods: zero-size prompts, frozen backbone, parameter counts, CoOp options, configs, checkpoints, learning."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,6 +147,18 @@ def test_deep_presets_follow_backbone_depth(tiny_backbone, classnames):
     assert (ivlp.text_depth, ivlp.image_depth) == (tiny_backbone.text_layers, tiny_backbone.vision_layers)
     with pytest.raises(MethodConfigError, match="depth"):
         _model(tiny_backbone, "vpt_deep", classnames, {"depth": tiny_backbone.vision_layers + 1})
+
+
+def test_deep_presets_reach_every_layer_of_a_tower_deeper_than_vit_b():
+    """ViT-L/14: 12 text and 24 image layers. "Deep" is J = L, not ViT-B's 12; MaPLe keeps its paper depth 9."""
+    deeper = SimpleNamespace(text_layers=12, vision_layers=24)
+    assert make_config("vpt_deep", {}, deeper).depth == 24
+    for name in ("ivlp", "deep_prompt"):
+        config = make_config(name, {}, deeper)
+        assert (config.text_depth, config.image_depth) == (12, 24)
+    assert make_config("maple", {}, deeper).depth == 9
+    assert make_config("vpt_deep", {"depth": 6}, deeper).depth == 6  # an explicit depth is kept
+    assert make_config("vpt_deep").depth == 12  # no backbone to count on: the config's default
 
 
 # ----------------------------------------------------------------------------- CoOp options
@@ -408,3 +422,38 @@ def test_prompts_learn_an_easy_task(tiny_backbone, classnames, name, config, lr)
     assert losses[-1] < 0.9 * losses[0]
     assert train_acc >= zs_train + 0.4, (train_acc, zs_train)
     assert test_acc >= zs_test + 0.4, (test_acc, zs_test)
+
+
+def test_training_mode_leaves_the_frozen_towers_in_eval_mode(classnames):
+    """With attention dropout in the config, a tower switched to training mode would no longer be frozen."""
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    backbone = load_backbone("random:tiny")
+    attentions = [m for m in backbone.model.modules() if isinstance(m, CLIPAttention)]
+    assert attentions
+    for attention in attentions:
+        attention.dropout = 0.5  # what attention_dropout=0.5 in the config sets
+    for name in ("coop", "vpt_deep", "maple"):
+        method = _model(backbone, name, classnames).train()
+        assert method.training and not any(m.training for m in backbone.model.modules())
+        images = torch.randn(2, 3, backbone.image_size, backbone.image_size)
+        with torch.no_grad():
+            torch.testing.assert_close(method(images), method(images), atol=0, rtol=0)
+
+
+def test_class_specific_contexts_start_from_a_draw_per_class(tiny_backbone, classnames):
+    coop = _model(tiny_backbone, "coop", classnames, {"class_specific": True, "n_ctx": 4})
+    assert coop.ctx.shape == (len(classnames), 4, tiny_backbone.text_width)
+    assert not torch.equal(coop.ctx[0], coop.ctx[1])
+
+
+@pytest.mark.parametrize("name,options", [("coop", {"class_position": "middle"}), ("coop", {"init": "a photo of a"}),
+                                          ("cocoop", {"init": "a photo of a"})])
+def test_prompts_stay_fp32_on_a_bfloat16_backbone(classnames, name, options):
+    backbone = load_backbone("random:tiny")
+    backbone.model.to(torch.bfloat16)
+    method = _model(backbone, name, classnames, options)
+    assert all(p.dtype == torch.float32 for p in method.prompt_parameters().values())
+    images = torch.randn(2, 3, backbone.image_size, backbone.image_size, dtype=torch.bfloat16)
+    logits = method(images)
+    assert logits.shape == (2, len(classnames)) and torch.isfinite(logits.float()).all()

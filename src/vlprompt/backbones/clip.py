@@ -248,6 +248,7 @@ class CLIPBackbone(nn.Module):
         to the prefix's keys and values. With 4 context tokens and short class names that is about half the tokens.
         """
         text_model = self.model.text_model
+        prefixes = prefixes.to(text_model.embeddings.token_embedding.weight.dtype)  # fp32 prompts, half weights
         batch, n_prefix = prefixes.shape[0], prefixes.shape[1]
         n_texts = tokenized.input_ids.shape[0]
         if not self.truncate_text:  # the reference's full-context computation (only to check the cuts are exact)

@@ -45,13 +45,18 @@ class MethodSpec:
     summary: str = ""
 
 
+# A preset depth that means every layer of the tower it prompts, whatever the backbone's depth (J = L).
+ALL_LAYERS = "all"
+DEPTH_KEYS = ("depth", "text_depth", "image_depth")
+
 METHODS: dict[str, MethodSpec] = {
     "zeroshot": MethodSpec(ZeroShot, summary="hand-written template(s), no training"),
     "linear_probe": MethodSpec(LinearProbe, summary="logistic regression on frozen image features"),
     "coop": MethodSpec(CoOp, summary="learned text context (16 tokens)"),
     "vpt_shallow": MethodSpec(VPT, {"depth": 1}, summary="visual tokens at the image input"),
-    "vpt_deep": MethodSpec(VPT, {"depth": 12}, summary="fresh visual tokens at every image layer"),
-    "ivlp": MethodSpec(IVLP, summary="independent deep text + visual prompts"),
+    "vpt_deep": MethodSpec(VPT, {"depth": ALL_LAYERS}, summary="fresh visual tokens at every image layer"),
+    "ivlp": MethodSpec(IVLP, {"text_depth": ALL_LAYERS, "image_depth": ALL_LAYERS},
+                       summary="independent deep text + visual prompts"),
     "cocoop": MethodSpec(CoCoOp, summary="CoOp + per-image context shift from a meta-network"),
     "maple": MethodSpec(MaPLe, summary="deep text prompts coupled into visual prompts"),
     "upt": MethodSpec(UPT, summary="one tiny network makes both modalities' prompts"),
@@ -61,7 +66,8 @@ METHODS: dict[str, MethodSpec] = {
     # APT's baseline: plain deep prompts of the same count in both towers (IVLP with random init, no fixed words).
     "deep_prompt": MethodSpec(
         IVLP,
-        {"n_text": 50, "n_image": 50, "placeholder": "{}.", "init_from_placeholder": False},
+        {"n_text": 50, "n_image": 50, "placeholder": "{}.", "init_from_placeholder": False, "text_depth": ALL_LAYERS,
+         "image_depth": ALL_LAYERS},
         summary="deep prompts in both towers (APT's baseline, same prompt count)",
     ),
     # Fusion detectors (Grounding DINO family): SDPT's native form, its baselines and reference points.
@@ -100,12 +106,17 @@ def make_config(name: str, options: dict[str, Any] | None = None, backbone=None)
     config_class = spec.method_class.config_class
     values = dict(spec.defaults)
     options = dict(options or {})
+    own_defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
     if backbone is not None:
-        defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
-        defaults.update(spec.defaults)
+        defaults = {**own_defaults, **spec.defaults}
         for key, limit in _depth_limits(spec.method_class, backbone).items():
-            if key in defaults and key not in options and isinstance(defaults[key], int) and defaults[key] > limit:
+            if key not in defaults or key in options:
+                continue
+            if defaults[key] == ALL_LAYERS or (isinstance(defaults[key], int) and defaults[key] > limit):
                 values[key] = limit
+    for key in DEPTH_KEYS:  # no backbone to count layers on: the config's own default (ViT-B's 12)
+        if values.get(key) == ALL_LAYERS:
+            values[key] = own_defaults[key]
     values.update(options)
     return config_class.from_dict(values)
 

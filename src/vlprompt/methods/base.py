@@ -88,6 +88,12 @@ class PromptMethod(nn.Module):
         self.classnames: list[str] = list(classnames)
         self.template = template
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The frozen towers keep eval behaviour (no attention dropout) while the prompts train, as in the released code.
+        self.backbone.model.eval()
+        return self
+
     # ----------------------------------------------------------------- class names
     def set_classes(self, classnames: list[str], template: str | None = None) -> None:
         """Point the method at another label set (cross-dataset / base-to-novel evaluation)."""

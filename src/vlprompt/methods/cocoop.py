@@ -58,7 +58,7 @@ class CoCoOp(PromptMethod):
     def __init__(self, backbone, config: CoCoOpConfig, classnames, template="a photo of a {}.") -> None:
         super().__init__(backbone, config, classnames, template)
         if config.init:
-            ctx = phrase_embedding(backbone, config.init)
+            ctx = phrase_embedding(backbone, config.init).float()  # prompts train in fp32 whatever the weights' dtype
             config.n_ctx = ctx.shape[0]
         else:
             ctx = torch.randn(config.n_ctx, backbone.text_width) * config.init_std

@@ -50,12 +50,14 @@ class CoOp(PromptMethod):
         super().__init__(backbone, config, classnames, template)
         self.trained_classnames = list(self.classnames)
         if config.init:
-            ctx = phrase_embedding(backbone, config.init)
+            ctx = phrase_embedding(backbone, config.init).float()  # prompts train in fp32 whatever the weights' dtype
             config.n_ctx = ctx.shape[0]
+            if config.class_specific:
+                ctx = ctx.unsqueeze(0).repeat(len(self.classnames), 1, 1)
+        elif config.class_specific:  # each class its own draw, as the released CoOp
+            ctx = torch.randn(len(self.classnames), config.n_ctx, backbone.text_width) * config.init_std
         else:
             ctx = torch.randn(config.n_ctx, backbone.text_width) * config.init_std
-        if config.class_specific:
-            ctx = ctx.unsqueeze(0).repeat(len(self.classnames), 1, 1)
         self.ctx = nn.Parameter(ctx)
         self._on_classes_changed()
 
@@ -84,7 +86,8 @@ class CoOp(PromptMethod):
         tok = self.class_text.tokenized
         word = self.backbone.embed_tokens(tok.input_ids)
         n_classes = word.shape[0]
-        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(n_classes, -1, -1)
+        ctx = self.ctx.to(word.dtype)  # the word embeddings' dtype: half-precision weights take fp32 prompts too
+        ctx = ctx if ctx.dim() == 3 else ctx.unsqueeze(0).expand(n_classes, -1, -1)
         half = self.config.n_ctx // 2
         rows = []
         for i, length in enumerate(self.name_lengths):

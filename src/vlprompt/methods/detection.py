@@ -98,6 +98,9 @@ class DetectionMethod(PromptMethod):
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.model.eval()  # the detector keeps eval behaviour (no dropout / drop-path) in every method
+        for name, module in self.backbone.model.named_modules():
+            if name.rsplit(".", 1)[-1] == "lora_dropout" or ".lora_dropout." in name:
+                module.train(mode)  # det_lora's own dropout is part of what trains
         return self
 
     def _train_weights(self, weights: dict[str, nn.Parameter]) -> None:

@@ -85,8 +85,8 @@ class LinearProbe(PromptMethod):
 
     def _solve(self, x: torch.Tensor, y: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
         n_classes = self.head.out_features
-        w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
-        b = torch.zeros(n_classes, requires_grad=True)
+        w = torch.zeros(n_classes, x.shape[1], device=x.device, dtype=x.dtype, requires_grad=True)
+        b = torch.zeros(n_classes, device=x.device, dtype=x.dtype, requires_grad=True)
         opt = torch.optim.LBFGS([w, b], max_iter=self.config.max_iter, line_search_fn="strong_wolfe")
         penalty = 1.0 / (2.0 * c * max(len(y), 1))
 
