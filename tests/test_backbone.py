@@ -359,3 +359,10 @@ def test_vitb16_dimensions(vitb_backbone):
     assert (vitb_backbone.text_width, vitb_backbone.vision_width, vitb_backbone.embed_dim) == (512, 768, 512)
     assert (vitb_backbone.text_layers, vitb_backbone.vision_layers) == (12, 12)
     assert (vitb_backbone.patch_size, vitb_backbone.image_size, vitb_backbone.context_length) == (16, 224, 77)
+
+
+def test_a_local_model_folder_is_recorded_absolute(tiny_model_dir, monkeypatch):
+    """A run trained with --model ./clip must find its model again from any other directory (eval, predict)."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    backbone = load_backbone(f"./{tiny_model_dir.name}")
+    assert backbone.identity["name_or_path"] == str(tiny_model_dir.resolve())

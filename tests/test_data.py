@@ -304,6 +304,15 @@ def test_imagefolder_flat_split_by_ratio(tmp_path: Path) -> None:
     assert load_dataset("imagefolder", path) == ds  # plain "imagefolder" reads the root itself, same seed
 
 
+def test_imagefolder_flat_with_a_class_called_train(tmp_path: Path) -> None:
+    """A flat folder whose classes include "train" (vehicles, VOC) is not the train/test split layout."""
+    path = make_imagefolder(tmp_path / "vehicles", per_class=10)
+    (path / "red_apple").rename(path / "train")
+    ds = load_dataset(f"imagefolder:{path}", None)
+    assert ds.classnames == ["blue berry", "green pear", "train"]
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 30
+
+
 def test_imagefolder_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset(f"imagefolder:{tmp_path / 'nope'}", None)
@@ -442,6 +451,20 @@ def test_few_shot_deterministic_and_seed_dependent(eurosat: DatasetSplits) -> No
     assert a == b
     assert set(a.train) != set(c.train)
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
+
+
+def test_few_shot_on_an_unwritable_cache_folder_warns_and_samples_the_same(eurosat: DatasetSplits, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """A read-only dataset mount must not stop few-shot runs: the cache only pins a seeded split to disk."""
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    expected = few_shot(eurosat, 2, 3)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.warns(UserWarning, match="cache not written.*data.cache_dir"):
+        assert few_shot(eurosat, 2, 3, cache_dir=tmp_path / "cache") == expected
 
 
 def test_few_shot_cache_written_and_reused(eurosat: DatasetSplits, tmp_path: Path) -> None:

@@ -122,3 +122,16 @@ def test_methods_matrix_has_the_detector_families(capsys):
     counts = out.split("trainable parameters on", 1)[1]
     assert re.search(r"^\s+sdpt_native\s+1,024\b", counts, re.M)  # 2 layers x 16 x 32
     assert re.search(r"^\s+coop\s+None\s+unsupported", counts, re.M)
+
+
+def test_a_corrupt_image_is_named_with_the_fix(capsys, detector_dir, coco_root, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(coco_root, tmp_path / "coco")
+    images = [p for p in broken.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    assert images
+    for image in images:
+        image.write_bytes(image.read_bytes()[:40])  # truncated: PIL cannot decode it
+    code, out, err = cli(capsys, *train_args(detector_dir, broken, "det_coop", tmp_path / "run"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot read image" in err and "Traceback" not in err

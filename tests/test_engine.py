@@ -602,3 +602,19 @@ def test_coop_caches_image_features_when_augmentation_is_off(augment, tiny_model
         assert images["n"] == epochs * N_TRAIN + evaluations["images"]
     else:  # each training image encoded exactly once, for the cache
         assert images["n"] == N_TRAIN + evaluations["images"]
+
+
+@pytest.mark.parametrize("method", ["coop", "linear_probe"])
+def test_training_on_a_test_only_dataset_names_it_and_the_fix(method, engine_run_options, tiny_model_dir,
+                                                             engine_data_root, tmp_path, monkeypatch):
+    import dataclasses
+
+    from vlprompt.data import DatasetError
+    from vlprompt.engine import api
+
+    real = api.load_splits
+    monkeypatch.setattr(api, "load_splits", lambda options: dataclasses.replace(real(options), train=[]))
+    options = engine_run_options(tiny_model_dir, engine_data_root, tmp_path / "run", method=method)
+    with pytest.raises(DatasetError, match=r"no training images .*vlprompt eval"):
+        train(options, progress=False, log=quiet)
+    assert not (tmp_path / "run").exists()

@@ -72,7 +72,8 @@ def load_backbone(name_or_path: str | Path) -> CLIPBackbone | GroundingDinoBackb
         raise BackboneLoadError(
             f"model type {config.model_type!r} at {spec!r} is not supported; supported families: {sorted(BACKBONES)}."
         )
-    return family.from_pretrained(str(path) if looks_local else spec)
+    # A local folder is recorded absolute, so a run trained from "./clip" still finds it from another directory.
+    return family.from_pretrained(str(path.resolve()) if looks_local else spec)
 
 
 __all__ = [

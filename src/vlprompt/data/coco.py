@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .datasets import clean_classname
+from .datasets import clean_classname, open_image
 from .errors import DatasetError
 
 COCO_PREFIX = "coco:"
@@ -154,8 +154,14 @@ def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], 
         )
     for image in out:
         if not image.width or not image.height:
-            with Image.open(image.path) as im:
-                image.width, image.height = im.size
+            try:
+                with Image.open(image.path) as im:
+                    image.width, image.height = im.size
+            except (OSError, ValueError, SyntaxError) as err:
+                raise DatasetError(
+                    f"cannot read image {image.path}, listed in {json_path} ({type(err).__name__}: {err}); the file "
+                    "is corrupt or not an image: replace it, or remove it and its annotations from the JSON."
+                ) from err
     return categories, out
 
 
@@ -286,8 +292,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         item = self.images[index]
-        with Image.open(item.path) as im:
-            image = im.convert("RGB")
+        image = open_image(item.path)
         width, height = image.size
         image = image.resize(self._size(width, height), Image.Resampling.BILINEAR)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)

@@ -477,7 +477,8 @@ def _load_imagefolder(info: DatasetInfo, path: Path) -> DatasetSplits:
             f"<path>/{{train,val,test}}/<class>/*.jpg."
         )
     name = f"imagefolder_{path.name or 'root'}"
-    if (path / "train").is_dir():
+    # train/ holding class folders is the split layout; a class that is itself called "train" holds images.
+    if (path / "train").is_dir() and any(child.is_dir() for child in (path / "train").iterdir()):
         classes = _folder_classes(path / "train")
         names = [clean_classname(c) for c in classes]
         if not (path / "test").is_dir():

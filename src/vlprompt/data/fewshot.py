@@ -137,10 +137,18 @@ def _write_cache(
         "train": [[train_index.key_of(str(s.path)), s.label] for s in train],
         "val": [[val_index.key_of(str(s.path)), s.label] for s in val],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temp file in the same folder, then os.replace: concurrent runs (seeds in parallel) and
-    # interrupted runs never leave a half-written cache that a later run would read.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write to a temp file in the same folder, then os.replace: concurrent runs (seeds in parallel) and
+        # interrupted runs never leave a half-written cache that a later run would read.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as err:  # e.g. a read-only dataset mount: the split is seeded, the cache only pins it to disk
+        warnings.warn(
+            f"few-shot split cache not written ({err}); the sampled split is used without it. Set a writable "
+            "cache folder with --set data.cache_dir=DIR (DataOptions.cache_dir).",
+            stacklevel=2,
+        )
+        return
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from vlprompt.backbones import load_backbone
 from vlprompt.data import (
+    DatasetError,
     DatasetSplits,
     ImageDataset,
     ImageTransformConfig,
@@ -89,6 +90,20 @@ def build_train_data(splits: DatasetSplits, backbone, augment: bool) -> TrainDat
     )
 
 
+def _run_backbone(model: str | None, saved: dict[str, Any]):
+    """The model a run was trained on, or ``model`` instead; the error says how to point at a moved model."""
+    from vlprompt.backbones import BackboneLoadError
+
+    if model:
+        return load_backbone(model)
+    recorded = saved["backbone"]["name_or_path"]
+    try:
+        return load_backbone(recorded)
+    except BackboneLoadError as err:
+        raise BackboneLoadError(f"{err} (the model this run was trained on, as recorded in its prompt_config.json; "
+                                "if it moved, pass --model <its folder>)") from err
+
+
 def train(options: RunOptions, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict[str, Any]:
     """Train ``options.method`` on ``options.data`` and write the run folder; returns the final test metrics."""
     canonical_method_name(options.method)  # fail on a typo before any loading
@@ -102,6 +117,11 @@ def train(options: RunOptions, resume: bool = False, overwrite: bool = False, pr
     seed_everything(options.train.seed)  # prompt initialisation is part of the seeded run
     method_config = make_config(options.method, options.method_options, backbone)
     method = get_prompt_model(backbone, options.method, splits.classnames, splits.template, method_config)
+    if not splits.train and (method.num_trainable() > 0 or getattr(method, "fits_features", False)):
+        raise DatasetError(
+            f"{splits.name} has no training images (a test-only dataset such as a domain-shift variant): train on its "
+            f"source dataset, then `vlprompt eval RUN --dataset {options.data.dataset}`."
+        )
     data = build_train_data(splits, backbone, options.train.augment)
     run_info = {
         "model": options.model,
@@ -133,7 +153,7 @@ def evaluate_checkpoint(
         from vlprompt.engine.detection import evaluate_detection_checkpoint
 
         return evaluate_detection_checkpoint(run_dir, data, split, model, batch_size, precision)
-    backbone = load_backbone(model or saved["backbone"]["name_or_path"])
+    backbone = _run_backbone(model, saved)
     splits = load_splits(data)
     method = ckpt.load_prompt(run_dir, backbone, splits.classnames, splits.template)
     samples = splits.split(split)
@@ -163,7 +183,7 @@ def predict(
         raise ValueError(
             f"{run_dir} holds a detection prompt; score it with `vlprompt eval {run_dir} --dataset coco:<path>`."
         )
-    backbone = load_backbone(model or saved["backbone"]["name_or_path"])
+    backbone = _run_backbone(model, saved)
     method = ckpt.load_prompt(run_dir, backbone, classnames)
     method.eval()
     samples = [Sample(path=Path(p).resolve(), label=0, classname="") for p in images]
