@@ -77,6 +77,48 @@ def test_bench_reuses_a_finished_run_only_when_trained_with_the_same_settings(ti
     assert result.read_bytes() == before  # the finished run was left as it was
 
 
+def test_cross_dataset_targets_added_later_are_evaluated_without_retraining(tiny_model_dir, engine_data_root,
+                                                                              tmp_path):
+    from data_fixtures import make_split_json_dataset
+
+    data_root = shutil.copytree(engine_data_root, tmp_path / "data")
+    make_split_json_dataset(data_root, "dtd", classnames=("banded", "dotted"), per_split=(2, 1, 3), image_size=32)
+    out_dir = tmp_path / "bench"
+    common = ["bench", "--methods", "coop", "--protocols", "crossdataset", "--data-root", data_root, "--model",
+              tiny_model_dir, "--seeds", "1", "--output", out_dir, "--set", "default_train.batch_size=4",
+              "--set", "default_train.epochs=1", "--set", "b2n_shots=1", "--set", "recipes.coop.method_options.n_ctx=2"]
+    code, out, err = _cli(*common, "--datasets", "eurosat")
+    assert code == 0, err
+    prompt = Path(out_dir, "runs", "crossdataset", "eurosat", "coop", "shots1_seed1", "prompt.safetensors")
+    trained = prompt.read_bytes()
+
+    code, out, err = _cli(*common, "--datasets", "eurosat", "dtd")
+    assert code == 0, err
+    assert "evaluated the finished run on 1 new target(s): dtd[all]" in out
+    assert prompt.read_bytes() == trained  # not retrained
+    rows = Path(out_dir, "results.csv").read_text().splitlines()
+    assert sum(",dtd," in row for row in rows) == 1 and sum(",eurosat,eurosat," in row for row in rows) == 1
+
+    code, out, err = _cli(*common, "--datasets", "eurosat")  # fewer targets: the table shows only those
+    assert code == 0, err
+    assert not any(",dtd," in row for row in Path(out_dir, "results.csv").read_text().splitlines())
+
+
+@pytest.mark.parametrize("datasets,extra,message", [
+    (["eurosat"], ["--set", "recipes.coop.train.lrr=0.01"], "recipe of coop or default_train"),
+    (["eurosat"], ["--set", "recipes.coop.method_options.n_ctxx=2"], "no option(s) ['n_ctxx']"),
+    (["eurosat", "nosuchset"], [], "unknown dataset 'nosuchset'"),
+])
+def test_bench_typos_stop_it_before_the_first_run(tiny_model_dir, engine_data_root, tmp_path, datasets, extra,
+                                                  message):
+    out_dir = tmp_path / "bench"
+    code, out, err = _cli("bench", "--methods", "zeroshot", "coop", "--datasets", *datasets, *extra, "--data-root",
+                          engine_data_root, "--model", tiny_model_dir, "--shots", "1", "--seeds", "1", "--output",
+                          out_dir)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and not (out_dir / "runs").exists()
+
+
 def test_bench_config_with_bad_epochs_by_shots_exits_2(tmp_path):
     code, out, err = _cli("bench", "--methods", "coop", "--datasets", "eurosat", "--output", tmp_path,
                           "--set", "default_epochs_by_shots.16=0")

@@ -117,6 +117,13 @@ def test_eval_prints_the_training_test_accuracy(capsys, cli_run, engine_data_roo
     assert json.loads(out)["n"] == 6
 
 
+def test_eval_reads_the_model_from_the_config_too(capsys, cli_run, engine_data_root, engine_other_arch_model_dir):
+    run_dir = cli_run[0]
+    code, out, err = cli(capsys, "eval", run_dir, "--dataset", "eurosat", "--data-root", engine_data_root,
+                         "--set", f"model={engine_other_arch_model_dir}")
+    assert code == 2 and "vision_config.hidden_size" in err  # that model was loaded, and refused
+
+
 def test_predict_prints_k_labels_per_image(capsys, cli_run, engine_data_root):
     run_dir, _, _ = cli_run
     images = [s.path for s in load_dataset("eurosat", engine_data_root).test[:2]]

@@ -179,9 +179,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data = DataOptions(**tree.get("data", {}))
     except TypeError as err:
         raise CLIError(f"bad data options: {err}") from err
-    result = evaluate_checkpoint(
-        args.run_dir, data, split=args.split, model=args.model, batch_size=args.batch_size,
-        precision=args.precision or "fp32",
+    result = evaluate_checkpoint(  # --model / --precision, else the config's model: and train.precision
+        args.run_dir, data, split=args.split, model=tree.get("model"), batch_size=args.batch_size,
+        precision=tree.get("train", {}).get("precision") or "fp32",
     )
     print(json.dumps({"run": str(args.run_dir), **result}))
     return 0

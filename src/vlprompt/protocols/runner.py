@@ -218,9 +218,19 @@ def run_job(config: BenchConfig, job: Job) -> list[dict[str, Any]]:
     start = time.perf_counter()
     train(options, overwrite=True, progress=False, log=lambda _: None)
     train_time = time.perf_counter() - start
+    rows = _evaluate_job(config, job, run_dir, job.evals, train_time)
+    settings = job_settings(options, [dataset for dataset, _ in job.evals])
+    ckpt.atomic_write_json(run_dir / "result.json", {"job": asdict(job), "settings": settings,
+                                                     "rows": rows})
+    return rows
+
+
+def _evaluate_job(config: BenchConfig, job: Job, run_dir: Path, evals: Sequence[tuple[str, str]],
+                  train_time: float) -> list[dict[str, Any]]:
+    """One CSV row per (dataset, subset) in ``evals``, from the prompt saved in ``run_dir``."""
     saved = ckpt.read_prompt_config(run_dir)
     rows = []
-    for eval_dataset, subset in job.evals:
+    for eval_dataset, subset in evals:
         data = DataOptions(dataset=eval_dataset, root=config.data_root, subsample=subset)
         result = evaluate_checkpoint(run_dir, data, split="test", model=config.model, precision=job.precision)
         rows.append(
@@ -239,10 +249,27 @@ def run_job(config: BenchConfig, job: Job) -> list[dict[str, Any]]:
                 "precision": job.precision,
             }
         )
-    settings = job_settings(options, [dataset for dataset, _ in job.evals])
-    ckpt.atomic_write_json(run_dir / "result.json", {"job": asdict(job), "settings": settings,
-                                                     "rows": rows})
     return rows
+
+
+def _reuse_job(config: BenchConfig, job: Job, stored: dict[str, Any], result_file: Path,
+               log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The rows of a finished run for this job's evaluation targets; targets added since it ran (a longer
+    cross-dataset or domain list) are evaluated on its saved prompt, without retraining, and stored with it."""
+    rows = list(stored["rows"])
+    have = {(r["eval_dataset"], r["subset"]) for r in rows}
+    missing = [target for target in job.evals if target not in have]
+    if missing:
+        train_time = rows[0]["train_time_s"] if rows else 0.0
+        rows += _evaluate_job(config, job, result_file.parent, missing, train_time)
+        datasets = list(dict.fromkeys(r["eval_dataset"] for r in rows))
+        settings = {**stored["settings"], "data": {**stored["settings"].get("data", {}),
+                                                   **_toy_fingerprints(datasets)}} if stored.get("settings") else None
+        ckpt.atomic_write_json(result_file, {**stored, "job": asdict(job), "settings": settings, "rows": rows})
+        log(f"{job.key}: evaluated the finished run on {len(missing)} new target(s): "
+            + ", ".join(f"{d}[{sub}]" for d, sub in missing))
+    wanted = set(job.evals)
+    return [row for row in rows if (row["eval_dataset"], row["subset"]) in wanted]
 
 
 # Training options that cannot change a run's result (how evaluation is batched, data loading workers).
@@ -275,13 +302,21 @@ def _toy_fingerprints(datasets: Sequence[str]) -> dict[str, str]:
 
 def _check_reusable(config: BenchConfig, job: Job, stored: dict[str, Any], result_file: Path) -> None:
     """A finished run is reused only if it was trained as this bench would train it now."""
+    stored_dataset = stored.get("job", {}).get("dataset", job.dataset)
+    if stored_dataset != job.dataset:  # two dataset names that map to one folder name
+        raise ValueError(
+            f"{result_file.parent} holds a run on {stored_dataset!r}, not {job.dataset!r} (their run folder names "
+            "coincide): bench them with separate --output folders."
+        )
     before = stored.get("settings")
     if before is None:  # written before settings were stored: nothing to compare
         return
-    now = json.loads(json.dumps(job_settings(_run_options(config, job, result_file.parent),
-                                             [dataset for dataset, _ in job.evals])))
+    evaluated = [dataset for dataset, _ in job.evals if dataset in before.get("data", {})]
+    now = json.loads(json.dumps(job_settings(_run_options(config, job, result_file.parent), evaluated)))
     if "data" not in before:  # stored before dataset digests were: nothing to compare
         now.pop("data")
+    else:  # targets the run was not evaluated on yet have no stored digest: they are evaluated on reuse
+        before = {**before, "data": {k: v for k, v in before["data"].items() if k in now["data"]}}
     if before != now:
         parts = ("train", "method_options", "data")
         changed = [f"{part}.{k}: {before[part].get(k)!r} -> {now[part].get(k)!r}"
@@ -303,6 +338,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
     suffix = precision_suffix(config.precision)
     ckpt.atomic_write_json(output / f"bench_config{suffix}.json", _config_json(config))
     jobs = plan_jobs(config)
+    check_jobs(config, jobs)
     rows_by_job: dict[int, list[dict[str, Any]]] = {}
     pending: list[tuple[int, Job]] = []
     for i, job in enumerate(jobs, 1):
@@ -310,7 +346,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
         if result_file.exists():
             stored = json.loads(result_file.read_text())
             _check_reusable(config, job, stored, result_file)
-            rows_by_job[i] = [{"precision": job.precision, **row} for row in stored["rows"]]
+            rows_by_job[i] = [{"precision": job.precision, **row}
+                              for row in _reuse_job(config, job, stored, result_file, log)]
         else:
             pending.append((i, job))
     done = len(rows_by_job)
@@ -320,16 +357,38 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
         accs = ", ".join(f"{r['eval_dataset']}[{r['subset']}] {r['accuracy']:.1f}" for r in job_rows)
         log(f"[{i}/{len(jobs)}] {job.key}: {accs} ({seconds:.1f}s)")
 
-    if config.workers == 1 or len(pending) <= 1:
-        for i, job in pending:
-            finished(i, job, *_timed_job(config, job))
-    else:
-        _run_parallel(config, pending, finished)
+    try:
+        if config.workers == 1 or len(pending) <= 1:
+            for i, job in pending:
+                finished(i, job, *_timed_job(config, job))
+        else:
+            _run_parallel(config, pending, finished)
+    finally:  # a failed or interrupted bench still tables every run that finished
+        rows = [row for i in sorted(rows_by_job) for row in rows_by_job[i]]  # plan order, however runs finished
+        write_csv(results_csv_path(config), rows)
     if done:
         log(f"{done} of {len(jobs)} runs were already finished and were reused")
-    rows = [row for i in sorted(rows_by_job) for row in rows_by_job[i]]  # plan order, however the runs finished
-    write_csv(results_csv_path(config), rows)
     return rows
+
+
+def check_jobs(config: BenchConfig, jobs: Sequence[Job]) -> None:
+    """Every recipe and dataset of the plan, checked before the first run: a typo must not surface hours in."""
+    from vlprompt.data import load_dataset
+    from vlprompt.methods import make_config
+
+    for method in dict.fromkeys(job.method for job in jobs):
+        try:
+            make_config(method, config.recipes.get(method, Recipe()).method_options)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"recipe of {method}: {err}") from err
+    for job in jobs:
+        try:
+            _run_options(config, job, Path(config.output))
+        except TypeError as err:  # an unknown training option
+            raise ValueError(f"recipe of {job.method} or default_train: {err} (see TrainConfig's fields in "
+                             "vlprompt/engine/trainer.py)") from err
+    for dataset in dict.fromkeys(d for job in jobs for d in (job.dataset, *(e for e, _ in job.evals))):
+        load_dataset(dataset, config.data_root)  # names the dataset and the fix on a typo or a missing folder
 
 
 def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
