@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -48,15 +49,19 @@ def fewshot_average(rows: list[Row]) -> dict[tuple[str, int], tuple[float, float
     """(method, shots) -> mean over datasets of the per-seed accuracy (std over seeds of the dataset means)."""
     fewshot = [r for r in rows if r["protocol"] == "fewshot"]
     all_shots = sorted({r["shots"] for r in fewshot if r["method"] not in SHOT_INDEPENDENT})
-    per_seed: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    datasets = {r["eval_dataset"] for r in fewshot}
+    per_seed: dict[tuple[str, int, int], dict[str, float]] = defaultdict(dict)
     for r in fewshot:
         shots = all_shots if r["method"] in SHOT_INDEPENDENT and all_shots else [r["shots"]]
         for k in shots:
-            per_seed[(r["method"], k, r["seed"])].append(r["accuracy"])
+            per_seed[(r["method"], k, r["seed"])][r["eval_dataset"]] = r["accuracy"]
     by_method_shot: dict[tuple[str, int], list[float]] = defaultdict(list)
+    incomplete: set[tuple[str, int]] = set()
     for (method, k, _seed), accs in per_seed.items():
-        by_method_shot[(method, k)].append(sum(accs) / len(accs))
-    return {key: mean_std(v) for key, v in by_method_shot.items()}
+        if set(accs) != datasets:  # an average over fewer datasets is not comparable: no cell (shown "-")
+            incomplete.add((method, k))
+        by_method_shot[(method, k)].append(sum(accs.values()) / len(accs))
+    return {key: mean_std(v) for key, v in by_method_shot.items() if key not in incomplete}
 
 
 def base2novel_cells(rows: list[Row]) -> dict[tuple[str, str], dict[str, float]]:
@@ -77,11 +82,16 @@ def base2novel_cells(rows: list[Row]) -> dict[tuple[str, str], dict[str, float]]
     return out
 
 
-def cost_cells(rows: list[Row]) -> dict[str, tuple[int, float]]:
-    """method -> (trainable parameters, mean training time per run in seconds)."""
+def cost_cells(rows: list[Row]) -> dict[str, tuple[str, float]]:
+    """method -> (trainable parameters: one count or the range over datasets, mean training time per run in s).
+
+    A run evaluated on several targets (cross-dataset, domain) has one row per target but trained once."""
     out = {}
     for (method,), group in _group(rows, "method").items():
-        out[method] = (group[0]["trainable_parameters"], sum(r["train_time_s"] for r in group) / len(group))
+        runs = {(r["protocol"], r["train_dataset"], r["shots"], r["seed"]): r for r in group}.values()
+        counts = sorted({int(r["trainable_parameters"]) for r in runs})
+        shown = f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,} - {counts[-1]:,}"
+        out[method] = (shown, sum(r["train_time_s"] for r in runs) / len(runs))
     return out
 
 
@@ -96,8 +106,9 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
         lines += ["## Few-shot: test accuracy (%), mean ± std over seeds, averaged over datasets", ""]
         lines += ["| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
                   "|---|" + "---:|" * len(shots)]
+        run_methods = {r["method"] for r in fewshot}
         for m in methods:
-            if any((m, k) in avg for k in shots):
+            if m in run_methods:  # "-": not every dataset has a result for every seed (an unfinished bench)
                 lines.append(f"| {m} | " + " | ".join(_fmt(*avg[(m, k)]) if (m, k) in avg else "-" for k in shots)
                              + " |")
         lines.append("")
@@ -120,6 +131,10 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
             per = [b2n[(d, m)] for d in datasets if (d, m) in b2n]
             if not per:
                 continue
+            if len(per) < len(datasets):  # averages over fewer datasets are not comparable
+                lines.append(f"| {m} | - | - | - | " + " | ".join(
+                    f"{b2n[(d, m)]['hm']:.1f}" if "hm" in b2n.get((d, m), {}) else "-" for d in datasets) + " |")
+                continue
             base = sum(p["base"] for p in per) / len(per)
             if any("novel" not in p for p in per):  # cannot score novel classes
                 lines.append(f"| {m} | {base:.1f} | - | - | " + " | ".join("-" for _ in datasets) + " |")
@@ -132,22 +147,23 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
         part = [r for r in rows if r["protocol"] == protocol]
         if not part:
             continue
-        targets = _ordered(r["eval_dataset"] for r in part)
-        source = part[0]["train_dataset"]
-        lines += [f"## {heading}: trained on {source}, test accuracy (%) mean ± std over seeds", "",
-                  "| method | " + " | ".join(targets) + " |", "|---|" + "---:|" * len(targets)]
-        groups = _group(part, "method", "eval_dataset")
-        for m in methods:
-            if any((m, t) in groups for t in targets):
-                lines.append(f"| {m} | " + " | ".join(
-                    _fmt(*mean_std([r["accuracy"] for r in groups[(m, t)]])) if (m, t) in groups else "-"
-                    for t in targets) + " |")
-        lines.append("")
+        for source in _ordered(r["train_dataset"] for r in part):  # one table per source dataset
+            of_source = [r for r in part if r["train_dataset"] == source]
+            targets = _ordered(r["eval_dataset"] for r in of_source)
+            lines += [f"## {heading}: trained on {source}, test accuracy (%) mean ± std over seeds", "",
+                      "| method | " + " | ".join(targets) + " |", "|---|" + "---:|" * len(targets)]
+            groups = _group(of_source, "method", "eval_dataset")
+            for m in methods:
+                if any((m, t) in groups for t in targets):
+                    lines.append(f"| {m} | " + " | ".join(
+                        _fmt(*mean_std([r["accuracy"] for r in groups[(m, t)]])) if (m, t) in groups else "-"
+                        for t in targets) + " |")
+            lines.append("")
     costs = cost_cells(rows)
     lines += ["## Cost", "", "| method | trainable parameters | mean training time per run (s) |", "|---|---:|---:|"]
     for m in methods:
         if m in costs:
-            lines.append(f"| {m} | {costs[m][0]:,} | {costs[m][1]:.1f} |")
+            lines.append(f"| {m} | {costs[m][0]} | {costs[m][1]:.1f} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -234,7 +250,7 @@ def plot_fewshot(rows: list[Row], out_dir: Path, methods: list[str] | None = Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
-        path = out_dir / f"fewshot_{name.replace(':', '_')}{suffix}.png"
+        path = out_dir / f"fewshot_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}{suffix}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
