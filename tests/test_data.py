@@ -313,6 +313,19 @@ def test_imagefolder_flat_with_a_class_called_train(tmp_path: Path) -> None:
     assert len(ds.train) + len(ds.val) + len(ds.test) == 30
 
 
+def test_imagefolder_split_of_a_class_does_not_change_when_a_class_is_added(tmp_path: Path) -> None:
+    path = make_imagefolder(tmp_path / "flat", per_class=10)
+    before = load_dataset(f"imagefolder:{path}", None)
+    shutil.copytree(path / "green_pear", path / "a_new_class")  # sorts first: every label moves by one
+    after = load_dataset(f"imagefolder:{path}", None)
+    def members(splits: DatasetSplits, split: str) -> dict[str, list[Path]]:
+        return {name: sorted(s.path for s in getattr(splits, split) if s.classname == name)
+                for name in ("green pear", "red apple")}
+
+    for split in ("train", "val", "test"):
+        assert members(before, split) == members(after, split), split
+
+
 def test_imagefolder_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset(f"imagefolder:{tmp_path / 'nope'}", None)
@@ -465,6 +478,19 @@ def test_few_shot_on_an_unwritable_cache_folder_warns_and_samples_the_same(euros
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     with pytest.warns(UserWarning, match="cache not written.*data.cache_dir"):
         assert few_shot(eurosat, 2, 3, cache_dir=tmp_path / "cache") == expected
+
+
+def test_few_shot_cache_is_resampled_when_a_short_class_grows(tmp_path: Path) -> None:
+    """A class that had fewer than K images contributes all of them; once it has more, the cache must not keep it
+    short."""
+    path = make_imagefolder(tmp_path / "pets", form="split", per_class=(3, 1, 2))
+    small = load_dataset(f"imagefolder:{path}", None)
+    with pytest.warns(UserWarning, match="fewer"):
+        assert counts_per_class(few_shot(small, 8, 1, cache_dir=tmp_path / "cache").train, 3) == [3] * 3
+    grown = make_imagefolder(tmp_path / "pets", form="split", per_class=(10, 1, 2))
+    larger = load_dataset(f"imagefolder:{grown}", None)
+    with pytest.warns(UserWarning, match="stale: the number of train / val images per class changed"):
+        assert counts_per_class(few_shot(larger, 8, 1, cache_dir=tmp_path / "cache").train, 3) == [8] * 3
 
 
 def test_few_shot_cache_written_and_reused(eurosat: DatasetSplits, tmp_path: Path) -> None:

@@ -54,3 +54,24 @@ def test_cli_names_the_bad_option(tmp_path, capsys):
     assert code == 2
     assert "device" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    ("patch_size=0", "patch_size must be >= 1"), ("steps=0", "steps must be >= 1"),
+    ("steps=1e1", "steps must be an integer"), ("lr=abc", "lr must be a positive number"),
+    ("vision_heads=3", "multiple of vision_heads 3"), ("batch_size=0", "batch_size must be >= 1"),
+    ("n_pairs=10", "larger than the corpus"), ("group_size=8", "group_size 8 is larger than 5"),
+    ("log_every=0", "log_every must be >= 1"), ("threads=0", "threads must be >= 1"),
+])
+def test_cli_refuses_bad_values_before_any_work(tmp_path, capsys, option, message):
+    code = main(["pretrain-toy", "--output", str(tmp_path / "m"), "--cache-dir", str(tmp_path / "cache"),
+                 "--set", option])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "m").exists()
+
+
+def test_cli_refuses_a_file_as_output(tmp_path, capsys):
+    (tmp_path / "m").write_text("not a folder")
+    assert main(["pretrain-toy", "--output", str(tmp_path / "m")]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -311,6 +311,8 @@ def cmd_pretrain_toy(args: argparse.Namespace) -> int:
         config = PretrainConfig(**values)
     except (TypeError, ValueError) as err:
         raise CLIError(f"bad pretraining option: {err}") from err
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise CLIError(f"--output {args.output} is a file; give a folder for the model")
     pretrain(config, args.output, args.cache_dir)
     return 0
 

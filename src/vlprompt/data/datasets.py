@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -491,19 +492,23 @@ def _load_imagefolder(info: DatasetInfo, path: Path) -> DatasetSplits:
         if (path / "val").is_dir():
             val = _folder_images(path / "val", classes, strict=False)
         else:  # carve a seeded share of train per class, so every class keeps validation images
-            cut = [_seeded_partition(p, [IMAGEFOLDER_VAL_FRACTION], IMAGEFOLDER_SEED + i) for i, p in enumerate(train)]
+            cut = [_seeded_partition(p, [IMAGEFOLDER_VAL_FRACTION], _class_seed(c)) for c, p in zip(classes, train)]
             train, val = [c[0] for c in cut], [c[1] for c in cut]
     else:
         classes = _folder_classes(path)
         names = [clean_classname(c) for c in classes]
         per_class = _folder_images(path, classes, strict=True)
         _, f_val, f_test = IMAGEFOLDER_RATIOS
-        # Per-class seeds (seed + label) keep each class's split independent of which other classes exist.
-        cut = [_seeded_partition(p, [f_val, f_test], IMAGEFOLDER_SEED + i) for i, p in enumerate(per_class)]
+        cut = [_seeded_partition(p, [f_val, f_test], _class_seed(c)) for c, p in zip(classes, per_class)]
         train, val, test = [c[0] for c in cut], [c[1] for c in cut], [c[2] for c in cut]
     return DatasetSplits(
         name, names, info.template, _to_samples(train, names), _to_samples(val, names), _to_samples(test, names)
     )
+
+
+def _class_seed(folder: str) -> int:
+    """A seed per class folder *name*, so adding or removing a class leaves every other class's split as it was."""
+    return IMAGEFOLDER_SEED + zlib.crc32(folder.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -131,6 +131,7 @@ def _write_cache(
         "shots": shots,
         "seed": seed,
         "classnames": splits.classnames,
+        "pool_sizes": _pool_sizes(splits),
         # Informational only: where the images were when the cache was written.
         "train_base": train_index.base,
         "val_base": val_index.base,
@@ -183,7 +184,16 @@ def _cache_problem(data: Any, splits: DatasetSplits, shots: int, seed: int) -> s
         return f"it was written for shots={data.get('shots')}, seed={data.get('seed')}"
     if data.get("classnames") != splits.classnames:
         return "the dataset's class list changed"
+    if "pool_sizes" in data and data["pool_sizes"] != _pool_sizes(splits):
+        # More images in a class that had fewer than K, or a changed pool: the seeded sample is another one now.
+        return "the number of train / val images per class changed"
     return None
+
+
+def _pool_sizes(splits: DatasetSplits) -> dict[str, list[int]]:
+    n = len(splits.classnames)
+    return {"train": [len(g) for g in _by_class(splits.train, n)],
+            "val": [len(g) for g in _by_class(_val_pool(splits), n)]}
 
 
 class _StaleEntry(Exception):

@@ -57,6 +57,9 @@ class PretrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        problems = _check_pretrain_values(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         if self.group_size < 1 or self.batch_size % self.group_size or self.n_pairs % self.group_size:
@@ -68,6 +71,43 @@ class PretrainConfig:
             raise ValueError(f"device {self.device!r} is not a torch device (use cpu, cuda or cuda:N)") from err
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA GPU here; use device=cpu")
+
+
+_POSITIVE_INTS = ("n_pairs", "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "text_width",
+                  "text_layers", "text_heads", "embed_dim", "context_length", "batch_size", "group_size", "steps",
+                  "text_buckets", "threads", "log_every")
+_NON_NEGATIVE_INTS = ("vocab_captions", "warmup_steps", "seed")
+
+
+def _check_pretrain_values(config: "PretrainConfig") -> list[str]:
+    from vlprompt.toyworld.world import VARY_WEIGHTS, attribute_values
+
+    problems = []
+    for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{name} must be an integer (got {value!r})")
+        elif value < (1 if name in _POSITIVE_INTS else 0):
+            problems.append(f"{name} must be {'>= 1' if name in _POSITIVE_INTS else '>= 0'} (got {value})")
+    for name in ("lr", "weight_decay"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= (0 if name != "lr" else 1e-12):
+            problems.append(f"{name} must be a {'positive' if name == 'lr' else 'non-negative'} number (got {value!r})")
+    if problems:
+        return problems
+    for tower in ("vision", "text"):
+        width, heads = getattr(config, f"{tower}_width"), getattr(config, f"{tower}_heads")
+        if width % heads:
+            problems.append(f"{tower}_width {width} must be a multiple of {tower}_heads {heads}")
+    if config.batch_size > config.n_pairs:
+        problems.append(f"batch_size {config.batch_size} is larger than the corpus (n_pairs {config.n_pairs})")
+    # A hard-negative group varies one attribute; more members than that attribute has values would repeat images
+    # as each other's negatives.
+    most = min(len(attribute_values(a)) for a in VARY_WEIGHTS)
+    if config.group_size > most:
+        problems.append(f"group_size {config.group_size} is larger than {most}, the fewest values an attribute of a "
+                        "hard-negative group has")
+    return problems
 
 
 def world_vocabulary_texts(n_captions: int = 20_000, seed: int = 12345) -> list[str]:
