@@ -457,3 +457,23 @@ def test_prompts_stay_fp32_on_a_bfloat16_backbone(classnames, name, options):
     images = torch.randn(2, 3, backbone.image_size, backbone.image_size, dtype=torch.bfloat16)
     logits = method(images)
     assert logits.shape == (2, len(classnames)) and torch.isfinite(logits.float()).all()
+
+
+@torch.no_grad()
+def test_class_tied_methods_score_a_subset_of_their_classes_exactly(tiny_backbone, classnames, pixels):
+    """ImageNet-A / -R: 200 of ImageNet's 1000 classes; CoOp reports the linear probe on them."""
+    subset = [classnames[2], classnames[0]]
+    probe = _model(tiny_backbone, "linear_probe", classnames)
+    probe.head.weight.normal_()
+    probe.head.bias.normal_()
+    full = probe(pixels)
+    probe.set_classes(subset)
+    torch.testing.assert_close(probe(pixels), full[:, [2, 0]], atol=0, rtol=0)
+    for position in ("end", "middle"):
+        coop = _model(tiny_backbone, "coop", classnames, {"n_ctx": 4, "class_specific": True,
+                                                          "class_position": position})
+        full = coop.text_features()
+        coop.set_classes(subset)
+        torch.testing.assert_close(coop.text_features(), full[[2, 0]], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="subset"):
+        probe.set_classes([classnames[0], "zebra"])

@@ -357,3 +357,24 @@ def test_length_bucketed_caption_encoding_equals_one_padded_batch(tiny_model_dir
         assert features.shape == outputs[0].shape
         torch.testing.assert_close(features, outputs[0], atol=1e-5, rtol=1e-5)  # same rows, same order
         torch.testing.assert_close(grad, grads[0], atol=1e-4, rtol=1e-3)  # float summation order only
+
+
+# The scenes and captions a seed gives, per world version. A change to the sampler or the captions must bump
+# WORLD_VERSION (so cached corpora and suites are regenerated and bench results are not reused across it); then put
+# the new digest here. Pixels are left out: their last bits may differ between Pillow versions.
+PINNED_WORLD_DIGESTS = {2: "5be37e1a2133e3ae"}
+
+
+def test_what_a_seed_produces_is_pinned_to_the_world_version():
+    import hashlib
+
+    from vlprompt.toyworld.world import WORLD_VERSION
+
+    corpus = PretrainingCorpus(500, seed=0)
+    digest = hashlib.sha256()
+    for i in range(0, 500, 5):
+        digest.update(repr((corpus.scene(i), corpus.domain(i), corpus.caption(i))).encode())
+    assert PINNED_WORLD_DIGESTS.get(WORLD_VERSION) == digest.hexdigest()[:16], (
+        "the toy world's scenes or captions changed: bump WORLD_VERSION in vlprompt/toyworld/world.py and pin "
+        f"{digest.hexdigest()[:16]} for it in PINNED_WORLD_DIGESTS"
+    )

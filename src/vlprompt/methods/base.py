@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -48,6 +49,22 @@ def check_template(template: str) -> None:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise MethodConfigError(message)
+
+
+def subset_rows(trained: Sequence[str], asked: Sequence[str], what: str) -> list[int] | None:
+    """Rows of ``trained`` that score ``asked``: None when they are the same list, the indices when ``asked`` is a
+    subset (ImageNet-A/R's 200 of ImageNet's 1000 classes, as CoOp reports a linear probe on them)."""
+    if list(asked) == list(trained):
+        return None
+    index = {name: i for i, name in enumerate(trained)}
+    unknown = [name for name in asked if name not in index]
+    if unknown or len(set(asked)) != len(asked):
+        shown = ", ".join(trained[:5]) + (", ..." if len(trained) > 5 else "")
+        raise ValueError(
+            f"{what} is tied to the {len(trained)} classes it was trained on ({shown}); it can score a subset of them "
+            f"but not {unknown[:5] or 'repeated names'}. Use a prompt method for cross-dataset evaluation."
+        )
+    return [index[name] for name in asked]
 
 
 class PromptMethod(nn.Module):
@@ -113,6 +130,7 @@ class PromptMethod(nn.Module):
 
     def _on_classes_changed(self) -> None:
         pass
+
 
     # ----------------------------------------------------------------- features and logits
     def text_features(self) -> torch.Tensor:

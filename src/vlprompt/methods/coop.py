@@ -13,6 +13,7 @@ from vlprompt.methods.base import (
     PromptMethod,
     phrase_embedding,
     require,
+    subset_rows,
 )
 
 CLASS_POSITIONS = ("end", "middle", "front")
@@ -62,22 +63,23 @@ class CoOp(PromptMethod):
         self._on_classes_changed()
 
     def _on_classes_changed(self) -> None:
-        if self.config.class_specific and self.classnames != self.trained_classnames:
-            raise ValueError(
-                f"class-specific CoOp contexts belong to the classes they were learned for "
-                f"({', '.join(self.trained_classnames[:5])}{', ...' if len(self.trained_classnames) > 5 else ''}) and "
-                "cannot score other class names; use generic contexts (class_specific=false) for transfer."
-            )
+        # Class-specific contexts belong to their classes: a subset of them can be scored (ImageNet-A/R), others not.
+        self.class_rows = (subset_rows(self.trained_classnames, self.classnames, "class-specific CoOp (use "
+                                       "class_specific=false for transfer)") if self.config.class_specific else None)
         self.class_text = ClassTextPrompts(self.backbone, self.classnames)
         if self.config.class_position != "end":
             names = self.backbone.tokenize(self.classnames)
             self.name_lengths = (names.eot_index - 1).tolist()
 
+    def context(self) -> torch.Tensor:
+        """The learned context: ``(M, d)`` shared, or ``(C, M, d)`` for the classes being scored."""
+        return self.ctx if self.class_rows is None else self.ctx[self.class_rows]
+
     def text_features(self) -> torch.Tensor:
         if self.config.n_ctx == 0:
             return self.class_text.features(self.backbone, None)
         if self.config.class_position == "end":
-            return self.class_text.features(self.backbone, DeepPrompts([self.ctx]))
+            return self.class_text.features(self.backbone, DeepPrompts([self.context()]))
         embeds, eot = self._arranged_sequences()
         return self.backbone.encode_text(embeds, eot)
 
@@ -86,7 +88,7 @@ class CoOp(PromptMethod):
         tok = self.class_text.tokenized
         word = self.backbone.embed_tokens(tok.input_ids)
         n_classes = word.shape[0]
-        ctx = self.ctx.to(word.dtype)  # the word embeddings' dtype: half-precision weights take fp32 prompts too
+        ctx = self.context().to(word.dtype)  # the word embeddings' dtype: half-precision weights take fp32 prompts
         ctx = ctx if ctx.dim() == 3 else ctx.unsqueeze(0).expand(n_classes, -1, -1)
         half = self.config.n_ctx // 2
         rows = []

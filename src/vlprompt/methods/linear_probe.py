@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlprompt.backbones.base import SITE_JOINT_SPACE
-from vlprompt.methods.base import MethodConfig, PromptMethod, require
+from vlprompt.methods.base import MethodConfig, PromptMethod, require, subset_rows
 
 
 @dataclass
@@ -43,19 +43,17 @@ class LinearProbe(PromptMethod):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.chosen_c: float | None = None
+        self.class_rows: list[int] | None = None  # a subset of the fitted classes being scored
 
     def _on_classes_changed(self) -> None:
-        if self.classnames != self.fitted_classnames:
-            raise ValueError(
-                f"a linear probe is tied to the {len(self.fitted_classnames)} classes it was fitted on "
-                f"({', '.join(self.fitted_classnames[:5])}{', ...' if len(self.fitted_classnames) > 5 else ''}); "
-                "it cannot score other class names. Use a prompt method for cross-dataset evaluation."
-            )
+        self.class_rows = subset_rows(self.fitted_classnames, self.classnames, "a linear probe")
 
     def forward(self, pixel_values=None, image_feats=None, text_feats=None) -> torch.Tensor:
         if image_feats is None:
             image_feats = self.image_features(pixel_values)
-        return self.head(F.normalize(image_feats.float(), dim=-1))
+        logits = self.head(F.normalize(image_feats.float(), dim=-1))
+        rows = getattr(self, "class_rows", None)
+        return logits if rows is None else logits[:, rows]
 
     def fit(
         self,
