@@ -379,3 +379,59 @@ def test_det_lora_dropout_trains_while_the_detector_stays_in_eval_mode(batch):
     assert not any(m.training for m in others)
     method.eval()
     assert not any(m.training for m in backbone.model.modules())
+
+
+# ------------------------------------------------------------------------------------------------ bad COCO input
+def _edit_split(root, split, edit):
+    path = root / split / "annotations.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_malformed_or_ambiguous_coco_files_are_named(toy_det, tmp_path):
+    cases = [
+        (lambda d: d["categories"][0].pop("name"), "category entry is malformed"),
+        (lambda d: d["annotations"][0].__setitem__("bbox", [1, None, 3, 4]), "is malformed"),
+        (lambda d: d["categories"].append({"id": 999, "name": d["categories"][0]["name"].upper()}),
+         "more than once (ignoring case)"),
+    ]
+    for i, (edit, message) in enumerate(cases):
+        root = shutil.copytree(toy_det, tmp_path / str(i))
+        _edit_split(root, "train", edit)
+        with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_detection_dataset(f"coco:{root}")
+    with pytest.raises(DatasetError, match="listed more than once"):
+        load_detection_dataset(f"coco:{toy_det}", categories=["circle", "circle"])
+
+
+def test_an_overhanging_box_is_clipped_at_its_corners(toy_det, detector, tmp_path):
+    splits = load_detection_dataset(f"coco:{toy_det}")
+    image = splits.train[0]
+    width = image.width
+    image.boxes, image.labels, image.crowd = [[width - 10, 0, 30, 20], [width + 5, 0, 10, 10]], [0, 1], [False, False]
+    target = DetectionDataset([image], detector.image_config)[0][1]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[(width - 5) / width, 10 / image.height,
+                                                               10 / width, 20 / image.height]]))
+    assert target["class_labels"].tolist() == [0]  # the box wholly outside the image is dropped
+
+
+def test_an_image_whose_size_disagrees_with_its_json_is_named(toy_det, detector):
+    splits = load_detection_dataset(f"coco:{toy_det}")
+    image = splits.train[0]
+    image.width += 1
+    with pytest.raises(DatasetError, match="COCO entry says"):
+        DetectionDataset([image], detector.image_config)[0]
+
+
+def test_an_unannotated_test_split_is_refused_before_training(toy_det, tmp_path):
+    from vlprompt.engine.api import DataOptions, RunOptions, TrainConfig, train
+
+    root = shutil.copytree(toy_det, tmp_path / "data")
+    _edit_split(root, "test", lambda d: d.__setitem__("annotations", []))
+    options = RunOptions(model="random:grounding-dino-micro", method="det_coop",
+                         data=DataOptions(dataset=f"coco:{root}"), train=TrainConfig(epochs=1, batch_size=4),
+                         output=str(tmp_path / "run"))
+    with pytest.raises(DatasetError, match="test split .* no \\(non-crowd\\) annotations"):
+        train(options, progress=False, log=lambda _: None)
+    assert not (tmp_path / "run").exists()

@@ -101,6 +101,15 @@ def _split_sources(base: Path) -> dict[str, tuple[Path, Path]]:
     return found
 
 
+def _check_annotation(ann: Any) -> None:
+    if not isinstance(ann, dict):
+        raise TypeError("not an object")
+    int(ann.get("image_id", -1)), int(ann.get("category_id", -1))
+    bbox = ann.get("bbox")
+    if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
+        [float(v) for v in bbox]  # None or a string raise here
+
+
 def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], list[DetectionImage]]:
     """Categories ``[(id, name)]`` sorted by id and the images of one COCO JSON file, checked."""
     try:
@@ -113,22 +122,34 @@ def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], 
             f"{json_path} is not a COCO detection file: it lacks {missing} (a COCO file holds lists 'images', "
             "'annotations' and 'categories')."
         )
-    categories = sorted((int(c["id"]), clean_classname(str(c["name"]))) for c in data["categories"])
+    try:
+        categories = sorted((int(c["id"]), clean_classname(str(c["name"]))) for c in data["categories"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise DatasetError(f"{json_path}: a category entry is malformed ({type(err).__name__}: {err}); each needs an "
+                           "integer 'id' and a 'name'.") from err
     names = [n for _, n in categories]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    lowered = [n.lower() for n in names]  # the detectors' text towers are uncased: "Cat" and "cat" are one phrase
+    duplicates = sorted({n for n in names if lowered.count(n.lower()) > 1})
     if duplicates:
-        raise DatasetError(f"{json_path}: category names {duplicates} occur more than once; names must be unique.")
+        raise DatasetError(f"{json_path}: category names {duplicates} occur more than once (ignoring case); names "
+                           "must be unique, since each is a text prompt.")
     cat_index = {cid: i for i, (cid, _) in enumerate(categories)}
     images: dict[int, DetectionImage] = {}
     for img in data["images"]:
         try:
             image_id, file_name = int(img["id"]), str(img["file_name"])
-        except KeyError as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"{json_path}: an image entry lacks {err} (each needs 'id' and 'file_name').") from err
         images[image_id] = DetectionImage(
             image_id, image_dir / file_name, int(img.get("width") or 0), int(img.get("height") or 0), file_name
         )
     for ann in data["annotations"]:
+        try:
+            _check_annotation(ann)
+        except (TypeError, ValueError) as err:
+            raise DatasetError(f"{json_path}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r} is "
+                               f"malformed ({err}); each needs integer 'image_id' and 'category_id' and a numeric "
+                               "'bbox' [x, y, w, h].") from err
         image = images.get(int(ann.get("image_id", -1)))
         if image is None:
             raise DatasetError(f"{json_path}: annotation {ann.get('id')} refers to image_id {ann.get('image_id')}, "
@@ -233,6 +254,9 @@ def load_detection_dataset(spec: str, root: str | Path | None = None,
         unknown = [c for c in wanted if c not in names]
         if unknown:
             raise DatasetError(f"unknown category names {unknown}; the dataset has {names}.")
+        repeated = sorted({c for c in wanted if wanted.count(c) > 1})
+        if repeated:
+            raise DatasetError(f"categories {repeated} are listed more than once in data.categories.")
         chosen = [names.index(c) for c in wanted]
     remap = {old: new for new, old in enumerate(chosen)}
     keep = set(chosen)
@@ -294,6 +318,12 @@ class DetectionDataset(torch.utils.data.Dataset):
         item = self.images[index]
         image = open_image(item.path)
         width, height = image.size
+        if item.width and item.height and (item.width, item.height) != (width, height):
+            # Evaluation maps predictions back with the JSON's size: both must describe the same pixels.
+            raise DatasetError(
+                f"{item.path} is {width}x{height} px but its COCO entry says {item.width}x{item.height} (a resized or "
+                "EXIF-rotated copy?); fix the image's width/height in the JSON or restore the original file."
+            )
         image = image.resize(self._size(width, height), Image.Resampling.BILINEAR)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.config.mean).view(3, 1, 1)
@@ -301,10 +331,15 @@ class DetectionDataset(torch.utils.data.Dataset):
         pixels = (pixels - mean) / std
         rows = [i for i, crowd in enumerate(item.crowd) if not crowd]
         boxes = torch.tensor([item.boxes[i] for i in rows], dtype=torch.float32).reshape(-1, 4)
-        cxcywh = torch.stack([
-            (boxes[:, 0] + boxes[:, 2] / 2) / width, (boxes[:, 1] + boxes[:, 3] / 2) / height,
-            boxes[:, 2] / width, boxes[:, 3] / height,
-        ], dim=1).clamp(0, 1) if len(rows) else boxes
+        # Clip the corners to the image (clamping centre and size separately would shift a box that overhangs),
+        # then drop boxes with nothing left inside.
+        x0 = (boxes[:, 0] / width).clamp(0, 1)
+        y0 = (boxes[:, 1] / height).clamp(0, 1)
+        x1 = ((boxes[:, 0] + boxes[:, 2]) / width).clamp(0, 1)
+        y1 = ((boxes[:, 1] + boxes[:, 3]) / height).clamp(0, 1)
+        keep = (x1 > x0) & (y1 > y0)
+        rows = [r for r, kept in zip(rows, keep.tolist()) if kept]
+        cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=1)[keep]
         if self.augment and float(torch.rand(())) < 0.5:
             pixels = pixels.flip(-1)
             if len(rows):
@@ -366,8 +401,9 @@ def coco_map(ground_truth: dict[str, Any], detections: list[dict]) -> dict[str, 
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    if not ground_truth["annotations"]:
-        raise DatasetError("the evaluation split has no annotations of the chosen categories; COCO AP is undefined.")
+    if not any(not a.get("iscrowd", 0) for a in ground_truth["annotations"]):  # crowd regions are ignored by COCO AP
+        raise DatasetError("the evaluation split has no (non-crowd) annotations of the chosen categories; COCO AP is "
+                           "undefined.")
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         gt = COCO()

@@ -101,6 +101,15 @@ class DetectionTrainer(Trainer):
     def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         if not self.splits.train and self.method.num_trainable():
             raise DatasetError(f"{self.splits.name} has no training images")
+        # COCO AP is undefined without ground truth: find that out now, not after training.
+        for split in ("val", "test"):
+            images = getattr(self.splits, split)
+            if images and not any(not crowd for image in images for crowd in image.crowd):
+                raise DatasetError(
+                    f"the {split} split of {self.splits.name} has no (non-crowd) annotations of the chosen categories "
+                    f"({', '.join(self.splits.categories[:5])}), so its COCO AP is undefined; annotate it, choose "
+                    "other data.categories, or point the dataset at a folder whose split has them."
+                )
         self._prepare_run_dir(resume, overwrite)
         seed_everything(self.config.seed)
         method = self.method.to(self.accelerator.device)
@@ -178,7 +187,7 @@ class DetectionTrainer(Trainer):
                 f"epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f}"
                 + (f" val mAP {record['val_mAP']:.2f} AP50 {record['val_AP50']:.2f}" if "val_mAP" in record else "")
             )
-        core = self.accelerator.unwrap_model(method)
+        core = self.accelerator.unwrap_model(method, keep_fp32_wrapper=False)  # no autocast left on the model
         return self._finish_detection(core, None)
 
     def _finish_detection(self, method, record: dict[str, Any] | None) -> dict[str, Any]:
@@ -187,9 +196,15 @@ class DetectionTrainer(Trainer):
                 val = self._evaluate_split(method, self.splits.val)
                 record.update(val_mAP=val["mAP"], val_AP50=val["AP50"])
             self.history.append(record)
-        final: dict[str, Any] = {"split": "test"}
-        if self.splits.test:
-            result = self._evaluate_split(method, self.splits.test)
+        # COCO ships no test annotations (instances_test2017.json): its final numbers are then the val split's.
+        final_split = "test" if self.splits.test else "val" if self.splits.val else None
+        final: dict[str, Any] = {"split": final_split or "test"}
+        if final_split is None:
+            self.log(f"warning: {self.splits.name} has neither a test nor a val split; no final mAP")
+        else:
+            if final_split == "val":
+                self.log(f"note: {self.splits.name} has no test split; the final mAP is on val")
+            result = self._evaluate_split(method, getattr(self.splits, final_split))
             final.update(mAP=result["mAP"], AP50=result["AP50"], AP75=result["AP75"], n=result["n"])
         self.history.append(final)
         if self.accelerator.is_main_process:

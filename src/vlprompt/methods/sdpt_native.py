@@ -66,7 +66,8 @@ class LinearPreimage(nn.Module):
         if versions == self._versions:
             return
         # float64 once: exact up to rounding where W^T has full column rank (E <= width)
-        self.pinv = torch.linalg.pinv(weight.detach().double().t()).to(weight.dtype)  # (E, width)
+        # float64 on the CPU: exact enough, and available on every device (MPS has no float64)
+        self.pinv = torch.linalg.pinv(weight.detach().cpu().double().t()).to(weight.device, weight.dtype)  # (E, width)
         self._versions = versions
         self.computations += 1
 
