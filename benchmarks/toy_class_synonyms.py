@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     return cli(["bench", "--methods", "zeroshot", "coop", "--datasets", *(f"toy:{n}" for n in SYNONYMS),
                 "--shots", "16", "--seeds", "1", "--model", args.model, "--set", "recipes=toy",
-                "--output", str(output / "bench")])
+                "--output", str(output / "bench"), "--command-line",
+                f"python benchmarks/toy_class_synonyms.py --output {args.output} --model {args.model}"])
 
 
 if __name__ == "__main__":

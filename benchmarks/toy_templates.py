@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     return cli(["bench", "--methods", "zeroshot", "--datasets", *(f"toy:{n}" for n in MAIN_DATASETS),
                 "--shots", "16", "--seeds", "1", "--model", args.model, "--set", "recipes=toy",
-                "--output", str(output / "bench")])
+                "--output", str(output / "bench"), "--command-line",
+                f"python benchmarks/toy_templates.py --output {args.output} --model {args.model}"])
 
 
 if __name__ == "__main__":

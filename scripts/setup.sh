@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine (idempotent): a virtualenv in .venv with vlprompt and its test tools.
-# CPU: torch is pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
+# torch is pinned to 2.13.0: an unpinned torch pulls the newest multi-GB CUDA build. On this project's machines pip
+# finds the 2.13.0 CPU wheel in its local wheel folder; elsewhere, for the CPU build, set
+#   VLPROMPT_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" bash scripts/setup.sh
 # GPU users: set VLPROMPT_TORCH to the torch requirement matching their CUDA, e.g.
 #   VLPROMPT_TORCH="torch --index-url https://download.pytorch.org/whl/cu124" bash scripts/setup.sh
 set -euo pipefail

@@ -214,3 +214,27 @@ def test_parallel_workers_give_the_sequential_results_in_plan_order(tiny_model_d
 def test_bench_refuses_a_worker_count_below_one(workers):
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         _config(workers=workers)
+
+
+def test_domain_protocol_defaults_to_the_fields_targets_and_refuses_none():
+    from vlprompt.protocols.runner import BenchConfig
+
+    config = BenchConfig(methods=["zeroshot"], datasets=["toy:shapes", "imagenet"], protocols=["domain"])
+    assert config.domain_targets == {
+        "toy:shapes": ["toy:shapes_v2", "toy:shapes_sketch", "toy:shapes_noisy", "toy:shapes_lowcontrast",
+                       "toy:shapes_rendition"],
+        "imagenet": ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"],
+    }
+    with pytest.raises(ValueError, match="domain protocol needs its targets"):
+        BenchConfig(methods=["zeroshot"], datasets=["eurosat"], protocols=["domain"])
+
+
+def test_report_records_the_command_that_ran_and_report_only_keeps_it(tiny_model_dir, engine_data_root, tmp_path):
+    out_dir = tmp_path / "bench"
+    args = ["bench", "--methods", "zeroshot", "--datasets", "eurosat", "--data-root", engine_data_root, "--model",
+            tiny_model_dir, "--shots", "1", "--seeds", "1", "--output", out_dir]
+    assert _cli(*args)[0] == 0
+    first = next(x for x in Path(out_dir, "results.md").read_text().splitlines() if x.startswith("Command: "))
+    assert first == "Command: `vlprompt " + " ".join(str(a) for a in args) + "`"
+    assert _cli(*args, "--report-only")[0] == 0
+    assert first in Path(out_dir, "results.md").read_text().splitlines()

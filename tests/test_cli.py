@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from vlprompt.backbones import UnsupportedBackboneError, load_backbone
-from vlprompt.cli import main
+from vlprompt.cli import build_parser, main
 from vlprompt.data import load_dataset
 from vlprompt.methods import METHODS, get_prompt_model, make_config
 
@@ -291,3 +291,20 @@ def test_quoted_numbers_in_training_options_are_refused_by_name():
     with pytest.raises(ValueError, match=r"epochs='3' \(an integer\); lr='1e-3' \(a number\)"):
         TrainConfig(epochs="3", lr="1e-3")
     assert TrainConfig(lr=1, grad_clip=2).lr == 1.0
+
+
+def test_eval_defaults_to_the_runs_own_dataset_and_names_a_detection_dataset(capsys, cli_run, engine_data_root):
+    run_dir, printed, _ = cli_run
+    code, out, err = cli(capsys, "eval", run_dir)  # no --dataset, no --data-root: both from run_config.json
+    assert code == 0, err
+    assert json.loads(out)["accuracy"] == printed["accuracy"]
+    code, out, err = cli(capsys, "eval", run_dir, "--dataset", "coco:/nowhere")
+    assert code == 2 and "is a detection dataset" in err and "classification prompt" in err
+
+
+def test_train_help_names_the_embedded_default():
+    from vlprompt.engine.api import DataOptions, RunOptions
+
+    assert RunOptions().model == "embedded" and DataOptions().dataset == "toy:shapes"
+    help_text = build_parser().format_help()
+    assert "embedded" in help_text

@@ -1,4 +1,4 @@
-"""The ``vlprompt`` command line: train, eval, predict, params, methods, demo.
+"""The ``vlprompt`` command line: demo, train, eval, predict, bench, pretrain-toy, params, methods.
 
 Options come from flags or a YAML file (``--config``); ``--set key=value`` overrides either (dotted keys, YAML
 values), e.g. ``--set train.lr=0.01 --set method_options.n_ctx=4``. Precedence: defaults < YAML < flags < --set.
@@ -23,8 +23,9 @@ EPILOG = """examples:
                  --seed 1 --output runs/coop-eurosat-16s1
   vlprompt eval runs/coop-eurosat-16s1 --dataset oxford_pets --data-root DATA     # cross-dataset
   vlprompt predict runs/coop-eurosat-16s1 img1.jpg img2.png --k 3
-models: a local folder written by save_pretrained, a Hugging Face hub id, or random:<tiny|vit-b-16|vit-b-32>
-(a real architecture with random weights: for tests, parameter counts and benchmarks)."""
+models: embedded (the shipped toy CLIP, no download; the default of train, bench and demo), a local folder
+written by save_pretrained, a Hugging Face hub id, or random:<preset> (a real architecture with random weights:
+tiny, vit-b-16, vit-b-32, grounding-dino-micro, ...; for tests, parameter counts and benchmarks)."""
 
 
 class CLIError(Exception):
@@ -175,8 +176,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unknown = sorted(set(tree) - {"data", "model", "train", "method", "method_options", "output"})
     if unknown:
         raise CLIError(f"unknown config key(s) {unknown} for eval; it reads data: and model:")
+    data_values = dict(tree.get("data", {}))
+    if "dataset" not in data_values:  # the run's own dataset (and its data root, unless one is given)
+        recorded = _recorded_data(Path(args.run_dir))
+        data_values = {**{k: recorded[k] for k in ("dataset", "root") if recorded.get(k) is not None}, **data_values}
     try:
-        data = DataOptions(**tree.get("data", {}))
+        data = DataOptions(**data_values)
     except TypeError as err:
         raise CLIError(f"bad data options: {err}") from err
     result = evaluate_checkpoint(  # --model / --precision, else the config's model: and train.precision
@@ -185,6 +190,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     print(json.dumps({"run": str(args.run_dir), **result}))
     return 0
+
+
+def _recorded_data(run_dir: Path) -> dict[str, Any]:
+    run_config = run_dir / "run_config.json"
+    if not run_config.is_file():
+        raise CLIError(f"{run_dir} has no run_config.json to take the dataset from; pass --dataset")
+    return json.loads(run_config.read_text()).get("data", {})
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -286,13 +298,26 @@ def bench_config_from(args: argparse.Namespace):
         raise CLIError(f"bad bench config: {err}") from err
 
 
+def _recorded_command(config) -> str | None:
+    """The command that produced an existing report, so that --report-only keeps naming it."""
+    from vlprompt.protocols.runner import precision_suffix
+
+    report = Path(config.output) / f"results{precision_suffix(config.precision)}.md"
+    if report.is_file():
+        for line in report.read_text().splitlines():
+            if line.startswith("Command: `") and line.endswith("`"):
+                return line[len("Command: `"):-1]
+    return None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from vlprompt.protocols.report import write_report
     from vlprompt.protocols.runner import read_csv, results_csv_path, run_bench
 
     config = bench_config_from(args)
     rows = read_csv(results_csv_path(config)) if args.report_only else run_bench(config)
-    command = "vlprompt " + " ".join(sys.argv[1:]) if not args.command_line else args.command_line
+    command = args.command_line or (_recorded_command(config) if args.report_only else None) \
+        or "vlprompt " + " ".join(args.argv)
     reference = None  # another precision than fp32: compare with the fp32 results of the same folder, if any
     fp32_csv = Path(config.output) / "results.csv"
     if config.precision != "fp32" and fp32_csv.exists():
@@ -328,10 +353,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_common_run_flags(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     p.add_argument("--config", help="YAML file with model/method/method_options/data/train/output keys")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any option, e.g. train.lr=0.01")
-    p.add_argument("--model", help="model folder, hub id, or random:<preset> (default random:tiny)")
     if with_method:
+        p.add_argument("--model", help="model folder, hub id, embedded (the shipped toy CLIP; the default) or "
+                                       "random:<preset>")
         p.add_argument("--method", help="method name (see `vlprompt methods`)")
-    p.add_argument("--dataset", help="dataset name (eurosat, imagenet, ...) or imagefolder:<path>")
+        p.add_argument("--dataset", help="dataset: eurosat, imagenet, ... (with --data-root), toy:<name> (the "
+                                         "default: toy:shapes), imagefolder:<path>, coco:<path> or toydet:<name>")
+    else:
+        p.add_argument("--model", help="backbone to evaluate on (default: the one recorded in the run folder)")
+        p.add_argument("--dataset", help="dataset to evaluate on (default: the run's own training dataset)")
     p.add_argument("--data-root", help="folder holding the datasets in the CoOp layout (toy:<name> datasets: default ~/.cache/vlprompt/toyworld)")
     p.add_argument("--shots", type=int, help="images per class for training (few-shot); default: all")
     p.add_argument("--seed", type=int, help="seed for few-shot sampling and training (default 1)")
@@ -442,7 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlprompt.engine import CheckpointError, TrainingError
     from vlprompt.methods import MethodConfigError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what was asked, as typed: recorded in bench reports
     _quiet_libraries()
     try:
         return args.func(args)

@@ -38,7 +38,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class DataOptions:
-    dataset: str = "eurosat"
+    dataset: str = "toy:shapes"  # the embedded toy suite: runs with no download
     root: str | None = None  # folder holding the datasets; toy:<name> datasets default to the toy cache folder
     shots: int | None = None  # images per class for training; None = the full train split
     seed: int = 1  # few-shot sampling seed
@@ -49,7 +49,7 @@ class DataOptions:
 
 @dataclass
 class RunOptions:
-    model: str = "random:tiny"
+    model: str = "embedded"  # the shipped toy CLIP (vlprompt/assets): no download
     method: str = "coop"
     method_options: dict[str, Any] = field(default_factory=dict)
     data: DataOptions = field(default_factory=DataOptions)
@@ -153,6 +153,9 @@ def evaluate_checkpoint(
         from vlprompt.engine.detection import evaluate_detection_checkpoint
 
         return evaluate_detection_checkpoint(run_dir, data, split, model, batch_size, precision)
+    if is_detection_dataset(data.dataset):
+        raise DatasetError(f"{data.dataset!r} is a detection dataset, but {run_dir} holds a classification prompt "
+                           f"({saved.get('method')}); evaluate it on a classification dataset.")
     backbone = _run_backbone(model, saved)
     splits = load_splits(data)
     method = ckpt.load_prompt(run_dir, backbone, splits.classnames, splits.template)

@@ -97,6 +97,29 @@ class BenchConfig:
             raise ValueError("the bench needs at least one dataset")
         if any(k < 1 for k in self.shots):
             raise ValueError(f"shots must be >= 1, got {self.shots}")
+        if "domain" in self.protocols and not self.domain_targets:
+            self.domain_targets = default_domain_targets(self.datasets)
+            if not self.domain_targets:
+                raise ValueError(
+                    "the domain protocol needs its targets: set domain_targets, e.g. --set "
+                    "'domain_targets={imagenet: [imagenetv2, imagenet_sketch]}' (defaults exist only for imagenet "
+                    "and toy:shapes among --datasets)"
+                )
+
+
+def default_domain_targets(datasets: Sequence[str]) -> dict[str, list[str]]:
+    """The field's domain-generalisation targets of the sources among ``datasets``: ImageNet -> V2 / Sketch / A / R,
+    and toy:shapes -> its five shifted variants."""
+    from vlprompt.toyworld.suite import SUITE
+
+    out: dict[str, list[str]] = {}
+    for dataset in datasets:
+        key = dataset.strip().lower().replace("-", "_")
+        if key == "imagenet":
+            out[dataset] = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+        elif key in ("toy:shapes", "toy_shapes"):
+            out[dataset] = [f"toy:{name}" for name, spec in SUITE.items() if spec.source == "shapes"]
+    return out
 
 
 def _epochs_by_shots(mapping: dict[Any, Any], what: str) -> dict[int, int]:
