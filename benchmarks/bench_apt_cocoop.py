@@ -74,7 +74,7 @@ def _worker(spec: dict) -> dict:
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
         loss = method.loss(method(image_feats=feats), labels)
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_rss_kib()
     return {"extra_peak_mib": (peak - base_now) / 1024, "peak_mib": peak / 1024,
             "saved_for_backward_mib": saved.total / 2**20}
 
@@ -105,8 +105,17 @@ def _current_rss_kib() -> int:
     return 0
 
 
+def _peak_rss_kib() -> int:
+    """VmHWM (Linux), not ru_maxrss: a subprocess inherits its parent's peak in ru_maxrss, and clear_refs does not
+    reset that part, so the worker would report the driver's peak as its own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _reset_peak() -> None:
-    # Linux: writing 5 to clear_refs resets the peak RSS mark (VmHWM / ru_maxrss) of this process.
+    # Linux: writing 5 to clear_refs resets this process's VmHWM to its current RSS.
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -165,9 +174,10 @@ def main() -> None:
     ]
     for name in ("zeroshot", "deep_prompt", "apt"):
         f = flops[name]
+        step = f"{f['train_step_gflops']:.2f}" if f["trainable"] else "— (no training step)"
         lines.append(
             f"| {name} | {f['trainable']:,} | {f['forward_gflops']:.2f} | {f['forward_gflops'] - base['forward_gflops']:.2f} | "
-            f"{f['train_step_gflops']:.2f} | {100 * (f['forward_gflops'] / base['forward_gflops'] - 1):.1f}% |"
+            f"{step} | {100 * (f['forward_gflops'] / base['forward_gflops'] - 1):.1f}% |"
         )
     extra_apt = flops["apt"]["forward_gflops"] - base["forward_gflops"]
     extra_deep = flops["deep_prompt"]["forward_gflops"] - base["forward_gflops"]

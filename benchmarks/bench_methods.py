@@ -57,7 +57,18 @@ def current_rss_kib() -> int:
 
 
 def peak_rss_kib() -> int:
-    """Peak resident set size of this process (KiB on Linux)."""
+    """Peak resident set size of this process (KiB).
+
+    Linux: ``VmHWM`` of /proc/self/status. Not ``ru_maxrss``: a process started by ``subprocess`` inherits its
+    parent's peak there, and ``clear_refs`` does not reset that inherited part, so a worker would report the driver's
+    peak as its own."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak // 1024 if sys.platform == "darwin" else peak  # macOS reports bytes
 

@@ -32,7 +32,7 @@ def main(model: str, names: list[str], domains: list[str], root: str) -> dict:
         for domain in domains:
             key = f"{base.name}__{domain}"
             # a throwaway spec in this process only: the same classes and scenes, another look
-            suite.SUITE[key] = dataclasses.replace(base, name=key, domains=tuple(domain.split("+")))
+            suite.SUITE[key] = dataclasses.replace(base, name=key, scene_key=base.name, domains=tuple(domain.split("+")))
             data = suite.load_toy(key, root=root)
             y_train = torch.tensor([s.label for s in data.train])
             y_test = torch.tensor([s.label for s in data.test])
@@ -40,7 +40,8 @@ def main(model: str, names: list[str], domains: list[str], root: str) -> dict:
             with torch.no_grad():
                 text = F.normalize(backbone.encode_texts([data.template.format(c) for c in data.classnames]), dim=-1)
             zero_shot = ((f_test @ text.T).argmax(-1) == y_test).float().mean().item()
-            linear = probe(f_train, y_train, f_test, y_test, len(data.classnames))
+            f_val, y_val = feats(backbone, data.val, size), torch.tensor([s.label for s in data.val])
+            linear = probe(f_train, y_train, f_test, y_test, len(data.classnames), f_val, y_val)
             out[key] = [round(100 * zero_shot, 1), round(100 * linear, 1)]
             print(key, out[key], flush=True)
     return out

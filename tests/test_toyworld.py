@@ -378,3 +378,17 @@ def test_what_a_seed_produces_is_pinned_to_the_world_version():
         "the toy world's scenes or captions changed: bump WORLD_VERSION in vlprompt/toyworld/world.py and pin "
         f"{digest.hexdigest()[:16]} for it in PINNED_WORLD_DIGESTS"
     )
+
+
+def test_a_scene_key_draws_another_datasets_very_scenes(monkeypatch):
+    """benchmarks/toy_domains.py re-renders a dataset in other looks: same scenes, another look."""
+    import dataclasses
+
+    from vlprompt.toyworld import suite
+
+    monkeypatch.setattr(suite, "SUITE", dict(suite.SUITE))
+    suite.SUITE["shapes__sketch"] = dataclasses.replace(suite.SUITE["shapes"], name="shapes__sketch",
+                                                        scene_key="shapes", domains=("sketch",))
+    for split, label, i in (("train", 0, 0), ("test", 3, 5)):
+        assert suite.toy_scene("shapes__sketch", split, label, i)[0] == suite.toy_scene("shapes", split, label, i)[0]
+    assert suite.toy_fingerprint("shapes__sketch") != suite.toy_fingerprint("shapes")

@@ -76,6 +76,8 @@ class ToyDatasetSpec:
     analogue: str = ""  # which of the field's datasets it stands in for
     source: str | None = None
     paired: bool = False
+    # Draw the scenes of this dataset's name instead of its own (the same scenes in another look: benchmarks).
+    scene_key: str | None = None
 
     @property
     def folder(self) -> str:
@@ -213,7 +215,7 @@ def _class_folder(classname: str) -> str:
 
 def _rng(seed: int, spec: ToyDatasetSpec, split: str, label: int, i: int, what: int = 0) -> np.random.Generator:
     # Paired variants draw their scenes exactly like the source's test split.
-    key = spec.source if (spec.source and spec.paired) else spec.name
+    key = spec.scene_key or (spec.source if (spec.source and spec.paired) else spec.name)
     split_id = SPLIT_NAMES.index(split)
     return np.random.default_rng([seed, zlib.crc32(key.encode()), split_id, label, i, what])
 
@@ -233,7 +235,8 @@ def _manifest(spec: ToyDatasetSpec, seed: int, image_size: int, counts: tuple[in
         "counts_per_class": list(counts), "classnames": list(spec.classnames), "template": spec.template,
         "domains": list(spec.domains), "source": f"toy_{spec.source}" if spec.source else None,
         # any change to how the spec draws scenes rebuilds the folder (renderer changes bump WORLD_VERSION)
-        "spec_crc": zlib.crc32(repr((spec.scene, spec.class_kwargs, spec.source, spec.paired)).encode()),
+        "spec_crc": zlib.crc32(repr((spec.scene, spec.class_kwargs, spec.source, spec.paired)
+                                     + ((spec.scene_key,) if spec.scene_key else ())).encode()),
         "holdout_pairs_in_classes": sorted(c for c, kw in zip(spec.classnames, spec.class_kwargs)
                                            if (kw.get("colour"), kw.get("shape")) in HOLDOUT.pairs),
     }  # fmt: skip
