@@ -10,11 +10,12 @@ Runs are sequential: the renamed specs live in this process only. The renamed da
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_spec_bench import run_changed_specs  # noqa: E402
 
 # Each class name -> a synonym the captions use in 15-40% of its mentions (vlprompt/toyworld/captions.py).
 SYNONYMS: dict[str, dict[str, str]] = {
@@ -34,19 +35,8 @@ def rename_classes() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", required=True, help="folder for the renamed datasets and the bench")
-    parser.add_argument("--model", default="embedded")
-    args = parser.parse_args(argv)
-    output = Path(args.output)
-    os.environ["VLPROMPT_TOY_ROOT"] = str(output / "toy")
-    rename_classes()
-    from vlprompt.cli import main as cli
-
-    return cli(["bench", "--methods", "zeroshot", "coop", "--datasets", *(f"toy:{n}" for n in SYNONYMS),
-                "--shots", "16", "--seeds", "1", "--model", args.model, "--set", "recipes=toy",
-                "--output", str(output / "bench"), "--command-line",
-                f"python benchmarks/toy_class_synonyms.py --output {args.output} --model {args.model}"])
+    return run_changed_specs(argv, __doc__.splitlines()[0], rename_classes, ("zeroshot", "coop"), list(SYNONYMS),
+                             "toy_class_synonyms.py")
 
 
 if __name__ == "__main__":

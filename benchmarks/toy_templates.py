@@ -13,11 +13,12 @@ apart from the suite's own folders.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_spec_bench import run_changed_specs  # noqa: E402
 
 # The suite's template where it is already caption-like; the others in the captions' own phrasing
 # (vlprompt/toyworld/captions.py: "a photo of " prefix, "a striped star", "at the top left").
@@ -38,19 +39,7 @@ def use_caption_like_templates() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", required=True, help="folder for the datasets and the bench")
-    parser.add_argument("--model", default="embedded")
-    args = parser.parse_args(argv)
-    output = Path(args.output)
-    os.environ["VLPROMPT_TOY_ROOT"] = str(output / "toy")
-    use_caption_like_templates()
-    from vlprompt.cli import main as cli
-
-    return cli(["bench", "--methods", "zeroshot", "--datasets", *(f"toy:{n}" for n in MAIN_DATASETS),
-                "--shots", "16", "--seeds", "1", "--model", args.model, "--set", "recipes=toy",
-                "--output", str(output / "bench"), "--command-line",
-                f"python benchmarks/toy_templates.py --output {args.output} --model {args.model}"])
+    return run_changed_specs(argv, __doc__.splitlines()[0], use_caption_like_templates, ("zeroshot",), list(MAIN_DATASETS), "toy_templates.py")
 
 
 if __name__ == "__main__":

@@ -101,13 +101,14 @@ def _split_sources(base: Path) -> dict[str, tuple[Path, Path]]:
     return found
 
 
-def _check_annotation(ann: Any) -> None:
+def _parse_annotation(ann: Any) -> tuple[int, int, Any]:
+    """(image_id, category_id, bbox) with integer ids and a 4-number bbox as floats (any other bbox as given)."""
     if not isinstance(ann, dict):
         raise TypeError("not an object")
-    int(ann.get("image_id", -1)), int(ann.get("category_id", -1))
     bbox = ann.get("bbox")
     if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
-        [float(v) for v in bbox]  # None or a string raise here
+        bbox = [float(v) for v in bbox]  # None or a string raise here
+    return int(ann.get("image_id", -1)), int(ann.get("category_id", -1)), bbox
 
 
 def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], list[DetectionImage]]:
@@ -145,26 +146,25 @@ def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], 
         )
     for ann in data["annotations"]:
         try:
-            _check_annotation(ann)
+            image_id, category_id, bbox = _parse_annotation(ann)
         except (TypeError, ValueError) as err:
             raise DatasetError(f"{json_path}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r} is "
                                f"malformed ({err}); each needs integer 'image_id' and 'category_id' and a numeric "
                                "'bbox' [x, y, w, h].") from err
-        image = images.get(int(ann.get("image_id", -1)))
+        image = images.get(image_id)
         if image is None:
             raise DatasetError(f"{json_path}: annotation {ann.get('id')} refers to image_id {ann.get('image_id')}, "
                                "which is not in 'images'.")
-        if int(ann.get("category_id", -1)) not in cat_index:
+        if category_id not in cat_index:
             raise DatasetError(f"{json_path}: annotation {ann.get('id')} has category_id {ann.get('category_id')}, "
                                "which is not in 'categories'.")
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        if not isinstance(bbox, list) or len(bbox) != 4:
             raise DatasetError(f"{json_path}: annotation {ann.get('id')} has bbox {bbox!r}; expected [x, y, w, h].")
-        x, y, w, h = (float(v) for v in bbox)
+        x, y, w, h = bbox
         if w <= 0 or h <= 0:
             continue  # degenerate boxes are skipped, as COCO training pipelines do
         image.boxes.append([x, y, w, h])
-        image.labels.append(cat_index[int(ann["category_id"])])
+        image.labels.append(cat_index[category_id])
         image.crowd.append(bool(ann.get("iscrowd", 0)))
     out = list(images.values())
     absent = [str(i.path) for i in out if not i.path.is_file()]

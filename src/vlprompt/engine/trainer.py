@@ -24,6 +24,14 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 
 
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a run folder that would be overwritten, ...)."""
 
@@ -75,13 +83,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "num_workers", "seed", "validate_every",
                      "warmup_epochs"):  # fmt: skip
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool)) and not (
-                name == "warmup_epochs" and value is None
-            ):
+            if not is_integer(value) and not (name == "warmup_epochs" and value is None):
                 wrong.append(f"{name}={value!r} (an integer)")
         for name in ("lr", "momentum", "weight_decay", "warmup_lr", "grad_clip"):
             value = getattr(self, name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if is_number(value):
                 setattr(self, name, float(value))
             elif not (name == "grad_clip" and value is None):
                 wrong.append(f"{name}={value!r} (a number)")

@@ -52,8 +52,7 @@ class LinearProbe(PromptMethod):
         if image_feats is None:
             image_feats = self.image_features(pixel_values)
         logits = self.head(F.normalize(image_feats.float(), dim=-1))
-        rows = getattr(self, "class_rows", None)
-        return logits if rows is None else logits[:, rows]
+        return logits if self.class_rows is None else logits[:, self.class_rows]
 
     def fit(
         self,

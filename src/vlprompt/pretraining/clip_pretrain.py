@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlprompt.engine.trainer import seed_everything
+from vlprompt.engine.trainer import is_integer, is_number, seed_everything
 
 # OpenAI CLIP's normalisation statistics: the toy images are natural-ish RGB, and keeping CLIP's constants means
 # the image processor config is the standard one.
@@ -85,14 +85,15 @@ def _check_pretrain_values(config: "PretrainConfig") -> list[str]:
     problems = []
     for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int):
+        least = 1 if name in _POSITIVE_INTS else 0
+        if not is_integer(value):
             problems.append(f"{name} must be an integer (got {value!r})")
-        elif value < (1 if name in _POSITIVE_INTS else 0):
-            problems.append(f"{name} must be {'>= 1' if name in _POSITIVE_INTS else '>= 0'} (got {value})")
-    for name in ("lr", "weight_decay"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= (0 if name != "lr" else 1e-12):
-            problems.append(f"{name} must be a {'positive' if name == 'lr' else 'non-negative'} number (got {value!r})")
+        elif value < least:
+            problems.append(f"{name} must be >= {least} (got {value})")
+    if not (is_number(config.lr) and config.lr > 0):
+        problems.append(f"lr must be a positive number (got {config.lr!r})")
+    if not (is_number(config.weight_decay) and config.weight_decay >= 0):
+        problems.append(f"weight_decay must be a non-negative number (got {config.weight_decay!r})")
     if problems:
         return problems
     for tower in ("vision", "text"):
