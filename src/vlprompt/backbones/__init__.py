@@ -4,6 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlprompt.backbones.base import (
+    BACKBONES,
+    SITE_LINEAR_PROJECTIONS,
+    BackboneLoadError,
+    Backbone,
+    ClassPrompts,
+    DualEncoderBackbone,
+    FamilyInfo,
+    FusionDetectorBackbone,
+    register_backbone,
     SITE_BLOCK,
     SITE_DETECTION_TEXT,
     SITE_DETECTOR,
@@ -19,19 +28,14 @@ from vlprompt.backbones.base import (
     TokenizedText,
     UnsupportedBackboneError,
 )
-from vlprompt.backbones.clip import BackboneLoadError, CLIPBackbone
+# Each adapter module registers its model types where it is defined (register_backbone).
+from vlprompt.backbones.clip import CLIPBackbone
 from vlprompt.backbones.grounding_dino import GroundingDinoBackbone
 
-# model_type in a checkpoint's config.json -> adapter class
-BACKBONES: dict[str, type] = {
-    "clip": CLIPBackbone,
-    "grounding-dino": GroundingDinoBackbone,
-    "mm-grounding-dino": GroundingDinoBackbone,
-}
 RANDOM_PREFIX = "random:"
 
 
-def load_backbone(name_or_path: str | Path) -> CLIPBackbone | GroundingDinoBackbone:
+def load_backbone(name_or_path: str | Path) -> Backbone:
     """Load a backbone from a local folder or hub id, or ``random:<preset>`` (a real architecture, random weights).
 
     Raises :class:`BackboneLoadError` naming what is wrong (missing folder, unsupported model family).
@@ -78,6 +82,13 @@ def load_backbone(name_or_path: str | Path) -> CLIPBackbone | GroundingDinoBackb
 
 __all__ = [
     "BACKBONES",
+    "Backbone",
+    "ClassPrompts",
+    "DualEncoderBackbone",
+    "FamilyInfo",
+    "FusionDetectorBackbone",
+    "register_backbone",
+    "SITE_LINEAR_PROJECTIONS",
     "BackboneLoadError",
     "CLIPBackbone",
     "DeepPrompts",

@@ -5,10 +5,13 @@ alone knows the model's modules, masks and pooling positions. See docs/design.md
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
+from torch import nn
 
 # Sites an adapter can offer. `vlprompt methods` derives the method x backbone matrix from these.
 SITE_TEXT_SEQUENCE = "text_sequence"  # insert/replace tokens at any text layer's input
@@ -19,10 +22,68 @@ SITE_TRANSIENT_IMAGE = "image_transient"  # tokens appended to one image layer's
 SITE_FUSION = "fusion_attention"  # bi-directional fusion attention (Grounding DINO family)
 SITE_DETECTION_TEXT = "detection_text"  # learned word embeddings at a detector's text-encoder input, per phrase
 SITE_DETECTOR = "detector_weights"  # a detector's own weights (heads, all, LoRA) and its detection losses
+# Linear projections (plus a final LayerNorm) from each tower into the joint space: what SDPT's pseudo-inverses need.
+SITE_LINEAR_PROJECTIONS = "linear_projections"
+
+# Kinds of model: each has its own abstract adapter base below, and its own task.
+KIND_DUAL_ENCODER = "dual_encoder"  # CLIP, SigLIP: two towers scored in a joint space (classification, retrieval)
+KIND_FUSION_DETECTOR = "fusion_detector"  # Grounding DINO family: text-conditioned boxes (detection)
+KIND_FUSION_ENCODER = "fusion_encoder"  # ViLT, BridgeTower: one joint sequence (VQA, pairs, retrieval): no adapter yet
+
+# Where image prompts can go in a ViT sequence: after the patches, or before them (after a class token, if any).
+IMAGE_PROMPTS_END = "end"
+IMAGE_PROMPTS_FRONT = "front"
+# Where a class name can sit relative to a learned text context (CoOp's class_position).
+CLASS_POSITIONS = ("end", "middle", "front")
 
 
 class UnsupportedBackboneError(ValueError):
     """A method needs a site this backbone does not offer."""
+
+
+class BackboneLoadError(ValueError):
+    """A model folder / hub id could not be turned into a supported backbone."""
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """What one model family offers, declared once: methods and `vlprompt methods` read it, nothing probes.
+
+    ``missing`` says, for sites a method of this kind could want but this family cannot offer, why not (shown when
+    a method is refused). ``scoring`` is how class logits become probabilities ("softmax" or "sigmoid").
+    """
+
+    kind: str
+    sites: frozenset[str]
+    missing: Mapping[str, str] = field(default_factory=dict)
+    image_prompt_positions: tuple[str, ...] = ()
+    class_positions: tuple[str, ...] = ("end",)
+    scoring: str = "softmax"
+
+
+# model_type in a checkpoint's config.json -> adapter class; filled by register_backbone where each adapter is defined.
+BACKBONES: dict[str, type["Backbone"]] = {}
+
+
+def register_backbone(model_types: Sequence[str], adapter: type["Backbone"]) -> type["Backbone"]:
+    """Register an adapter for transformers ``model_type`` values, checking it fulfils its kind's contract."""
+    bases = {KIND_DUAL_ENCODER: DualEncoderBackbone, KIND_FUSION_DETECTOR: FusionDetectorBackbone}
+    info = getattr(adapter, "info", None)
+    if not isinstance(info, FamilyInfo):
+        raise TypeError(f"{adapter.__name__} must declare `info = FamilyInfo(...)`")
+    base = bases.get(info.kind)
+    if base is None or not issubclass(adapter, base):
+        raise TypeError(f"{adapter.__name__} declares kind {info.kind!r} but does not subclass its base {base}")
+    abstract = sorted(getattr(adapter, "__abstractmethods__", ()))
+    if abstract:
+        raise TypeError(f"{adapter.__name__} does not implement the {info.kind} contract: missing {abstract}")
+    if not set(info.image_prompt_positions) <= {IMAGE_PROMPTS_END, IMAGE_PROMPTS_FRONT}:
+        raise TypeError(f"{adapter.__name__}: unknown image prompt positions {info.image_prompt_positions}")
+    if not set(info.class_positions) <= set(CLASS_POSITIONS) or info.scoring not in ("softmax", "sigmoid"):
+        raise TypeError(f"{adapter.__name__}: class positions or scoring outside {CLASS_POSITIONS} / softmax, sigmoid")
+    for model_type in model_types:
+        BACKBONES[model_type] = adapter
+    return adapter
 
 
 @dataclass
@@ -106,9 +167,329 @@ class FusionTokens:
     mask_text: bool = False
 
 
+
 @dataclass
 class TokenizedText:
-    """Token ids of a batch of texts plus where each text's end-of-text token is."""
+    """Token ids of a batch of texts, padded; ``lengths`` counts each text's tokens up to its end-of-text token
+    (included), start tokens included."""
 
     input_ids: torch.Tensor  # (C, T)
-    eot_index: torch.Tensor  # (C,)
+    lengths: torch.Tensor  # (C,)
+
+    @property
+    def eot_index(self) -> torch.Tensor:
+        return self.lengths - 1
+
+
+class ClassPrompts(nn.Module):
+    """Class sentences ready for prompts: built by a backbone (``backbone.class_prompts``), read only by it.
+
+    Holds the tokenised sentences (with the placeholder words a prompt replaces already removed) and each class
+    name's token count (for a context placed around the name). Buffers, not parameters: they follow the method
+    across devices and stay out of checkpoints.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, lengths: torch.Tensor, name_lengths: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("input_ids", input_ids, persistent=False)
+        self.register_buffer("lengths", lengths, persistent=False)
+        self.register_buffer("name_lengths", name_lengths, persistent=False)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def rows(self, lo: int, hi: int) -> "ClassPrompts":
+        return ClassPrompts(self.input_ids[lo:hi], self.lengths[lo:hi], self.name_lengths[lo:hi])
+
+    def repeat(self, times: int) -> "ClassPrompts":
+        """Every class ``times`` times, image-major (for per-image prompts)."""
+        return ClassPrompts(self.input_ids.repeat(times, 1), self.lengths.repeat(times),
+                            self.name_lengths.repeat(times))  # fmt: skip
+
+
+class Backbone(nn.Module, ABC):
+    """What every model family's adapter is: a frozen transformers model plus what it offers (``info``)."""
+
+    family: ClassVar[str] = ""
+    info: ClassVar[FamilyInfo]
+    model: nn.Module
+    name_or_path: str
+
+    @property
+    def sites(self) -> frozenset[str]:
+        return self.info.sites
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, name_or_path: str, **model_kwargs: Any) -> "Backbone":
+        """Load a checkpoint folder or hub id."""
+
+    @property
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """``family``, ``name_or_path``, ``config_hash`` and ``arch`` (the fields hashed): what a prompt records."""
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def why_missing(self, site: str) -> str:
+        return self.info.missing.get(site, "")
+
+
+class DualEncoderBackbone(Backbone):
+    """A two-tower model (CLIP, SigLIP) scored in a joint space; methods see only this contract.
+
+    The family implements the abstract members: dimensions, tokenising, word embeddings, running embedded text
+    sequences with prompts inserted after its ``text_prefix_tokens`` start tokens, the image tower with its sites,
+    and its temperature (and bias). Everything else (class sentences with placeholder words removed, contexts around
+    class names, chunked text passes, per-image contexts, scoring and the task loss) is built here from those.
+    """
+
+    # Start tokens before the words (CLIP: [SOS]); text prompts are inserted right after them.
+    text_prefix_tokens: ClassVar[int] = 0
+    # Above checkpoint_classes classes, a training text pass runs in chunks of chunk_classes classes whose activations
+    # are recomputed in backward: peak memory ~ one chunk (CoOp on ImageNet's 1,000 classes). Same values.
+    checkpoint_classes: ClassVar[int] = 128
+    chunk_classes: ClassVar[int] = 32
+
+    tokenizer: Any
+    image_processor: Any
+
+    # ------------------------------------------------------------------ what a family implements
+    @property
+    @abstractmethod
+    def text_width(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def vision_width(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def embed_dim(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def text_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def vision_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def image_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def patch_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def logit_scale(self) -> torch.Tensor:
+        """The (exponentiated) temperature multiplying cosine similarities."""
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        """Added to the scaled similarities (SigLIP); None for families without one."""
+        return None
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str], special_tokens: bool = True) -> TokenizedText:
+        """Token ids and lengths; without special tokens: the words' tokens alone (for phrase embeddings)."""
+
+    @abstractmethod
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Word embeddings (no positions): the space text contexts live in."""
+
+    @abstractmethod
+    def encode_embedded(self, embeds: torch.Tensor, lengths: torch.Tensor, prompts: DeepPrompts | None = None,
+                        block: BlockAdapter | None = None) -> torch.Tensor:  # fmt: skip
+        """Text features ``(S, d)`` of embedded sequences ``(S, T, d_t)`` of ``lengths`` tokens each (padding after).
+
+        ``prompts.tokens[0]`` is inserted after the ``text_prefix_tokens`` start tokens; deeper entries replace those
+        positions at later layers; ``block`` changes each attention block's output."""
+
+    @abstractmethod
+    def encode_image(self, pixel_values: torch.Tensor, prompts: DeepPrompts | None = None,
+                     position: str = IMAGE_PROMPTS_END, block: BlockAdapter | None = None,
+                     transient: TransientPrompts | None = None) -> torch.Tensor:  # fmt: skip
+        """Image features ``(B, d)`` with prompts at ``position`` (one of ``info.image_prompt_positions``)."""
+
+    @abstractmethod
+    def attention_blocks(self, tower: str) -> list[nn.Module]:
+        """The self-attention module of every layer of ``tower`` ("text" or "image")."""
+
+    def joint_space(self) -> dict[str, torch.Tensor]:
+        """Projection weights ``(d, width)`` and final LayerNorm affines of both towers (``linear_projections``)."""
+        raise UnsupportedBackboneError(f"the {self.family} backbone has no linear projections into its joint space: "
+                                       f"{self.why_missing(SITE_LINEAR_PROJECTIONS)}")
+
+    # ------------------------------------------------------------------ built from the above
+    def layers(self, tower: str) -> int:
+        """Layer count of ``tower``: "text", "image", or "both" (the shallower of the two)."""
+        counts = {"text": self.text_layers, "image": self.vision_layers}
+        return min(counts.values()) if tower == "both" else counts[tower]
+
+    def phrase_embeddings(self, phrase: str) -> torch.Tensor:
+        """Word embeddings ``(n, d_t)`` of a phrase's tokens (CoOp's "init from a phrase")."""
+        ids = self.tokenize([phrase], special_tokens=False)
+        n = int(ids.lengths[0])
+        if n == 0:
+            raise ValueError(f"the phrase {phrase!r} has no tokens")
+        with torch.no_grad():
+            return self.embed_tokens(ids.input_ids[0, :n].to(self.device)).clone()
+
+    def class_prompts(self, classnames: Sequence[str], placeholder: str = "{}.", n_replaced: int = 0) -> ClassPrompts:
+        """Class sentences ``placeholder.format(name)`` whose first ``n_replaced`` words' tokens are replaced by
+        prompts (MaPLe / IVLP / UPT's ``"a photo of a {}."``): those tokens are removed here and the prompts are
+        inserted in their place by :meth:`encode_class_prompts`: the same sequence."""
+        if placeholder.count("{}") != 1:
+            raise ValueError(f"placeholder {placeholder!r} needs exactly one '{{}}' for the class name")
+        before = placeholder.split("{}")[0].strip()
+        prefix_tokens = int(self.tokenize([before], special_tokens=False).lengths[0]) if before else 0
+        if n_replaced > prefix_tokens > 0:
+            raise ValueError(
+                f"cannot replace {n_replaced} tokens of the placeholder {placeholder!r}: it has {prefix_tokens} "
+                "before the class name. Use more placeholder words or fewer prompt tokens."
+            )
+        removed = min(n_replaced, prefix_tokens)
+        tokens = self.tokenize([placeholder.format(c) for c in classnames])
+        start = self.text_prefix_tokens
+        ids = torch.cat([tokens.input_ids[:, :start], tokens.input_ids[:, start + removed :]], dim=1)
+        names = self.tokenize(list(classnames), special_tokens=False).lengths
+        return ClassPrompts(ids.to(self.device), (tokens.lengths - removed).to(self.device), names.to(self.device))
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenize(texts)
+        ids = tokens.input_ids.to(self.device)
+        return self.encode_embedded(self.embed_tokens(ids), tokens.lengths.to(self.device))
+
+    def encode_class_prompts(self, prompts_of: ClassPrompts, prompts: DeepPrompts | None = None,
+                             block: BlockAdapter | None = None, class_position: str = "end") -> torch.Tensor:  # fmt: skip
+        """Class text features ``(C, d)``: ``prompts`` inserted before the words (``class_position="end"``), or a
+        single context (``prompts.tokens[0]``) placed around each class name ("middle": half before, half after;
+        "front": after it)."""
+        if class_position != "end":
+            if class_position not in self.info.class_positions:
+                raise UnsupportedBackboneError(f"the {self.family} backbone cannot place class names at "
+                                               f"{class_position!r}; it offers {self.info.class_positions}")
+            if prompts is None or len(prompts.tokens) != 1:
+                raise ValueError("a context around class names is one layer-0 context (no deep prompts)")
+            embeds, lengths = self._arranged(prompts_of, prompts.tokens[0], class_position)
+            return self.encode_embedded(embeds, lengths, None, block)
+        n_classes = len(prompts_of)
+        needs_grad = torch.is_grad_enabled() and prompts is not None and any(
+            t is not None and t.requires_grad for t in prompts.tokens)  # fmt: skip
+        if not needs_grad or n_classes <= self.checkpoint_classes:
+            return self._encode_rows(prompts_of, prompts, block)
+        from torch.utils.checkpoint import checkpoint
+
+        chunks = []
+        for lo in range(0, n_classes, self.chunk_classes):
+            hi = min(lo + self.chunk_classes, n_classes)
+            chunk_prompts = DeepPrompts([t[lo:hi] if t is not None and t.dim() == 3 else t for t in prompts.tokens])
+            chunks.append(checkpoint(self._encode_rows, prompts_of.rows(lo, hi), chunk_prompts, block,
+                                     use_reentrant=False))  # fmt: skip
+        return torch.cat(chunks)
+
+    def encode_class_prompts_per_image(self, prompts_of: ClassPrompts, contexts: torch.Tensor) -> torch.Tensor:
+        """Features ``(B, C, d)`` of every class under each of ``B`` per-image contexts ``(B, n, d_t)`` (CoCoOp).
+        Families may compute this faster; the result must equal this generic form."""
+        batch, n_classes = contexts.shape[0], len(prompts_of)
+        prompts = DeepPrompts([contexts.repeat_interleave(n_classes, dim=0)])
+        return self._encode_rows(prompts_of.repeat(batch), prompts, None).view(batch, n_classes, -1)
+
+    def _encode_rows(self, prompts_of: ClassPrompts, prompts: DeepPrompts | None, block: BlockAdapter | None):
+        return self.encode_embedded(self.embed_tokens(prompts_of.input_ids), prompts_of.lengths, prompts, block)
+
+    def _arranged(self, prompts_of: ClassPrompts, context: torch.Tensor, class_position: str):
+        """``[start][name][ctx][rest]`` (front) or ``[start][ctx/2][name][ctx/2][rest]`` (middle), as embeddings."""
+        words = self.embed_tokens(prompts_of.input_ids)
+        n_classes, n_ctx = words.shape[0], context.shape[-2]
+        ctx = context.to(words.dtype)  # fp32 prompts on half-precision weights
+        ctx = ctx if ctx.dim() == 3 else ctx.unsqueeze(0).expand(n_classes, -1, -1)
+        start, half = self.text_prefix_tokens, n_ctx // 2
+        rows = []
+        for i, length in enumerate(prompts_of.name_lengths.tolist()):
+            head, name, rest = words[i, :start], words[i, start : start + length], words[i, start + length :]
+            if class_position == "front":
+                rows.append(torch.cat([head, name, ctx[i], rest]))
+            else:
+                rows.append(torch.cat([head, ctx[i, :half], name, ctx[i, half:], rest]))
+        return torch.stack(rows), prompts_of.lengths + n_ctx
+
+    # ------------------------------------------------------------------ scoring and the classification loss
+    def score(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C)`` from image features ``(B, d)`` and class features ``(C, d)`` (or per image
+        ``(B, C, d)``): scaled cosine similarity, plus the family's bias if it has one."""
+        image = torch.nn.functional.normalize(image_feats.float(), dim=-1)
+        text = torch.nn.functional.normalize(text_feats.float(), dim=-1)
+        cosine = torch.einsum("bd,bcd->bc", image, text) if text.dim() == 3 else image @ text.t()
+        logits = self.logit_scale.float() * cosine
+        bias = self.logit_bias
+        return logits if bias is None else logits + bias.float()
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The family's classification loss: softmax cross-entropy (CLIP), or one sigmoid per class against the
+        one-hot label, summed over classes and averaged over images (SigLIP's pretraining loss)."""
+        if self.info.scoring == "softmax":
+            return torch.nn.functional.cross_entropy(logits.float(), labels)
+        targets = torch.nn.functional.one_hot(labels, logits.shape[-1]).float()
+        per_class = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+        return per_class.sum(-1).mean()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(-1) if self.info.scoring == "softmax" else logits.sigmoid()
+
+
+class FusionDetectorBackbone(Backbone):
+    """A text-conditioned detector with a fusion encoder (Grounding DINO family); detection methods see only this."""
+
+    image_config: Any
+
+    @property
+    @abstractmethod
+    def text_width(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def fusion_layers(self) -> int: ...
+
+    @abstractmethod
+    def fusion_site(self, layer: int) -> Any:
+        """One fusion layer's bi-directional attention projections and widths (``FusionSite``)."""
+
+    @abstractmethod
+    def named_weights(self, part: str = "all") -> dict[str, nn.Parameter]:
+        """Detector weights of a part ("heads" or "all"), by their name in ``model``."""
+
+    @abstractmethod
+    def add_lora(self, r: int, alpha: float, dropout: float, target_modules: str | None = None) -> dict[str, nn.Parameter]:
+        """Attach LoRA adapters (``target_modules`` regex; None: the family's default) and return their weights."""
+
+    @abstractmethod
+    def phrase_embeddings(self, phrase: str) -> torch.Tensor:
+        """Word embeddings ``(n, d_text)`` of a phrase's tokens."""
+
+    @abstractmethod
+    def category_prompt(self, names: Sequence[str], template: str = "{}", n_context: int = 0) -> nn.Module:
+        """The text prompt of a list of categories, with ``n_context`` learned positions before each phrase."""
+
+    @abstractmethod
+    def detect(self, pixel_values: torch.Tensor, prompt: nn.Module, pixel_mask: torch.Tensor | None = None,
+               labels: list[dict[str, torch.Tensor]] | None = None, context: torch.Tensor | None = None,
+               fusion: Any = None, **kwargs: Any) -> Any:  # fmt: skip
+        """The detector's output on a batch for one category prompt (with ``loss`` when labels are given)."""
+
+    @abstractmethod
+    def category_scores(self, logits: torch.Tensor, prompt: nn.Module) -> torch.Tensor:
+        """Per-category scores ``(B, Q, C)`` from the detector's token logits."""

@@ -14,25 +14,38 @@ import torch
 from torch import nn
 
 from vlprompt.backbones.base import (
+    CLASS_POSITIONS,
+    IMAGE_PROMPTS_END,
+    IMAGE_PROMPTS_FRONT,
+    KIND_DUAL_ENCODER,
     SITE_BLOCK,
-    SITE_TRANSIENT_IMAGE,
-    BlockAdapter,
-    TransientPrompts,
     SITE_IMAGE_SEQUENCE,
     SITE_JOINT_SPACE,
+    SITE_LINEAR_PROJECTIONS,
     SITE_TEXT_SEQUENCE,
+    SITE_TRANSIENT_IMAGE,
+    BackboneLoadError,
+    BlockAdapter,
+    ClassPrompts,
     DeepPrompts,
+    DualEncoderBackbone,
+    FamilyInfo,
     TokenizedText,
+    TransientPrompts,
+    register_backbone,
 )
 
-IMAGE_PROMPT_POSITIONS = ("end", "after_cls")
+CLIP_INFO = FamilyInfo(
+    kind=KIND_DUAL_ENCODER,
+    sites=frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE, SITE_LINEAR_PROJECTIONS, SITE_BLOCK,
+                     SITE_TRANSIENT_IMAGE}),  # fmt: skip
+    image_prompt_positions=(IMAGE_PROMPTS_END, IMAGE_PROMPTS_FRONT),
+    class_positions=CLASS_POSITIONS,
+    scoring="softmax",
+)
 
 
-class BackboneLoadError(ValueError):
-    """A model folder / hub id could not be turned into a supported backbone."""
-
-
-class CLIPBackbone(nn.Module):
+class CLIPBackbone(DualEncoderBackbone):
     """A frozen CLIP with prompt sites in both towers.
 
     Text features are ``final_layer_norm(x_eot) @ W_t``; image features ``post_layernorm(x_cls) @ W_v``; both
@@ -40,7 +53,8 @@ class CLIPBackbone(nn.Module):
     """
 
     family = "clip"
-    sites = frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE, SITE_BLOCK, SITE_TRANSIENT_IMAGE})
+    info = CLIP_INFO
+    text_prefix_tokens = 1  # [SOS]
     # Cut text sequences after their last end-of-text token (exact: the tower is causal). False runs every text over
     # the whole context (77 positions), as the reference implementations do: only for checks that the cut is exact.
     truncate_text: bool = True
@@ -116,9 +130,6 @@ class CLIPBackbone(nn.Module):
         digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
         return {"family": self.family, "name_or_path": self.name_or_path, "config_hash": digest, "arch": arch}
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
     # ------------------------------------------------------------------ dimensions
     @property
     def text_width(self) -> int:
@@ -175,7 +186,12 @@ class CLIPBackbone(nn.Module):
         return [layer.self_attn for layer in model.encoder.layers]
 
     # ------------------------------------------------------------------ text tower
-    def tokenize(self, texts: list[str]) -> TokenizedText:
+    def tokenize(self, texts, special_tokens: bool = True) -> TokenizedText:
+        if not special_tokens:
+            rows = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+            width = max((len(r) for r in rows), default=0)
+            ids = torch.tensor([r + [self.eos_token_id] * (width - len(r)) for r in rows], dtype=torch.long)
+            return TokenizedText(ids.view(len(rows), width), torch.tensor([len(r) for r in rows]))
         enc = self.tokenizer(
             list(texts),
             padding="max_length",
@@ -187,21 +203,20 @@ class CLIPBackbone(nn.Module):
         is_eot = ids == self.eos_token_id
         if not bool(is_eot.any(dim=1).all()):
             raise ValueError("the tokenizer did not produce an end-of-text token for every text")
-        eot = is_eot.int().argmax(dim=1)
-        return TokenizedText(input_ids=ids.to(self.device), eot_index=eot.to(self.device))
+        return TokenizedText(input_ids=ids, lengths=is_eot.int().argmax(dim=1) + 1)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Word embeddings (no positions) of token ids: the space CoOp-style contexts live in."""
         return self.model.text_model.embeddings.token_embedding(input_ids)
 
-    def encode_text(
+    def encode_embedded(
         self,
         token_embeds: torch.Tensor,
-        eot_index: torch.Tensor,
+        lengths: torch.Tensor,
         prompts: DeepPrompts | None = None,
         block: BlockAdapter | None = None,
     ) -> torch.Tensor:
-        """Text features ``(S, d)`` of embedded sequences ``(S, T, d_t)`` whose end-of-text is at ``eot_index``.
+        """Text features ``(S, d)`` of embedded sequences ``(S, T, d_t)`` whose end-of-text is at ``lengths - 1``.
 
         ``prompts.tokens[0]`` is inserted right after ``[SOS]`` (positional embeddings apply, as for CoOp's context);
         deeper entries replace those positions at later layers. Because the tower is causal, positions after the
@@ -209,6 +224,7 @@ class CLIPBackbone(nn.Module):
         cheaper than running all 77 positions.
         """
         text_model = self.model.text_model
+        eot_index = lengths - 1
         n = 0
         if prompts is not None and prompts.tokens:
             prompts.validate(self.text_width, self.text_layers, "text")
@@ -239,22 +255,21 @@ class CLIPBackbone(nn.Module):
         pooled = text_model.final_layer_norm(hidden[rows, eot_index])
         return self.model.text_projection(pooled)
 
-    def encode_text_shared_prefix(self, prefixes: torch.Tensor, tokenized: TokenizedText) -> torch.Tensor:
+    def encode_class_prompts_per_image(self, prompts_of: ClassPrompts, prefixes: torch.Tensor) -> torch.Tensor:
         """Text features ``(B, C, d)`` of the ``B x C`` sequences ``[SOS][prefixes[b]][text c after its SOS]``.
 
-        Equals ``encode_text_ids`` of the texts repeated ``B`` times with ``DeepPrompts([prefixes repeated C times])``
-        (CoCoOp's per-image contexts), for less work: the tower is causal, so ``[SOS][prefix]`` does not depend on
+        Equals the base class's generic form (the texts repeated ``B`` times with per-sequence prompts: CoCoOp's
+        per-image contexts), for less work: the tower is causal, so ``[SOS][prefix]`` does not depend on
         the text after it and runs once per prefix; only the text's own tokens run per (prefix, text) pair, attending
         to the prefix's keys and values. With 4 context tokens and short class names that is about half the tokens.
         """
         text_model = self.model.text_model
+        if not self.truncate_text or prefixes.shape[1] == 0:  # the full-context form (checks that the cuts are exact)
+            return super().encode_class_prompts_per_image(prompts_of, prefixes)
         prefixes = prefixes.to(text_model.embeddings.token_embedding.weight.dtype)  # fp32 prompts, half weights
         batch, n_prefix = prefixes.shape[0], prefixes.shape[1]
-        n_texts = tokenized.input_ids.shape[0]
-        if not self.truncate_text:  # the reference's full-context computation (only to check the cuts are exact)
-            repeated = TokenizedText(tokenized.input_ids.repeat(batch, 1), tokenized.eot_index.repeat(batch))
-            prompts = DeepPrompts([prefixes.repeat_interleave(n_texts, dim=0)])
-            return self.encode_text_ids(repeated, prompts).view(batch, n_texts, -1)
+        n_texts = len(prompts_of)
+        tokenized = TokenizedText(prompts_of.input_ids, prompts_of.lengths)
         length = int(tokenized.eot_index.max()) + 1  # of the texts alone; only the truncated form exists here
         embeds = self.embed_tokens(tokenized.input_ids[:, :length]).to(prefixes.dtype)
         if length + n_prefix > self.context_length:
@@ -313,17 +328,6 @@ class CLIPBackbone(nn.Module):
         )  # fmt: skip
         return attn.out_proj(out.transpose(-3, -2).reshape(*queries.shape[:-1], -1))
 
-    def encode_text_ids(
-        self, tokenized: TokenizedText, prompts: DeepPrompts | None = None, block: BlockAdapter | None = None
-    ) -> torch.Tensor:
-        # Positions after the last end-of-text token are cut before embedding (see encode_text): exact and cheaper.
-        length = int(tokenized.eot_index.max()) + 1 if self.truncate_text else tokenized.input_ids.shape[1]
-        ids = tokenized.input_ids[:, :length]
-        return self.encode_text(self.embed_tokens(ids), tokenized.eot_index, prompts, block)
-
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        return self.encode_text_ids(self.tokenize(texts))
-
     def _causal_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
         from transformers.masking_utils import create_causal_mask
 
@@ -332,7 +336,7 @@ class CLIPBackbone(nn.Module):
             config=self.model.text_model.config,
             inputs_embeds=hidden,
             attention_mask=None,
-            past_key_values=None,
+            cache=None,
         )
 
     # ------------------------------------------------------------------ image tower
@@ -340,7 +344,7 @@ class CLIPBackbone(nn.Module):
         self,
         pixel_values: torch.Tensor,
         prompts: DeepPrompts | None = None,
-        position: str = "end",
+        position: str = IMAGE_PROMPTS_END,
         block: BlockAdapter | None = None,
         transient: TransientPrompts | None = None,
     ) -> torch.Tensor:
@@ -348,19 +352,20 @@ class CLIPBackbone(nn.Module):
 
         ``prompts.tokens[0]`` is inserted after the positional embedding and before CLIP's pre-LayerNorm (no
         positional embedding on prompts), either after the patches (``"end"``: VPT, IVLP, MaPLe) or between the
-        class token and the patches (``"after_cls"``: UPT); deeper entries replace those positions.
+        class token and the patches (``"front"``: UPT); deeper entries replace those positions.
         ``block`` changes each attention block's output (APT). ``transient`` tokens are appended after the
         pre-LayerNorm to a layer's input and dropped from its output (DPT).
         """
         vision = self.model.vision_model
-        if position not in IMAGE_PROMPT_POSITIONS:
-            raise ValueError(f"image prompt position {position!r} unknown; choose one of {IMAGE_PROMPT_POSITIONS}")
+        if position not in self.info.image_prompt_positions:
+            raise ValueError(f"image prompt position {position!r} unknown; choose one of "
+                             f"{self.info.image_prompt_positions}")
         hidden = vision.embeddings(pixel_values.to(self.model.visual_projection.weight.dtype))
         n = 0
         if prompts is not None and prompts.tokens:
             prompts.validate(self.vision_width, self.vision_layers, "image")
             n = prompts.num_tokens
-        start = 1 if position == "after_cls" else hidden.shape[1]
+        start = 1 if position == IMAGE_PROMPTS_FRONT else hidden.shape[1]  # "front": after the class token
         if n:
             first = _expand(prompts.tokens[0], hidden.shape[0]).to(hidden.dtype)
             hidden = torch.cat([hidden[:, :start], first, hidden[:, start:]], dim=1)
@@ -422,3 +427,6 @@ def _replace(hidden: torch.Tensor, tokens: torch.Tensor | None, start: int) -> t
     tokens = _expand(tokens, hidden.shape[0]).to(hidden.dtype)
     n = tokens.shape[1]
     return torch.cat([hidden[:, :start], tokens, hidden[:, start + n :]], dim=1)
+
+
+register_backbone(["clip"], CLIPBackbone)

@@ -28,8 +28,17 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from vlprompt.backbones.base import SITE_DETECTION_TEXT, SITE_DETECTOR, SITE_FUSION, FusionTokens
-from vlprompt.backbones.clip import BackboneLoadError
+from vlprompt.backbones.base import (
+    KIND_FUSION_DETECTOR,
+    SITE_DETECTION_TEXT,
+    SITE_DETECTOR,
+    SITE_FUSION,
+    BackboneLoadError,
+    FamilyInfo,
+    FusionDetectorBackbone,
+    FusionTokens,
+    register_backbone,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,25 +114,31 @@ class FusionSite:
     num_heads: int
 
 
-@dataclass
-class DetectionText:
+class DetectionText(nn.Module):
     """A tokenised category prompt: ``[CLS] (ctx) name1 . (ctx) name2 . [SEP]``.
 
     ``context_index[t]`` is ``j`` where position ``t`` holds learned context token ``j`` (-1 for words);
     ``label_map[c]`` marks the positions of category ``c``'s phrase (what the detector's loss treats as its label).
+    Buffers (not saved): they follow the method across devices.
     """
 
-    input_ids: torch.Tensor  # (T,)
-    context_index: torch.Tensor  # (T,)
-    label_map: torch.Tensor  # (C, T)
-    n_context: int
+    def __init__(self, input_ids: torch.Tensor, context_index: torch.Tensor, label_map: torch.Tensor,
+                 n_context: int) -> None:  # fmt: skip
+        super().__init__()
+        self.register_buffer("input_ids", input_ids, persistent=False)  # (T,)
+        self.register_buffer("context_index", context_index, persistent=False)  # (T,)
+        self.register_buffer("label_map", label_map, persistent=False)  # (C, T)
+        self.n_context = n_context
 
 
-class GroundingDinoBackbone(nn.Module):
+GROUNDING_DINO_INFO = FamilyInfo(kind=KIND_FUSION_DETECTOR, sites=frozenset({SITE_FUSION, SITE_DETECTION_TEXT,
+                                                                              SITE_DETECTOR}))  # fmt: skip
+
+
+class GroundingDinoBackbone(FusionDetectorBackbone):
     """A frozen Grounding DINO / MM-Grounding-DINO with fusion, text-input and detector-weight sites."""
 
-    sites = frozenset({SITE_FUSION, SITE_DETECTION_TEXT, SITE_DETECTOR})
-    task = "detection"
+    info = GROUNDING_DINO_INFO
 
     def __init__(self, model: nn.Module, tokenizer, image_config: DetectionImageConfig | None = None,
                  name_or_path: str = "") -> None:
@@ -231,10 +246,6 @@ class GroundingDinoBackbone(nn.Module):
     def max_text_len(self) -> int:
         return self.model.config.max_text_len
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def _encoder_layers(self) -> nn.ModuleList:
         return self.model.model.encoder.layers
 
@@ -269,8 +280,11 @@ class GroundingDinoBackbone(nn.Module):
         wanted = {id(p) for module in self.head_modules() for p in module.parameters()}
         return {n: p for n, p in params.items() if id(p) in wanted}
 
-    def add_lora(self, r: int, alpha: float, dropout: float, target_modules: str = LORA_TARGETS) -> dict[str, nn.Parameter]:
-        """Inject LoRA adapters (``peft``) into the matching linear layers; returns the new trainable parameters."""
+    def add_lora(self, r: int, alpha: float, dropout: float,
+                 target_modules: str | None = None) -> dict[str, nn.Parameter]:  # fmt: skip
+        """Inject LoRA adapters (``peft``) into the matching linear layers (None: the encoder/decoder attention
+        projections); returns the new trainable parameters."""
+        target_modules = target_modules or LORA_TARGETS
         try:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError as err:  # pragma: no cover - peft is a dependency
@@ -297,7 +311,14 @@ class GroundingDinoBackbone(nn.Module):
     def phrase_ids(self, phrase: str) -> list[int]:
         return list(self.tokenizer(phrase, add_special_tokens=False)["input_ids"])
 
-    def tokenize_categories(self, names: Sequence[str], template: str = "{}", n_context: int = 0) -> DetectionText:
+    def phrase_embeddings(self, phrase: str) -> torch.Tensor:
+        words = self.phrase_ids(phrase)
+        if not words:
+            raise ValueError(f"the phrase {phrase!r} has no tokens")
+        with torch.no_grad():
+            return self.embed_tokens(torch.tensor(words, device=self.device)).detach().clone()
+
+    def category_prompt(self, names: Sequence[str], template: str = "{}", n_context: int = 0) -> DetectionText:
         """``[CLS] (ctx x n) phrase_1 . (ctx x n) phrase_2 . ... [SEP]`` with ``phrase_c = template.format(name_c)``."""
         if not names:
             raise ValueError("a detection prompt needs at least one category name")
@@ -325,13 +346,13 @@ class GroundingDinoBackbone(nn.Module):
             )
         phrase = torch.tensor(phrase_of)
         label_map = (phrase.unsqueeze(0) == torch.arange(len(names)).unsqueeze(1)).float()
-        return DetectionText(torch.tensor(ids), torch.tensor(context), label_map, n_context)
+        return DetectionText(torch.tensor(ids), torch.tensor(context), label_map, n_context).to(self.device)
 
     # ------------------------------------------------------------------ forward
     def detect(
         self,
         pixel_values: torch.Tensor,
-        text: DetectionText,
+        prompt: DetectionText,
         pixel_mask: torch.Tensor | None = None,
         labels: list[dict[str, torch.Tensor]] | None = None,
         context: torch.Tensor | None = None,
@@ -343,6 +364,7 @@ class GroundingDinoBackbone(nn.Module):
         prompt's context positions; ``fusion(layer)`` gives tokens for that fusion layer (or None)."""
         batch = pixel_values.shape[0]
         device = pixel_values.device
+        text = prompt
         input_ids = text.input_ids.to(device).unsqueeze(0).expand(batch, -1)
         attention_mask = torch.ones_like(input_ids)
         dtype = next(self.model.parameters()).dtype
@@ -356,8 +378,7 @@ class GroundingDinoBackbone(nn.Module):
                 pixel_mask=pixel_mask, labels=labels, **kwargs,
             )
 
-    @staticmethod
-    def category_scores(logits: torch.Tensor, text: DetectionText) -> torch.Tensor:
+    def category_scores(self, logits: torch.Tensor, text: DetectionText) -> torch.Tensor:
         """Per-category scores ``(B, Q, C)``: mean sigmoid token logit over each category's phrase."""
         label_map = text.label_map.to(logits.device, torch.float32)
         weights = label_map / label_map.sum(-1, keepdim=True)
@@ -460,3 +481,6 @@ def _expand(tokens: torch.Tensor, batch: int, side: str) -> torch.Tensor:
     if tokens.dim() != 3 or tokens.shape[0] != batch:
         raise ValueError(f"{side} fusion tokens must be (K, width) or ({batch}, K, width), got {tuple(tokens.shape)}")
     return tokens
+
+
+register_backbone(list(DETECTOR_CLASSES), GroundingDinoBackbone)

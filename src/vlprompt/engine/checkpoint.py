@@ -1,7 +1,8 @@
 """Prompt checkpoints: trained parameters only (safetensors) plus a JSON config, PEFT-style.
 
-A run folder holds ``prompt.safetensors`` + ``prompt_config.json`` (the final prompt, kilobytes), ``metrics.jsonl``,
-``run_config.json`` (the resolved run options) and ``checkpoint-last/`` (prompt, optimiser and scheduler state after
+A run folder holds ``prompt.safetensors`` + ``prompt_config.json`` (the final prompt, kilobytes: what
+``PromptMethod.save_pretrained`` writes), ``metrics.jsonl``, ``results.json`` (the final metrics), ``run_config.json``
+(the resolved run options) and ``checkpoint-last/`` (prompt, optimiser and scheduler state after
 the last finished epoch) so ``--resume`` can continue an interrupted run. Every file is written atomically.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ PROMPT_FILE = "prompt.safetensors"
 CONFIG_FILE = "prompt_config.json"
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
+RESULTS_FILE = "results.json"
 RESUME_DIR = "checkpoint-last"
 
 
@@ -61,7 +63,8 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
 
 def prompt_config(method) -> dict[str, Any]:
     return {
-        "method": getattr(method, "registered_name", method.name),
+        "method": method.registered_name,
+        "task": method.task,
         "method_config": method.config.to_dict(),
         "classnames": list(method.classnames),
         "template": method.template,
@@ -71,15 +74,30 @@ def prompt_config(method) -> dict[str, Any]:
     }
 
 
-def save_prompt(folder: str | Path, method, extra: dict[str, Any] | None = None) -> Path:
-    """Write the method's trained parameters and its config into ``folder``."""
+def save_prompt(folder: str | Path, method) -> Path:
+    """Write the method's trained parameters and its config into ``folder`` (no run results: those live in the
+    run folder's results.json and metrics.jsonl)."""
     folder = Path(folder)
     atomic_save_tensors(folder / PROMPT_FILE, method.prompt_state_dict(), metadata={"method": method.name})
-    config = prompt_config(method)
-    if extra:
-        config.update(extra)
-    atomic_write_json(folder / CONFIG_FILE, config)
+    atomic_write_json(folder / CONFIG_FILE, prompt_config(method))
     return folder
+
+
+def recorded_backbone(folder: str | Path, model: str | None = None):
+    """The backbone a saved prompt was trained on (or ``model`` instead); the error says how to point at a moved
+    model."""
+    from vlprompt.backbones import load_backbone
+
+    if model:
+        return load_backbone(model)
+    recorded = read_prompt_config(folder).get("backbone", {}).get("name_or_path")
+    if not recorded:
+        raise CheckpointError(f"{folder}/{CONFIG_FILE} records no backbone; pass the model it was trained on.")
+    try:
+        return load_backbone(recorded)
+    except ValueError as err:
+        raise type(err)(f"{err} (the model this prompt was trained on, as recorded in its {CONFIG_FILE}; if it "
+                        "moved, pass --model <its folder> / backbone=load_backbone(<its folder>))") from err
 
 
 def read_prompt_config(folder: str | Path) -> dict[str, Any]:
@@ -142,11 +160,14 @@ def load_prompt(folder: str | Path, backbone, classnames: list[str] | None = Non
 
     ``classnames`` / ``template`` re-point the prompt at another label set (cross-dataset evaluation).
     """
-    from vlprompt.methods import get_prompt_model, make_config
+    from vlprompt.methods import get_prompt_model
 
     config = read_prompt_config(folder)
     check_backbone(config.get("backbone", {}), backbone)
-    method_config = make_config(config["method"], config["method_config"])
+    from vlprompt.methods import method_class
+
+    saved_version = config.get("vlprompt_version")
+    method_config = method_class(config["method"]).config_class.from_dict(config["method_config"], saved_version)
     method = get_prompt_model(backbone, config["method"], config["classnames"], config["template"], method_config)
     try:
         method.load_prompt_state_dict(load_prompt_tensors(folder))

@@ -10,27 +10,24 @@ tower stays causal and its exact end-of-text truncation still holds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from vlprompt.backbones.base import SITE_BLOCK
-from vlprompt.methods.base import ClassTextPrompts, MethodConfig, PromptMethod, require
-
-TOWERS = ("both", "image", "text")
+from vlprompt.methods.base import ClassificationMethod, MethodConfig, class_prompts
+from vlprompt.options import opt
+from vlprompt.methods.registry import register_method
 
 
 @dataclass
 class APTConfig(MethodConfig):
-    n_prompts: int = 50  # M per block (released: 50..200)
-    rank: int = 4  # r of the low-rank modulation A (r x C), B (C x r)
-    towers: str = "both"
-    init_std: float = 0.02  # prompts P ~ N(0, init_std)
-
-    def validate(self) -> None:
-        require(self.n_prompts >= 0, f"apt.n_prompts must be >= 0, got {self.n_prompts}")
-        require(self.rank >= 0, f"apt.rank must be >= 0, got {self.rank}")
-        require(self.towers in TOWERS, f"apt.towers must be one of {TOWERS}")
+    method_name = "apt"
+    n_prompts: int = opt(50, min=0)  # M per block (released: 50..200)
+    rank: int = opt(4, min=0)  # r of the low-rank modulation A (r x C), B (C x r)
+    towers: Literal["both", "image", "text"] = "both"
+    init_std: float = opt(0.02, gt=0)  # prompts P ~ N(0, init_std)
 
 
 class ApproximatedPrompts(nn.Module):
@@ -53,7 +50,7 @@ class ApproximatedPrompts(nn.Module):
         return (attn_out + gate * effect) * self.log_scale[layer].exp().to(attn_out.dtype)
 
 
-class APT(PromptMethod):
+class APT(ClassificationMethod):
     name = "apt"
     config_class = APTConfig
     required_sites = frozenset({SITE_BLOCK})
@@ -74,7 +71,7 @@ class APT(PromptMethod):
         self._on_classes_changed()
 
     def _on_classes_changed(self) -> None:
-        self.class_text = ClassTextPrompts(self.backbone, self.classnames, self.template)
+        self.class_text = class_prompts(self, self.template)
 
     @property
     def modifies_text(self) -> bool:  # type: ignore[override]
@@ -85,7 +82,10 @@ class APT(PromptMethod):
         return self.image_apt is not None
 
     def text_features(self) -> torch.Tensor:
-        return self.backbone.encode_text_ids(self.class_text.tokenized, block=self.text_apt)
+        return self.backbone.encode_class_prompts(self.class_text, block=self.text_apt)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.backbone.encode_image(pixel_values, block=self.image_apt)
+
+
+register_method("apt", APT, summary="approximated prompts: additive term on every attention block")

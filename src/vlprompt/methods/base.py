@@ -1,16 +1,25 @@
-"""What every method is: a validated config dataclass plus an ``nn.Module`` over a frozen backbone."""
+"""What every method is: a validated config dataclass plus an ``nn.Module`` over a frozen backbone.
+
+``PromptMethod`` is the prompt model a user holds (PEFT's ``PeftModel`` for prompts): its hooks are declared here
+with no-op defaults (the trainer calls them, it never probes), and it saves and loads itself
+(``save_pretrained`` / ``from_pretrained``). ``ClassificationMethod`` is the base of methods on dual encoders
+(CLIP, SigLIP); ``DetectionMethod`` (methods/detection.py) of methods on fusion detectors. Methods use only the
+backbone contract (``backbones/base.py``): they never import a family module or read token positions.
+"""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vlprompt.backbones.base import DeepPrompts, TokenizedText, UnsupportedBackboneError
+from vlprompt.backbones.base import Backbone, DeepPrompts, UnsupportedBackboneError
+from vlprompt.tasks.batches import ClassificationBatch, StepOutput
 
 
 class MethodConfigError(ValueError):
@@ -19,25 +28,43 @@ class MethodConfigError(ValueError):
 
 @dataclass
 class MethodConfig:
-    """Base of every method config. Subclasses add fields and check them in ``validate``."""
+    """Base of every method config. Fields are checked against their annotations and declared ranges
+    (``vlprompt.options``); subclasses add cross-field checks in ``validate``."""
+
+    method_name: ClassVar[str] = ""  # the method's name in option messages (``coop.n_ctx=...``)
 
     def __post_init__(self) -> None:
+        from vlprompt.options import OptionError, check_options
+
+        try:
+            check_options(self, prefix=f"{self.method_name}." if self.method_name else "")
+        except OptionError as err:
+            raise MethodConfigError(str(err)) from None
         self.validate()
 
-    def validate(self) -> None:  # overridden by methods
+    def validate(self) -> None:  # cross-field checks, overridden by methods
         pass
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+    def from_dict(cls, values: dict[str, Any], saved_version: str | None = None) -> "MethodConfig":
+        """The config of ``values``. An unknown option is an error, except in a config saved by another vlprompt
+        version (``saved_version``): options it had that this version lacks are dropped with a warning."""
+        import vlprompt
+
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
-        if unknown:
-            raise MethodConfigError(
-                f"{cls.__name__} has no option(s) {unknown}; its options are {sorted(known)}."
+        if unknown and saved_version is not None and saved_version != vlprompt.__version__:
+            warnings.warn(
+                f"{cls.__name__}: options {unknown} from a prompt saved by vlprompt {saved_version} are unknown to "
+                f"vlprompt {vlprompt.__version__} and were dropped",
+                stacklevel=2,
             )
+            values = {k: v for k, v in values.items() if k in known}
+        elif unknown:
+            raise MethodConfigError(f"{cls.__name__} has no option(s) {unknown}; its options are {sorted(known)}.")
         return cls(**values)
 
 
@@ -68,20 +95,23 @@ def subset_rows(trained: Sequence[str], asked: Sequence[str], what: str) -> list
 
 
 class PromptMethod(nn.Module):
-    """A prompt-tuning method on a frozen backbone.
+    """A prompt-tuning method on a frozen backbone: the prompt model users train, save, load and call.
 
-    Subclasses set ``name``, ``config_class``, ``required_sites``, and which towers they change; they implement
-    ``text_features`` and/or ``image_features``. The engine uses ``modifies_text`` / ``modifies_image`` to compute
-    an untouched tower once instead of every step.
+    Subclasses set ``name``, ``config_class``, ``required_sites`` and, for their task, which towers they change.
+    Every hook the trainer calls is declared here with its default.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     required_sites: ClassVar[frozenset[str]] = frozenset()
+    task: ClassVar[str] = "classification"  # the task object that trains and scores it (vlprompt.tasks)
+    backbone_kind: ClassVar[str] = "dual_encoder"  # the kind of backbone contract it is written against
+    # Fitted by its own solver on cached features (linear probe) instead of by gradient steps.
+    fits_features: ClassVar[bool] = False
+    # The text features depend on the image (CoCoOp): class features can never be computed once per run.
+    conditions_text_on_image: ClassVar[bool] = False
     modifies_text: ClassVar[bool] = False
     modifies_image: ClassVar[bool] = False
-    # Methods fitted in closed form / by their own solver instead of SGD (linear probe) set this.
-    fits_features: ClassVar[bool] = False
 
     @classmethod
     def tied_to_classes(cls, config: MethodConfig) -> bool:
@@ -89,13 +119,17 @@ class PromptMethod(nn.Module):
         contexts): such a model cannot score other class names (no novel-class or cross-dataset evaluation)."""
         return False
 
-    def __init__(self, backbone, config: MethodConfig, classnames: list[str], template: str = "a photo of a {}.") -> None:
+    def __init__(self, backbone: Backbone, config: MethodConfig, classnames: Sequence[str],
+                 template: str = "a photo of a {}.") -> None:  # fmt: skip
         super().__init__()
         missing = self.required_sites - backbone.sites
         if missing:
+            reasons = "; ".join(f"{site}: {backbone.why_missing(site)}" for site in sorted(missing)
+                                if backbone.why_missing(site))  # fmt: skip
             raise UnsupportedBackboneError(
                 f"method {self.name!r} needs the site(s) {sorted(missing)} which the {backbone.family!r} backbone "
-                f"does not offer (it offers {sorted(backbone.sites)}). See `vlprompt methods` for supported pairs."
+                f"does not offer (it offers {sorted(backbone.sites)})" + (f" ({reasons})" if reasons else "")
+                + ". See `vlprompt methods` for supported pairs."
             )
         if not classnames:
             raise ValueError("a method needs at least one class name")
@@ -104,6 +138,7 @@ class PromptMethod(nn.Module):
         self.config = config
         self.classnames: list[str] = list(classnames)
         self.template = template
+        self.registered_name = self.name  # the registry's name, e.g. "vpt_deep" rather than the class's "vpt"
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -112,8 +147,9 @@ class PromptMethod(nn.Module):
         return self
 
     # ----------------------------------------------------------------- class names
-    def set_classes(self, classnames: list[str], template: str | None = None) -> None:
-        """Point the method at another label set (cross-dataset / base-to-novel evaluation)."""
+    def set_classes(self, classnames: Sequence[str], template: str | None = None) -> None:
+        """Point the method at another label set (cross-dataset / base-to-novel evaluation). A refused change
+        leaves the method as it was."""
         if not classnames:
             raise ValueError("a method needs at least one class name")
         if template is not None:
@@ -125,44 +161,42 @@ class PromptMethod(nn.Module):
         try:
             self._on_classes_changed()
         except Exception:
-            self.classnames, self.template = previous  # a refused change leaves the method as it was
+            self.classnames, self.template = previous
+            self._on_classes_changed()
             raise
 
     def _on_classes_changed(self) -> None:
         pass
 
+    # ----------------------------------------------------------------- hooks the trainer calls
+    def training_step(self, batch: Any) -> StepOutput:
+        """One batch's named loss terms (and logits, for training accuracy)."""
+        raise NotImplementedError(f"{type(self).__name__} does not train by gradient steps")
 
-    # ----------------------------------------------------------------- features and logits
-    def text_features(self) -> torch.Tensor:
-        """Class text features ``(C, d)`` (unnormalised). Default: the dataset's hand-written template."""
-        return self.backbone.encode_texts([self.template.format(c) for c in self.classnames])
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]] | None:
+        """Optimiser parameter groups with their own learning rates; None: every prompt parameter at ``base_lr``."""
+        return None
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image features ``(B, d)`` (unnormalised). Default: the frozen image tower."""
-        return self.backbone.encode_image(pixel_values)
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called with the 0-indexed epoch about to start (schedules inside a method's loss)."""
 
-    def logits(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-        image_feats = F.normalize(image_feats.float(), dim=-1)
-        text_feats = F.normalize(text_feats.float(), dim=-1)
-        return self.backbone.logit_scale.float() * image_feats @ text_feats.t()
+    def on_train_end(self) -> None:
+        """Called once training has finished, before the final evaluation and save."""
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        image_feats: torch.Tensor | None = None,
-        text_feats: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits ``(B, C)``. Cached features of an untouched tower may be passed instead of recomputing them."""
-        if image_feats is None:
-            if pixel_values is None:
-                raise ValueError("pass pixel_values or precomputed image_feats")
-            image_feats = self.image_features(pixel_values)
-        if text_feats is None:
-            text_feats = self.text_features()
-        return self.logits(image_feats, text_feats)
+    @property
+    def cacheable_towers(self) -> frozenset[str]:
+        """Towers whose features do not change while this method trains: computed once per run, not per step."""
+        towers = set()
+        if not self.modifies_text and not self.conditions_text_on_image:
+            towers.add("text")
+        if not self.modifies_image:
+            towers.add("image")
+        return frozenset(towers)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels)
+    def fit_features(self, train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
+                     val_labels: torch.Tensor) -> dict[str, float]:  # fmt: skip
+        """Fit on frozen features (methods with ``fits_features``); returns what to log."""
+        raise NotImplementedError(f"{type(self).__name__} is not fitted on features")
 
     # ----------------------------------------------------------------- trainable state
     def prompt_parameters(self) -> dict[str, nn.Parameter]:
@@ -171,6 +205,14 @@ class PromptMethod(nn.Module):
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.prompt_parameters().values())
+
+    def print_trainable_parameters(self) -> str:
+        """Print (and return) trainable vs backbone parameter counts, as PEFT's model does."""
+        trainable, frozen = self.num_trainable(), self.backbone.num_parameters()
+        line = (f"trainable params: {trainable:,} || backbone params: {frozen:,} || "
+                f"trainable%: {100.0 * trainable / max(frozen, 1):.4f}")  # fmt: skip
+        print(line)
+        return line
 
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.prompt_parameters().items()}
@@ -193,66 +235,82 @@ class PromptMethod(nn.Module):
             with torch.no_grad():
                 p.copy_(state[n].to(p.device, p.dtype))
 
+    # ----------------------------------------------------------------- saving and loading (PEFT-style)
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``prompt.safetensors`` (trained parameters only) and ``prompt_config.json`` into ``folder``."""
+        from vlprompt.engine import checkpoint as ckpt
 
-class ClassTextPrompts(nn.Module):
-    """Tokenised class sentences whose positions ``1..n`` are learned prompts (CoOp-family placeholders).
+        return ckpt.save_prompt(folder, self)
 
-    The references build a placeholder sentence (``"X X X X {class}."`` for CoOp, ``"a photo of a {class}."``
-    for MaPLe / IVLP / UPT) and replace its token positions ``1..n`` by prompts. Here those ``n`` tokens are removed
-    and the adapter inserts the prompts after ``[SOS]``: the same sequence. Token ids are non-persistent buffers so
-    they follow the method across devices and stay out of checkpoints.
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, backbone: Backbone | None = None,
+                        classnames: Sequence[str] | None = None, template: str | None = None) -> "PromptMethod":  # fmt: skip
+        """Load a prompt saved by :meth:`save_pretrained` (or a run folder). ``backbone`` None: the backbone the
+        prompt records is loaded. ``classnames`` / ``template`` point it at another label set."""
+        from vlprompt.engine import checkpoint as ckpt
+
+        if backbone is None:
+            backbone = ckpt.recorded_backbone(folder)
+        method = ckpt.load_prompt(folder, backbone, classnames, template)
+        if cls is not PromptMethod and not isinstance(method, cls):
+            raise ckpt.CheckpointError(f"{folder} holds a {type(method).__name__} ({method.registered_name}), "
+                                       f"not a {cls.__name__}; load it with PromptMethod.from_pretrained")
+        return method
+
+
+class ClassificationMethod(PromptMethod):
+    """A method on a dual encoder: class text features vs image features, scored by the backbone's family.
+
+    Subclasses implement ``text_features`` and/or ``image_features`` and declare ``modifies_text`` /
+    ``modifies_image``; the task caches an untouched tower instead of recomputing it every step.
     """
 
-    def __init__(self, backbone, classnames: list[str], placeholder: str = "{}.", n_replaced: int = 0) -> None:
-        super().__init__()
-        check_template(placeholder)
-        prefix_tokens = int(backbone.tokenize([placeholder.split("{}")[0].strip()]).eot_index[0]) - 1
-        if n_replaced > prefix_tokens and prefix_tokens > 0:
-            raise MethodConfigError(
-                f"cannot replace {n_replaced} tokens of the placeholder {placeholder!r}: it has {prefix_tokens} "
-                "before the class name. Use more placeholder words or fewer prompt tokens."
-            )
-        n_removed = min(n_replaced, prefix_tokens)
-        tokenized = backbone.tokenize([placeholder.format(c) for c in classnames])
-        ids = torch.cat([tokenized.input_ids[:, :1], tokenized.input_ids[:, 1 + n_removed :]], dim=1)
-        self.register_buffer("input_ids", ids, persistent=False)
-        self.register_buffer("eot_index", tokenized.eot_index - n_removed, persistent=False)
+    # ----------------------------------------------------------------- features and logits
+    def text_features(self) -> torch.Tensor:
+        """Class text features ``(C, d)`` (unnormalised). Default: the dataset's hand-written template."""
+        return self.backbone.encode_texts([self.template.format(c) for c in self.classnames])
 
-    @property
-    def tokenized(self) -> TokenizedText:
-        return TokenizedText(self.input_ids, self.eot_index)
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image features ``(B, d)`` (unnormalised). Default: the frozen image tower."""
+        return self.backbone.encode_image(pixel_values)
 
-    # Above checkpoint_classes classes, a training forward runs the text tower in chunks of chunk_classes classes
-    # whose activations are recomputed in backward (activation checkpointing): peak memory ~ one chunk instead of
-    # every class (CoOp on an ImageNet-sized label set: ~50 kB per token per layer at ViT-B/16's text width).
-    # Same features and gradients; the text tower runs once more in backward.
-    checkpoint_classes: int = 128
-    chunk_classes: int = 32
+    def logits(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        return self.backbone.score(image_feats, text_feats)
 
-    def features(self, backbone, prompts: DeepPrompts | None) -> torch.Tensor:
-        n_classes = self.input_ids.shape[0]
-        needs_grad = torch.is_grad_enabled() and prompts is not None and any(
-            t is not None and t.requires_grad for t in prompts.tokens)  # fmt: skip
-        if not needs_grad or n_classes <= self.checkpoint_classes:
-            return backbone.encode_text_ids(self.tokenized, prompts)
-        from torch.utils.checkpoint import checkpoint
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_feats: torch.Tensor | None = None,
+        text_feats: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, C)``. Cached features of an untouched tower may be passed instead of recomputing them."""
+        if image_feats is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or precomputed image_feats")
+            image_feats = self.image_features(pixel_values)
+        if text_feats is None:
+            text_feats = self.text_features()
+        return self.logits(image_feats, text_feats)
 
-        chunks = []
-        for lo in range(0, n_classes, self.chunk_classes):
-            hi = min(lo + self.chunk_classes, n_classes)
-            chunk_prompts = DeepPrompts([
-                t[lo:hi] if t is not None and t.dim() == 3 else t for t in prompts.tokens])  # fmt: skip
-            chunk = TokenizedText(self.input_ids[lo:hi], self.eot_index[lo:hi])
-            chunks.append(checkpoint(backbone.encode_text_ids, chunk, chunk_prompts, use_reentrant=False))
-        return torch.cat(chunks)
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The family's classification loss (CLIP: cross-entropy; SigLIP: per-class sigmoid)."""
+        return self.backbone.loss(logits, labels)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.backbone.probabilities(logits)
+
+    def training_step(self, batch: ClassificationBatch) -> StepOutput:
+        logits = self(pixel_values=batch.pixel_values, image_feats=batch.image_feats, text_feats=batch.text_feats)
+        return StepOutput({"main": self.loss(logits, batch.labels)}, logits=logits)
 
 
+# ----------------------------------------------------------------- prompt initialisation helpers
 def placeholder_prefix_embedding(backbone, placeholder: str, n: int) -> torch.Tensor | None:
     """Embeddings of the first ``n`` placeholder words (the references' prompt init), or None if it has fewer."""
     prefix = placeholder.split("{}")[0].strip()
     if not prefix or n == 0:
         return None
-    words = phrase_embedding(backbone, prefix)
+    words = backbone.phrase_embeddings(prefix)
     return words[:n].clone() if words.shape[0] >= n else None
 
 
@@ -267,10 +325,21 @@ def seed_from_placeholder(rows: torch.Tensor, backbone, placeholder: str, enable
 
 
 def phrase_embedding(backbone, phrase: str) -> torch.Tensor:
-    """Word embeddings ``(n, d_t)`` of a phrase's tokens (without [SOS]/[EOS]): CoOp's "init from a phrase"."""
-    tokenized = backbone.tokenize([phrase])
-    n = int(tokenized.eot_index[0]) - 1
-    if n == 0:
-        raise MethodConfigError(f"the init phrase {phrase!r} has no tokens")
-    with torch.no_grad():
-        return backbone.embed_tokens(tokenized.input_ids[0, 1 : 1 + n]).clone()
+    """Word embeddings ``(n, d_t)`` of a phrase's tokens: CoOp's "init from a phrase"."""
+    try:
+        return backbone.phrase_embeddings(phrase)
+    except ValueError as err:
+        raise MethodConfigError(f"the init phrase {phrase!r} has no tokens") from err
+
+
+def class_prompts(method: ClassificationMethod, placeholder: str = "{}.", n_replaced: int = 0):
+    """The method's class sentences built by its backbone (``backbone.class_prompts``), config errors named."""
+    try:
+        return method.backbone.class_prompts(method.classnames, placeholder, n_replaced)
+    except ValueError as err:
+        raise MethodConfigError(str(err)) from None
+
+
+def prompts_or_none(tokens: Sequence[torch.Tensor] | torch.Tensor, enabled: bool) -> DeepPrompts | None:
+    """``DeepPrompts`` of per-layer tokens, or None for zero-size prompts (the bare model)."""
+    return DeepPrompts(list(tokens)) if enabled else None

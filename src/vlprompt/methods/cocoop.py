@@ -17,38 +17,32 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlprompt.backbones.base import SITE_TEXT_SEQUENCE, DeepPrompts, TokenizedText
-from vlprompt.methods.base import (
-    ClassTextPrompts,
-    MethodConfig,
-    PromptMethod,
-    phrase_embedding,
-    require,
-)
+from vlprompt.backbones.base import SITE_TEXT_SEQUENCE, DeepPrompts
+from vlprompt.methods.base import ClassificationMethod, MethodConfig, class_prompts, phrase_embedding, require
+from vlprompt.options import opt
+from vlprompt.methods.registry import register_method
 
 
 @dataclass
 class CoCoOpConfig(MethodConfig):
-    n_ctx: int = 4
+    method_name = "cocoop"
+    n_ctx: int = opt(4, min=0)
     init: str | None = "a photo of a"  # fixes n_ctx to the phrase's token count; None: N(0, init_std)
-    init_std: float = 0.02
+    init_std: float = opt(0.02, gt=0)
     # Images whose classes run through the text tower together (memory ~ chunk x classes sequences). None: as many
     # as keep a chunk within max_chunk_sequences sequences, at least one image.
-    chunk_size: int | None = None
-    max_chunk_sequences: int = 128
+    chunk_size: int | None = opt(None, min=1)
+    max_chunk_sequences: int = opt(128, min=1)
     checkpoint_chunks: bool = True  # with several chunks, recompute each in backward: memory ~ one chunk
 
     def validate(self) -> None:
-        require(self.n_ctx >= 0, f"cocoop.n_ctx must be >= 0, got {self.n_ctx}")
-        require(self.chunk_size is None or self.chunk_size >= 1, "cocoop.chunk_size must be >= 1 or null (auto)")
-        require(self.max_chunk_sequences >= 1, "cocoop.max_chunk_sequences must be >= 1")
         require(
             self.init is None or (isinstance(self.init, str) and self.init.strip() != ""),
             "cocoop.init must be a non-empty phrase or null",
         )
 
 
-class CoCoOp(PromptMethod):
+class CoCoOp(ClassificationMethod):
     name = "cocoop"
     config_class = CoCoOpConfig
     required_sites = frozenset({SITE_TEXT_SEQUENCE})
@@ -74,7 +68,7 @@ class CoCoOp(PromptMethod):
         self._on_classes_changed()
 
     def _on_classes_changed(self) -> None:
-        self.class_text = ClassTextPrompts(self.backbone, self.classnames)
+        self.class_text = class_prompts(self)
 
     def instance_contexts(self, image_feats: torch.Tensor) -> torch.Tensor:
         """Per-image contexts ``(B, M, d_t)``: the shared context plus the meta-network's shift."""
@@ -83,7 +77,7 @@ class CoCoOp(PromptMethod):
 
     def text_features(self) -> torch.Tensor:
         """Class features without the image shift (the bare context): for inspection, not used for logits."""
-        return self.class_text.features(self.backbone, DeepPrompts([self.ctx]) if self.config.n_ctx else None)
+        return self.backbone.encode_class_prompts(self.class_text, DeepPrompts([self.ctx]) if self.config.n_ctx else None)
 
     def forward(self, pixel_values=None, image_feats=None, text_feats=None) -> torch.Tensor:
         if image_feats is None:
@@ -92,7 +86,6 @@ class CoCoOp(PromptMethod):
         if self.meta_net is None:
             return self.logits(image_feats, self.text_features())
         contexts = self.instance_contexts(image_feats)
-        image_norm = F.normalize(image_feats.float(), dim=-1)
         size = self.images_per_chunk()
         # One chunk: checkpointing would hold the same activations at its peak (during the recomputation), so it
         # would only cost time. Several chunks: only one chunk's activations at a time.
@@ -104,9 +97,8 @@ class CoCoOp(PromptMethod):
                 feats = checkpoint(self._chunk_text_features, chunk, use_reentrant=False)
             else:
                 feats = self._chunk_text_features(chunk)
-            text_norm = F.normalize(feats.float(), dim=-1)  # (b, C, d)
-            rows.append(torch.einsum("bd,bcd->bc", image_norm[start : start + len(chunk)], text_norm))
-        return self.backbone.logit_scale.float() * torch.cat(rows)
+            rows.append(self.logits(image_feats[start : start + len(chunk)], feats))  # feats (b, C, d)
+        return torch.cat(rows)
 
     def images_per_chunk(self) -> int:
         if self.config.chunk_size is not None:
@@ -115,11 +107,7 @@ class CoCoOp(PromptMethod):
 
     def _chunk_text_features(self, contexts: torch.Tensor) -> torch.Tensor:
         """Text features ``(b, C, d)`` of every class under each of ``b`` per-image contexts."""
-        b, n_classes = contexts.shape[0], len(self.classnames)
-        tok = self.class_text.tokenized
-        shared_prefix = getattr(self.backbone, "encode_text_shared_prefix", None)
-        if shared_prefix is not None and self.config.n_ctx:
-            return shared_prefix(contexts, tok)  # [SOS][context] once per image, not once per (image, class)
-        ids = TokenizedText(tok.input_ids.repeat(b, 1), tok.eot_index.repeat(b))
-        prompts = DeepPrompts([contexts.repeat_interleave(n_classes, dim=0)]) if self.config.n_ctx else None
-        return self.backbone.encode_text_ids(ids, prompts).view(b, n_classes, -1)
+        return self.backbone.encode_class_prompts_per_image(self.class_text, contexts)
+
+
+register_method("cocoop", CoCoOp, summary="CoOp + per-image context shift from a meta-network")

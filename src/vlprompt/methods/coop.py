@@ -2,42 +2,41 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from vlprompt.backbones.base import SITE_TEXT_SEQUENCE, DeepPrompts
 from vlprompt.methods.base import (
-    ClassTextPrompts,
+    ClassificationMethod,
     MethodConfig,
-    PromptMethod,
+    class_prompts,
     phrase_embedding,
     require,
     subset_rows,
 )
-
-CLASS_POSITIONS = ("end", "middle", "front")
+from vlprompt.options import opt
+from vlprompt.methods.registry import register_method
 
 
 @dataclass
 class CoOpConfig(MethodConfig):
-    n_ctx: int = 16
+    method_name = "coop"
+    n_ctx: int = opt(16, min=0)
     init: str | None = None  # a phrase such as "a photo of a" (fixes n_ctx to its token count), or None: N(0, std)
-    init_std: float = 0.02
+    init_std: float = opt(0.02, gt=0)
     class_specific: bool = False  # one context per class instead of one shared context
-    class_position: str = "end"
+    class_position: Literal["end", "middle", "front"] = "end"
 
     def validate(self) -> None:
-        require(self.n_ctx >= 0, f"coop.n_ctx must be >= 0, got {self.n_ctx}")
-        require(self.class_position in CLASS_POSITIONS, f"coop.class_position must be one of {CLASS_POSITIONS}")
-        require(self.init_std > 0, "coop.init_std must be > 0")
         require(
             self.init is None or (isinstance(self.init, str) and self.init.strip() != ""),
             f"coop.init must be a non-empty phrase such as 'a photo of a', or null for random init (got {self.init!r})",
         )
 
 
-class CoOp(PromptMethod):
+class CoOp(ClassificationMethod):
     name = "coop"
     config_class = CoOpConfig
     required_sites = frozenset({SITE_TEXT_SEQUENCE})
@@ -49,6 +48,9 @@ class CoOp(PromptMethod):
 
     def __init__(self, backbone, config: CoOpConfig, classnames, template="a photo of a {}.") -> None:
         super().__init__(backbone, config, classnames, template)
+        require(config.class_position in backbone.info.class_positions,
+                f"coop.class_position={config.class_position!r} is not offered by the {backbone.family} backbone "
+                f"(it offers {backbone.info.class_positions})")  # fmt: skip
         self.trained_classnames = list(self.classnames)
         if config.init:
             ctx = phrase_embedding(backbone, config.init).float()  # prompts train in fp32 whatever the weights' dtype
@@ -66,10 +68,7 @@ class CoOp(PromptMethod):
         # Class-specific contexts belong to their classes: a subset of them can be scored (ImageNet-A/R), others not.
         self.class_rows = (subset_rows(self.trained_classnames, self.classnames, "class-specific CoOp (use "
                                        "class_specific=false for transfer)") if self.config.class_specific else None)
-        self.class_text = ClassTextPrompts(self.backbone, self.classnames)
-        if self.config.class_position != "end":
-            names = self.backbone.tokenize(self.classnames)
-            self.name_lengths = (names.eot_index - 1).tolist()
+        self.class_text = class_prompts(self)
 
     def context(self) -> torch.Tensor:
         """The learned context: ``(M, d)`` shared, or ``(C, M, d)`` for the classes being scored."""
@@ -77,25 +76,9 @@ class CoOp(PromptMethod):
 
     def text_features(self) -> torch.Tensor:
         if self.config.n_ctx == 0:
-            return self.class_text.features(self.backbone, None)
-        if self.config.class_position == "end":
-            return self.class_text.features(self.backbone, DeepPrompts([self.context()]))
-        embeds, eot = self._arranged_sequences()
-        return self.backbone.encode_text(embeds, eot)
+            return self.backbone.encode_class_prompts(self.class_text)
+        return self.backbone.encode_class_prompts(self.class_text, DeepPrompts([self.context()]),
+                                                  class_position=self.config.class_position)  # fmt: skip
 
-    def _arranged_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[SOS][CLASS][ctx][.][EOS]`` (front) or ``[SOS][ctx/2][CLASS][ctx/2][.][EOS]`` (middle)."""
-        tok = self.class_text.tokenized
-        word = self.backbone.embed_tokens(tok.input_ids)
-        n_classes = word.shape[0]
-        ctx = self.context().to(word.dtype)  # the word embeddings' dtype: half-precision weights take fp32 prompts
-        ctx = ctx if ctx.dim() == 3 else ctx.unsqueeze(0).expand(n_classes, -1, -1)
-        half = self.config.n_ctx // 2
-        rows = []
-        for i, length in enumerate(self.name_lengths):
-            sos, name, rest = word[i, :1], word[i, 1 : 1 + length], word[i, 1 + length :]
-            if self.config.class_position == "front":
-                rows.append(torch.cat([sos, name, ctx[i], rest]))
-            else:
-                rows.append(torch.cat([sos, ctx[i, :half], name, ctx[i, half:], rest]))
-        return torch.stack(rows), tok.eot_index + self.config.n_ctx
+
+register_method("coop", CoOp, summary="learned text context (16 tokens)")

@@ -8,13 +8,19 @@ bi-directional attention (``sdpt_native``, ``det_fusion_prompt``), or the detect
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from vlprompt.backbones.base import SITE_DETECTION_TEXT, SITE_DETECTOR, SITE_FUSION, FusionTokens
-from vlprompt.methods.base import MethodConfig, PromptMethod, require
+from vlprompt.methods.base import MethodConfig, PromptMethod, phrase_embedding, require
+from vlprompt.options import opt
+from vlprompt.methods.registry import register_method
+from vlprompt.tasks.batches import DetectionBatch, StepOutput
+
+# What the detector reports of its loss besides the total (logged per epoch, not trained on separately).
+LOGGED_LOSS_PARTS = ("loss_ce", "loss_bbox", "loss_giou")
 
 DETECTION_TEMPLATE = "{}"  # a category's phrase is its name
 
@@ -28,6 +34,7 @@ class DetectionMethod(PromptMethod):
     """
 
     task: ClassVar[str] = "detection"
+    backbone_kind: ClassVar[str] = "fusion_detector"
     required_sites = frozenset({SITE_DETECTOR})
     modifies_text = True
     modifies_image = True
@@ -42,19 +49,10 @@ class DetectionMethod(PromptMethod):
         return 0
 
     def _build_text(self) -> None:
-        text = self.backbone.tokenize_categories(self.classnames, self.template, self.n_context())
-        self.register_buffer("text_ids", text.input_ids, persistent=False)
-        self.register_buffer("context_index", text.context_index, persistent=False)
-        self.register_buffer("label_map", text.label_map, persistent=False)
+        self.text = self.backbone.category_prompt(self.classnames, self.template, self.n_context())
 
     def _on_classes_changed(self) -> None:
         self._build_text()
-
-    @property
-    def text(self):
-        from vlprompt.backbones.grounding_dino import DetectionText
-
-        return DetectionText(self.text_ids, self.context_index, self.label_map, self.n_context())
 
     # ----------------------------------------------------------------- what subclasses fill
     def context(self) -> torch.Tensor | None:
@@ -88,11 +86,11 @@ class DetectionMethod(PromptMethod):
         out = self(pixel_values, pixel_mask)
         return self.backbone.category_scores(out.logits, self.text), out.pred_boxes.float()
 
-    def text_features(self) -> torch.Tensor:
-        raise TypeError(f"{self.name!r} is a detection method: it has no class text features (use predict()).")
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise TypeError(f"{self.name!r} is a detection method: it has no image features (use predict()).")
+    def training_step(self, batch: DetectionBatch) -> StepOutput:
+        out = self(batch.pixel_values, batch.pixel_mask, labels=batch.targets)
+        parts = out.loss_dict or {}
+        logs = {key: float(parts[key].detach()) for key in LOGGED_LOSS_PARTS if key in parts}
+        return StepOutput({"detector": out.loss}, logs=logs)
 
     # ----------------------------------------------------------------- trainable state
     def train(self, mode: bool = True):
@@ -130,13 +128,13 @@ class DetZeroShot(DetectionMethod):
 # --------------------------------------------------------------------------------------------- CoOp on the text input
 @dataclass
 class DetCoOpConfig(MethodConfig):
-    n_ctx: int = 4  # learned tokens before every category name (short: the prompt holds one copy per category)
-    init_std: float = 0.02
+    method_name = "det_coop"
+    n_ctx: int = opt(4, min=0)  # learned tokens before every category name (short: one copy per category)
+    init_std: float = opt(0.02, gt=0)
     init_phrase: str | None = None  # e.g. "a photo of a": initialise from its word embeddings (n_ctx = its length)
 
     def validate(self) -> None:
         require(self.n_ctx >= 1 or self.init_phrase, f"det_coop.n_ctx must be >= 1, got {self.n_ctx}")
-        require(self.init_std > 0, "det_coop.init_std must be > 0")
 
 
 class DetCoOp(DetectionMethod):
@@ -152,10 +150,7 @@ class DetCoOp(DetectionMethod):
 
     def __init__(self, backbone, config: DetCoOpConfig, classnames, template: str = DETECTION_TEMPLATE) -> None:
         if config.init_phrase:
-            words = backbone.phrase_ids(config.init_phrase)
-            require(len(words) > 0, f"det_coop.init_phrase {config.init_phrase!r} has no tokens")
-            with torch.no_grad():
-                init = backbone.embed_tokens(torch.tensor(words, device=backbone.device)).detach().clone().float()
+            init = phrase_embedding(backbone, config.init_phrase).float()
         else:
             init = torch.randn(config.n_ctx, backbone.text_width) * config.init_std
         self._n = init.shape[0]
@@ -191,14 +186,13 @@ def check_layers_option(layers: Any, method: str) -> None:
 
 @dataclass
 class DetFusionPromptConfig(MethodConfig):
-    n_tokens: int = 16  # per modality and layer (same count as SDPT's default prototypes)
-    layers: Any = "all"
-    init_std: float = 0.02
+    method_name = "det_fusion_prompt"
+    n_tokens: int = opt(16, min=1)  # per modality and layer (same count as SDPT's default prototypes)
+    layers: Literal["all"] | list[int] = "all"  # fusion layers that get tokens
+    init_std: float = opt(0.02, gt=0)
 
     def validate(self) -> None:
-        require(self.n_tokens >= 1, f"det_fusion_prompt.n_tokens must be >= 1, got {self.n_tokens}")
         check_layers_option(self.layers, "det_fusion_prompt")
-        require(self.init_std > 0, "det_fusion_prompt.init_std must be > 0")
 
 
 class DetFusionPrompt(DetectionMethod):
@@ -265,15 +259,14 @@ class DetFull(DetectionMethod):
 
 @dataclass
 class DetLoRAConfig(MethodConfig):
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    method_name = "det_lora"
+    r: int = opt(8, min=1)
+    alpha: float = opt(16.0, gt=0)
+    dropout: float = opt(0.0, min=0)
     target_modules: str | None = None  # regex over module names; None: the encoder/decoder attention projections
 
     def validate(self) -> None:
-        require(self.r >= 1, f"det_lora.r must be >= 1, got {self.r}")
-        require(self.alpha > 0, "det_lora.alpha must be > 0")
-        require(0 <= self.dropout < 1, "det_lora.dropout must be in [0, 1)")
+        require(self.dropout < 1, "det_lora.dropout must be in [0, 1)")
 
 
 class DetLoRA(DetectionMethod):
@@ -283,7 +276,14 @@ class DetLoRA(DetectionMethod):
     config_class = DetLoRAConfig
 
     def __init__(self, backbone, config: DetLoRAConfig, classnames, template: str = DETECTION_TEMPLATE) -> None:
-        from vlprompt.backbones.grounding_dino import LORA_TARGETS
-
         super().__init__(backbone, config, classnames, template)
-        self._train_weights(backbone.add_lora(config.r, config.alpha, config.dropout, config.target_modules or LORA_TARGETS))
+        self._train_weights(backbone.add_lora(config.r, config.alpha, config.dropout, config.target_modules))
+
+
+register_method("det_zeroshot", DetZeroShot, summary="frozen detector, category names as the prompt")
+register_method("det_coop", DetCoOp, summary="learned context before every category name at the text encoder input")
+register_method("det_fusion_prompt", DetFusionPrompt,
+                summary="separate vision / text deep prompts at the fusion layers")
+register_method("det_heads", DetHeads, summary="detection heads only")
+register_method("det_full", DetFull, summary="full fine-tuning (reference point)")
+register_method("det_lora", DetLoRA, summary="LoRA via peft on encoder/decoder attention (reference point)")

@@ -18,26 +18,26 @@ layers ``1..B-1`` and CAVPT to layers ``B..L`` (1-indexed), i.e. 0-indexed image
 prompts and ``B-1..L-1`` get CAVPT. ``None`` means B = L: visual prompts in every layer but the last, CAVPT in the
 last one.
 
-How the engine drives it. ``forward`` returns the main logits; in training mode (with gradients enabled) it also
-stashes on the module what :meth:`loss` needs (auxiliary logits, the top-K indices, and during the guidance
-warm-up the two guidance logits) in ``self._stash``; :meth:`loss` consumes it. In eval mode or under ``no_grad``
-nothing is stashed, so no graph is kept. The engine should call :meth:`set_epoch` at the start of every epoch
-(the "general knowledge guidance" warm-up lasts ``guidance_epochs`` epochs).
+How the trainer drives it. ``forward`` returns the main logits; :meth:`training_step` runs the same forward and
+returns every loss term by name (main, auxiliary, and during the guidance warm-up the two guidance terms). The
+trainer calls :meth:`on_epoch_start` before every epoch (the "general knowledge guidance" warm-up lasts
+``guidance_epochs`` epochs).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlprompt.backbones.base import SITE_TEXT_SEQUENCE, SITE_TRANSIENT_IMAGE, DeepPrompts
-from vlprompt.methods.base import ClassTextPrompts, MethodConfig, PromptMethod, require
-
-AUX_INPUTS = ("attention", "layer_output")
+from vlprompt.methods.base import ClassificationMethod, MethodConfig, class_prompts, require
+from vlprompt.options import opt
+from vlprompt.methods.registry import register_method
+from vlprompt.tasks.batches import ClassificationBatch, StepOutput
 
 # The engine's (and CoOp's) default base learning rate; ``param_groups`` scales both parts by base_lr / this.
 REFERENCE_LR = 0.002
@@ -45,54 +45,39 @@ REFERENCE_LR = 0.002
 
 @dataclass
 class DPTConfig(MethodConfig):
+    method_name = "dpt"
     # text side (CoOp)
-    n_ctx: int = 16
-    ctx_init_std: float = 0.02
+    n_ctx: int = opt(16, min=0)
+    ctx_init_std: float = opt(0.02, gt=0)
     # visual prompts (appended after the pre-LayerNorm, run, dropped) in 0-indexed layers 0..B-2
-    n_visual: int = 10
-    visual_init_std: float = 0.02
+    n_visual: int = opt(10, min=0)
+    visual_init_std: float = opt(0.02, gt=0)
     # B, 1-indexed as the released BOTTOMLIMIT: CAVPT in layers B..L (1-indexed). None: B = L (last layer only).
-    bottom_limit: int | None = None
+    bottom_limit: int | None = opt(None, min=1)
     # class-aware visual prompts
     cavpt: bool = True
-    top_k: int = 10  # K = min(top_k, number of classes)
-    cavpt_tokens: int = 10  # learned key/value tokens per CAVPT layer
-    attn_dim: int = 32  # query/key projection width
-    cavpt_init_std: float = 0.02
-    alpha: float = 0.3  # weight of the auxiliary loss
+    top_k: int = opt(10, min=1, help="K = min(top_k, number of classes); disable CAVPT with dpt.cavpt=false")
+    cavpt_tokens: int = opt(10, min=0)  # learned key/value tokens per CAVPT layer
+    attn_dim: int = opt(32, min=1)  # query/key projection width
+    cavpt_init_std: float = opt(0.02, gt=0)
+    alpha: float = opt(0.3, min=0)  # weight of the auxiliary loss
     # "attention": the auxiliary head reads the cross-attention output of each class-aware token (released code);
     # "layer_output": it reads those tokens' outputs of the transformer layer they were appended to.
-    aux_input: str = "attention"
+    aux_input: Literal["attention", "layer_output"] = "attention"
     # "general knowledge guidance": during the first guidance_epochs epochs the loss is
     # guidance_main_weight * CE(main) + CE(frozen image vs learned text) + CE(prompted image vs template text).
     # The released scripts use 30 of 60 epochs; the default 0 turns the warm-up off (see docs/methods/dpt.md).
-    guidance_epochs: int = 0
-    guidance_main_weight: float = 0.1
+    guidance_epochs: int = opt(0, min=0)
+    guidance_main_weight: float = opt(0.1, min=0)
     # per-part learning rates (param_groups); scaled by train.lr / 0.002 when scale_lr_with_base is true
-    text_lr: float = 0.002
-    visual_lr: float = 0.01
+    text_lr: float = opt(0.002, gt=0)
+    visual_lr: float = opt(0.01, gt=0)
     scale_lr_with_base: bool = True
 
     def validate(self) -> None:
-        require(self.n_ctx >= 0, f"dpt.n_ctx must be >= 0, got {self.n_ctx}")
-        require(self.n_visual >= 0, f"dpt.n_visual must be >= 0, got {self.n_visual}")
-        require(
-            self.bottom_limit is None or (isinstance(self.bottom_limit, int) and self.bottom_limit >= 1),
-            f"dpt.bottom_limit must be null (= number of image layers) or an integer >= 1, got {self.bottom_limit!r}",
-        )
-        require(self.top_k >= 1, f"dpt.top_k must be >= 1, got {self.top_k} (disable CAVPT with dpt.cavpt=false)")
-        require(self.cavpt_tokens >= 0, f"dpt.cavpt_tokens must be >= 0, got {self.cavpt_tokens}")
-        require(self.attn_dim >= 1, f"dpt.attn_dim must be >= 1, got {self.attn_dim}")
-        require(self.alpha >= 0, f"dpt.alpha must be >= 0, got {self.alpha}")
-        require(self.aux_input in AUX_INPUTS, f"dpt.aux_input must be one of {AUX_INPUTS}, got {self.aux_input!r}")
-        require(self.guidance_epochs >= 0, f"dpt.guidance_epochs must be >= 0, got {self.guidance_epochs}")
-        require(self.guidance_main_weight >= 0, "dpt.guidance_main_weight must be >= 0")
         for name in ("ctx_init_std", "visual_init_std", "cavpt_init_std", "text_lr", "visual_lr"):
             value = getattr(self, name)
-            require(
-                isinstance(value, (int, float)) and value > 0 and math.isfinite(value),
-                f"dpt.{name} must be a positive number, got {value!r}",
-            )
+            require(math.isfinite(value), f"dpt.{name} must be a finite positive number, got {value!r}")
 
 
 class CAVPTLayer(nn.Module):
@@ -168,7 +153,7 @@ class _DPTTransient:
         return torch.stack([head.aux_logits(x) for head, x in zip(heads, self.aux_inputs)], dim=1)
 
 
-class DPT(PromptMethod):
+class DPT(ClassificationMethod):
     name = "dpt"
     config_class = DPTConfig
     required_sites = frozenset({SITE_TEXT_SEQUENCE, SITE_TRANSIENT_IMAGE})
@@ -206,7 +191,6 @@ class DPT(PromptMethod):
                 for _ in range(layers - self.cavpt_start)
             )
         self._epoch = 0
-        self._stash: dict[str, Any] | None = None
         self._on_classes_changed()
 
     # ----------------------------------------------------------------- classes
@@ -223,15 +207,14 @@ class DPT(PromptMethod):
     def _on_classes_changed(self) -> None:
         """Any label set is accepted: top-K and the queries follow the classes. The auxiliary heads keep the size
         they were built with; they only matter for the training loss, which refuses a different class count."""
-        self.class_text = ClassTextPrompts(self.backbone, self.classnames)
+        self.class_text = class_prompts(self)
         with torch.no_grad():
             template = self.backbone.encode_texts([self.template.format(c) for c in self.classnames])
         # hand-written-template text features (normalised): the frozen ranking and the guidance target
         self.register_buffer("template_text", F.normalize(template.float(), dim=-1), persistent=False)
-        self._stash = None
 
     # ----------------------------------------------------------------- epochs
-    def set_epoch(self, epoch: int) -> None:
+    def on_epoch_start(self, epoch: int) -> None:
         """0-indexed epoch about to start; the guidance warm-up is active while ``epoch < guidance_epochs``."""
         self._epoch = int(epoch)
 
@@ -242,7 +225,7 @@ class DPT(PromptMethod):
     # ----------------------------------------------------------------- features
     def text_features(self) -> torch.Tensor:
         prompts = DeepPrompts([self.ctx]) if self.ctx is not None else None
-        return self.class_text.features(self.backbone, prompts)
+        return self.backbone.encode_class_prompts(self.class_text, prompts)
 
     @torch.no_grad()
     def frozen_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -298,25 +281,42 @@ class DPT(PromptMethod):
         image_feats: torch.Tensor | None = None,
         text_feats: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Main logits ``(B, C)``. In training mode with gradients on, also stashes what :meth:`loss` needs."""
-        self._stash = None
+        """Main logits ``(B, C)``."""
         if text_feats is None:
             text_feats = self.text_features()
-        if image_feats is not None:  # features from image_features(): plain logits, nothing for the loss
+        if image_feats is not None:  # features from image_features(): plain logits
             return self.logits(image_feats, text_feats)
         if pixel_values is None:
             raise ValueError("pass pixel_values or precomputed image_feats")
-        record = self.training and torch.is_grad_enabled()
-        guidance = record and self.guidance_active
-        feats, frozen, topk, aux = self._encode(pixel_values, text_feats, need_frozen=guidance)
+        return self.logits(self._encode(pixel_values, text_feats)[0], text_feats)
+
+    def training_step(self, batch: ClassificationBatch) -> StepOutput:
+        """Main loss + alpha * auxiliary CE; during the guidance warm-up the main loss is weighted
+        ``guidance_main_weight`` and the two guidance terms are added (the auxiliary term stays, as released)."""
+        if batch.pixel_values is None:
+            raise ValueError("DPT prompts the image tower: it trains on pixels, not cached image features")
+        text_feats = self.text_features()
+        guidance = self.guidance_active
+        feats, frozen, topk, aux = self._encode(batch.pixel_values, text_feats, need_frozen=guidance)
         logits = self.logits(feats, text_feats)
-        if record:
-            stash: dict[str, Any] = {"aux_logits": aux, "topk": topk, "batch": logits.shape[0]}
-            if guidance:
-                stash["frozen_vs_learned"] = self.logits(frozen, text_feats)
-                stash["prompted_vs_template"] = self.logits(feats, self.template_text)
-            self._stash = stash
-        return logits
+        labels = batch.labels
+        main = self.loss(logits, labels)
+        terms: dict[str, torch.Tensor] = {}
+        if guidance:
+            terms["main"] = self.config.guidance_main_weight * main
+            terms["guidance_text"] = self.loss(self.logits(frozen, text_feats), labels)
+            terms["guidance_image"] = self.loss(self.logits(feats, self.template_text), labels)
+        else:
+            terms["main"] = main
+        if self.cavpt_layers is not None and self.config.alpha > 0:
+            if self.num_aux_classes != len(self.classnames):
+                raise ValueError(
+                    f"DPT's auxiliary heads were built for {self.num_aux_classes} classes but the method now has "
+                    f"{len(self.classnames)}: set_classes to another label set is for evaluation only. Train a new "
+                    "DPT for these classes (or set dpt.alpha=0 to train without the auxiliary loss)."
+                )
+            terms["aux"] = self.config.alpha * self.aux_loss(aux, topk, labels)
+        return StepOutput(terms, logits=logits)
 
     @staticmethod
     def aux_loss(aux_logits: torch.Tensor | None, topk: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
@@ -334,34 +334,6 @@ class DPT(PromptMethod):
         targets = labels.unsqueeze(1).expand(-1, topk.shape[1])[match]  # (n,)
         targets = targets.unsqueeze(1).expand(-1, picked.shape[1])
         return F.cross_entropy(picked.reshape(-1, picked.shape[-1]), targets.reshape(-1))
-
-    def loss_terms(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The weighted parts of the training loss (their sum is :meth:`loss`). Consumes the forward stash."""
-        stash, self._stash = self._stash, None
-        main = F.cross_entropy(logits.float(), labels)
-        if stash is None or stash["batch"] != logits.shape[0]:
-            return {"main": main}  # logits from eval mode / no_grad: nothing else was recorded
-        terms: dict[str, torch.Tensor] = {}
-        if "frozen_vs_learned" in stash:
-            terms["main"] = self.config.guidance_main_weight * main
-            terms["guidance_text"] = F.cross_entropy(stash["frozen_vs_learned"], labels)
-            terms["guidance_image"] = F.cross_entropy(stash["prompted_vs_template"], labels)
-        else:
-            terms["main"] = main
-        if self.cavpt_layers is not None and self.config.alpha > 0:
-            if self.num_aux_classes != len(self.classnames):
-                raise ValueError(
-                    f"DPT's auxiliary heads were built for {self.num_aux_classes} classes but the method now has "
-                    f"{len(self.classnames)}: set_classes to another label set is for evaluation only. Train a new "
-                    "DPT for these classes (or set dpt.alpha=0 to train without the auxiliary loss)."
-                )
-            terms["aux"] = self.config.alpha * self.aux_loss(stash["aux_logits"], stash["topk"], labels)
-        return terms
-
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Main CE + alpha * auxiliary CE; during the guidance warm-up the main CE is weighted
-        ``guidance_main_weight`` and the two guidance CEs are added (the auxiliary term stays, as released)."""
-        return sum(self.loss_terms(logits, labels).values())
 
     # ----------------------------------------------------------------- optimisation
     def param_groups(self, base_lr: float | None = None) -> list[dict[str, Any]]:
@@ -381,3 +353,6 @@ class DPT(PromptMethod):
         if visual:
             groups.append({"params": visual, "lr": self.config.visual_lr * scale, "name": "visual"})
         return groups
+
+
+register_method("dpt", DPT, summary="CoOp text prompt + deep visual prompts + class-aware visual prompts (CAVPT)")

@@ -12,21 +12,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlprompt.backbones.base import SITE_JOINT_SPACE
-from vlprompt.methods.base import MethodConfig, PromptMethod, require, subset_rows
+from vlprompt.methods.base import ClassificationMethod, MethodConfig, subset_rows
+from vlprompt.options import opt
+from vlprompt.methods.registry import register_method
 
 
 @dataclass
 class LinearProbeConfig(MethodConfig):
+    method_name = "linear_probe"
     # Inverse regularisation strengths C (as in scikit-learn: loss = mean CE + ||W||^2 / (2 C n)) to try.
-    c_values: list[float] = field(default_factory=lambda: [10.0**k for k in range(-2, 5)])
-    max_iter: int = 300
+    c_values: list[float] = opt([10.0**k for k in range(-2, 5)], gt=0)
+    max_iter: int = opt(300, min=1)
 
     def validate(self) -> None:
-        require(len(self.c_values) > 0 and all(c > 0 for c in self.c_values), "linear_probe.c_values must be > 0")
-        require(self.max_iter > 0, "linear_probe.max_iter must be > 0")
+        if not self.c_values:
+            raise ValueError("linear_probe.c_values needs at least one value")
 
 
-class LinearProbe(PromptMethod):
+class LinearProbe(ClassificationMethod):
     name = "linear_probe"
     config_class = LinearProbeConfig
     required_sites = frozenset({SITE_JOINT_SPACE})  # image (and text) features in a shared embedding space
@@ -54,7 +57,7 @@ class LinearProbe(PromptMethod):
         logits = self.head(F.normalize(image_feats.float(), dim=-1))
         return logits if self.class_rows is None else logits[:, self.class_rows]
 
-    def fit(
+    def fit_features(
         self,
         train_feats: torch.Tensor,
         train_labels: torch.Tensor,
@@ -96,3 +99,7 @@ class LinearProbe(PromptMethod):
         with torch.enable_grad():
             opt.step(closure)
         return w.detach(), b.detach()
+
+
+register_method("linear_probe", LinearProbe, summary="logistic regression on frozen image features",
+                aliases=("linear-probe", "lp"))

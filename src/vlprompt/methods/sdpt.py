@@ -10,32 +10,28 @@ those weights change (checked cheaply through the tensors' version counters).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from vlprompt.backbones.base import SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE, SITE_TEXT_SEQUENCE, DeepPrompts
-from vlprompt.methods.base import ClassTextPrompts, MethodConfig, PromptMethod, require
-
-INITS = ("uniform", "normal")
+from vlprompt.backbones.base import SITE_IMAGE_SEQUENCE, SITE_LINEAR_PROJECTIONS, SITE_TEXT_SEQUENCE, DeepPrompts
+from vlprompt.methods.base import ClassificationMethod, MethodConfig, class_prompts
+from vlprompt.options import opt
+from vlprompt.methods.registry import register_method
 
 
 @dataclass
 class SDPTConfig(MethodConfig):
-    n_prototypes: int = 4  # K
-    depth: int = 9  # prompted layers in both towers
-    init: str = "uniform"  # released: uniform(-init_scale, init_scale) with scale 1; or normal N(0, init_scale)
-    init_scale: float = 1.0
+    method_name = "sdpt"
+    n_prototypes: int = opt(4, min=0)  # K
+    depth: int | Literal["all"] = opt(9, min=1, tower="both")  # prompted layers in both towers
+    # released: uniform(-init_scale, init_scale) with scale 1; or normal N(0, init_scale)
+    init: Literal["uniform", "normal"] = "uniform"
+    init_scale: float = opt(1.0, gt=0)
     # Text sentence the prototypes' text tokens are inserted into (after [SOS]); None: the dataset's template,
     # so that K = 0 is exactly zero-shot.
-    placeholder: str | None = None
-
-    def validate(self) -> None:
-        require(self.n_prototypes >= 0, f"sdpt.n_prototypes must be >= 0, got {self.n_prototypes}")
-        require(self.depth >= 1, f"sdpt.depth must be >= 1, got {self.depth}")
-        require(self.init in INITS, f"sdpt.init must be one of {INITS}")
-        require(self.init_scale > 0, "sdpt.init_scale must be > 0")
-        require(self.placeholder is None or self.placeholder.count("{}") == 1, "sdpt.placeholder needs one '{}'")
+    placeholder: str | None = opt(None, placeholder=True)
 
 
 class InverseProjection(nn.Module):
@@ -64,17 +60,15 @@ class InverseProjection(nn.Module):
         return (pre_norm - beta.detach()) / gamma.detach()
 
 
-class SDPT(PromptMethod):
+class SDPT(ClassificationMethod):
     name = "sdpt"
     config_class = SDPTConfig
-    required_sites = frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE})
+    required_sites = frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE, SITE_LINEAR_PROJECTIONS})
     modifies_text = True
     modifies_image = True
 
     def __init__(self, backbone, config: SDPTConfig, classnames, template="a photo of a {}.") -> None:
         super().__init__(backbone, config, classnames, template)
-        depth_limit = min(backbone.text_layers, backbone.vision_layers)
-        require(config.depth <= depth_limit, f"sdpt.depth={config.depth} exceeds the towers' {depth_limit} layers")
         shape = (config.depth, config.n_prototypes, backbone.embed_dim)
         if config.init == "uniform":
             prototypes = torch.empty(*shape).uniform_(-config.init_scale, config.init_scale)
@@ -88,7 +82,7 @@ class SDPT(PromptMethod):
 
     def _on_classes_changed(self) -> None:
         placeholder = self.config.placeholder or self.template
-        self.class_text = ClassTextPrompts(self.backbone, self.classnames, placeholder)
+        self.class_text = class_prompts(self, placeholder)
 
     def text_tokens(self) -> torch.Tensor:
         return self.to_text(self.prototypes)  # (depth, K, d_t)
@@ -98,8 +92,11 @@ class SDPT(PromptMethod):
 
     def text_features(self) -> torch.Tensor:
         prompts = DeepPrompts(list(self.text_tokens())) if self.config.n_prototypes else None
-        return self.class_text.features(self.backbone, prompts)
+        return self.backbone.encode_class_prompts(self.class_text, prompts)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         prompts = DeepPrompts(list(self.image_tokens())) if self.config.n_prototypes else None
         return self.backbone.encode_image(pixel_values, prompts)
+
+
+register_method("sdpt", SDPT, summary="unified joint-space prototypes, pseudo-inverse into both towers")

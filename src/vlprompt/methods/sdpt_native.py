@@ -18,33 +18,31 @@ it is recomputed only if that projection's weight or bias changes (version count
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 import torch
 from torch import nn
 
 from vlprompt.backbones.base import SITE_DETECTOR, SITE_FUSION, FusionTokens
-from vlprompt.methods.base import require
 from vlprompt.methods.base import MethodConfig
 from vlprompt.methods.detection import DETECTION_TEMPLATE, DetectionMethod, check_layers_option, resolve_layers
-
-INITS = ("uniform", "normal")
+from vlprompt.options import opt
+from vlprompt.methods.registry import register_method
 
 
 @dataclass
 class SDPTNativeConfig(MethodConfig):
-    n_prototypes: int = 16  # K per chosen fusion layer (released: 700)
-    layers: Any = "all"  # fusion layers that get prototypes: "all" or a list of indices (released: all)
-    init: str = "uniform"  # released: uniform(-init_scale, init_scale) with scale 1; or normal N(0, init_scale)
-    init_scale: float = 1.0
+    method_name = "sdpt_native"
+    n_prototypes: int = opt(16, min=0)  # K per chosen fusion layer (released: 700)
+    layers: Literal["all"] | list[int] = "all"  # fusion layers that get prototypes (released: all)
+    # released: uniform(-init_scale, init_scale) with scale 1; or normal N(0, init_scale)
+    init: Literal["uniform", "normal"] = "uniform"
+    init_scale: float = opt(1.0, gt=0)
     # Released behaviour: image queries never attend to the text-side prototype tokens.
     mask_text_prototypes: bool = False
 
     def validate(self) -> None:
-        require(self.n_prototypes >= 0, f"sdpt_native.n_prototypes must be >= 0, got {self.n_prototypes}")
         check_layers_option(self.layers, "sdpt_native")
-        require(self.init in INITS, f"sdpt_native.init must be one of {INITS}, got {self.init!r}")
-        require(self.init_scale > 0, "sdpt_native.init_scale must be > 0")
 
 
 class LinearPreimage(nn.Module):
@@ -113,3 +111,12 @@ class SDPTNative(DetectionMethod):
             return None
         vision, text = self.prototype_tokens(slot)
         return FusionTokens(vision=vision, text=text, mask_text=self.config.mask_text_prototypes)
+
+
+register_method("sdpt_native", SDPTNative,
+                summary="unified prototypes in fusion attention, pseudo-inverse into both modalities",
+                aliases=("sdpt-native",))
+register_method(
+    "sdpt_native_released", SDPTNative, {"n_prototypes": 700, "layers": "all", "mask_text_prototypes": True},
+    summary="sdpt_native with the released settings (K=700, all fusion layers, text prototypes masked)",
+)

@@ -12,29 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlprompt.backbones.base import SITE_IMAGE_SEQUENCE, SITE_TEXT_SEQUENCE, DeepPrompts
-from vlprompt.methods.base import (
-    ClassTextPrompts,
-    MethodConfig,
-    PromptMethod,
-    seed_from_placeholder,
-    require,
-)
+from vlprompt.backbones.base import IMAGE_PROMPTS_FRONT, SITE_IMAGE_SEQUENCE, SITE_TEXT_SEQUENCE, DeepPrompts
+from vlprompt.methods.base import ClassificationMethod, MethodConfig, class_prompts, require, seed_from_placeholder
+from vlprompt.options import opt
+from vlprompt.methods.registry import register_method
 
 
 @dataclass
 class UPTConfig(MethodConfig):
-    n_text: int = 4
-    n_image: int = 4
-    n_heads: int = 8  # heads of the tiny network's self-attention (must divide the text width)
-    placeholder: str = "a photo of a {}."  # text prompts replace its first n_text words (reference)
+    method_name = "upt"
+    n_text: int = opt(4, min=0)
+    n_image: int = opt(4, min=0)
+    n_heads: int = opt(8, min=1)  # heads of the tiny network's self-attention (must divide the text width)
+    placeholder: str = opt("a photo of a {}.", placeholder=True)  # prompts replace its first n_text words
     init_from_placeholder: bool = True  # text half of U starts from those words' embeddings
-    init_std: float = 0.02
-
-    def validate(self) -> None:
-        require(self.n_text >= 0 and self.n_image >= 0, "upt.n_text and upt.n_image must be >= 0")
-        require(self.n_heads >= 1, "upt.n_heads must be >= 1")
-        require(self.placeholder.count("{}") == 1, "upt.placeholder needs exactly one '{}' for the class name")
+    init_std: float = opt(0.02, gt=0)
 
 
 class UnifiedPromptNet(nn.Module):
@@ -55,7 +47,7 @@ class UnifiedPromptNet(nn.Module):
         return f.squeeze(0)
 
 
-class UPT(PromptMethod):
+class UPT(ClassificationMethod):
     name = "upt"
     config_class = UPTConfig
     required_sites = frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE})
@@ -76,7 +68,7 @@ class UPT(PromptMethod):
         self._on_classes_changed()
 
     def _on_classes_changed(self) -> None:
-        self.class_text = ClassTextPrompts(self.backbone, self.classnames, self.config.placeholder, self.config.n_text)
+        self.class_text = class_prompts(self, self.config.placeholder, self.config.n_text)
 
     def prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(text prompts ``(n_text, d_t)``, visual prompts ``(n_image, d_v)``) from one pass of the tiny net."""
@@ -85,10 +77,14 @@ class UPT(PromptMethod):
 
     def text_features(self) -> torch.Tensor:
         if self.config.n_text == 0:
-            return self.class_text.features(self.backbone, None)
-        return self.class_text.features(self.backbone, DeepPrompts([self.prompts()[0]]))
+            return self.backbone.encode_class_prompts(self.class_text)
+        return self.backbone.encode_class_prompts(self.class_text, DeepPrompts([self.prompts()[0]]))
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.config.n_image == 0:
             return self.backbone.encode_image(pixel_values)
-        return self.backbone.encode_image(pixel_values, DeepPrompts([self.prompts()[1]]), position="after_cls")
+        # Before the patches (after the class token where the family has one), as the reference puts them.
+        return self.backbone.encode_image(pixel_values, DeepPrompts([self.prompts()[1]]), position=IMAGE_PROMPTS_FRONT)
+
+
+register_method("upt", UPT, summary="one tiny network makes both modalities' prompts")

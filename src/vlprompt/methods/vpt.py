@@ -7,23 +7,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from typing import Literal
+
 from vlprompt.backbones.base import SITE_IMAGE_SEQUENCE, DeepPrompts
-from vlprompt.methods.base import MethodConfig, PromptMethod, require
+from vlprompt.methods.base import ClassificationMethod, MethodConfig, require
+from vlprompt.options import opt
+from vlprompt.methods.registry import register_method
 
 INITS = ("normal", "uniform")
+Init = Literal["normal", "uniform"]
 
 
 @dataclass
 class VPTConfig(MethodConfig):
-    n_tokens: int = 8
-    depth: int = 12  # layers that receive fresh tokens: 1 = shallow, L = deep through every layer
-    init: str = "normal"  # "normal": N(0, init_std); "uniform": VPT's U(-a, a), a = sqrt(6 / (3 * patch^2 + d_v))
-    init_std: float = 0.02
-
-    def validate(self) -> None:
-        require(self.n_tokens >= 0, f"vpt.n_tokens must be >= 0, got {self.n_tokens}")
-        require(self.depth >= 1, f"vpt.depth must be >= 1, got {self.depth}")
-        require(self.init in INITS, f"vpt.init must be one of {INITS}")
+    method_name = "vpt"
+    n_tokens: int = opt(8, min=0)
+    # layers that receive fresh tokens: 1 = shallow, "all" (or L) = deep through every layer
+    depth: int | Literal["all"] = opt(12, min=1, tower="image")
+    init: Init = "normal"  # "normal": N(0, init_std); "uniform": VPT's U(-a, a), a = sqrt(6 / (3 * patch^2 + d_v))
+    init_std: float = opt(0.02, gt=0)
 
 
 def visual_prompt_init(backbone, shape: tuple[int, ...], init: str, std: float) -> torch.Tensor:
@@ -33,7 +35,7 @@ def visual_prompt_init(backbone, shape: tuple[int, ...], init: str, std: float) 
     return torch.randn(*shape) * std
 
 
-class VPT(PromptMethod):
+class VPT(ClassificationMethod):
     name = "vpt"
     config_class = VPTConfig
     required_sites = frozenset({SITE_IMAGE_SEQUENCE})
@@ -41,10 +43,6 @@ class VPT(PromptMethod):
 
     def __init__(self, backbone, config: VPTConfig, classnames, template="a photo of a {}.") -> None:
         super().__init__(backbone, config, classnames, template)
-        require(
-            config.depth <= backbone.vision_layers,
-            f"vpt.depth={config.depth} exceeds the image tower's {backbone.vision_layers} layers",
-        )
         shape = (config.depth, config.n_tokens, backbone.vision_width)
         self.prompts = nn.Parameter(visual_prompt_init(backbone, shape, config.init, config.init_std))
 
@@ -52,3 +50,9 @@ class VPT(PromptMethod):
         if self.config.n_tokens == 0:
             return self.backbone.encode_image(pixel_values)
         return self.backbone.encode_image(pixel_values, DeepPrompts(list(self.prompts)))
+
+
+register_method("vpt_shallow", VPT, {"depth": 1}, summary="visual tokens at the image input",
+                aliases=("vpt-shallow",))
+register_method("vpt_deep", VPT, {"depth": "all"}, summary="fresh visual tokens at every image layer",
+                aliases=("vpt", "vpt-deep"))

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt.backbones.base import SITE_JOINT_SPACE
-from vlprompt.methods.base import MethodConfig, PromptMethod, require
+from vlprompt.methods.base import ClassificationMethod, MethodConfig, require
+from vlprompt.methods.registry import register_method
 
 # CLIP's 7-template ensemble used by CoOp-family code bases for ImageNet-like data.
 ENSEMBLE_TEMPLATES = [
@@ -23,6 +24,7 @@ ENSEMBLE_TEMPLATES = [
 
 @dataclass
 class ZeroShotConfig(MethodConfig):
+    method_name = "zeroshot"
     # Empty: the dataset's own template. "ensemble": the dataset template plus CLIP's 7 templates. Otherwise a
     # list of templates with one "{}" each; features are the mean of the normalised per-template features.
     templates: list[str] | str = field(default_factory=list)
@@ -35,7 +37,7 @@ class ZeroShotConfig(MethodConfig):
             require("{}" in t, f"template {t!r} has no '{{}}' placeholder for the class name")
 
 
-class ZeroShot(PromptMethod):
+class ZeroShot(ClassificationMethod):
     name = "zeroshot"
     config_class = ZeroShotConfig
     required_sites = frozenset({SITE_JOINT_SPACE})  # image (and text) features in a shared embedding space
@@ -54,3 +56,7 @@ class ZeroShot(PromptMethod):
             for t in templates
         ]
         return torch.stack(per_template).mean(0)
+
+
+register_method("zeroshot", ZeroShot, summary="hand-written template(s), no training",
+                aliases=("zero_shot", "zero-shot"))

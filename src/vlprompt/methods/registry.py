@@ -1,0 +1,146 @@
+"""The method registry: each method module registers its names where the method is defined (``register_method``).
+
+A registered name is a method class plus defaults layered over its config's own (named presets such as
+``vpt_shallow`` / ``vpt_deep`` share one class). ``get_prompt_model`` builds a prompt model from a name, as PEFT's
+``get_peft_model`` does; a user's own method registers the same way (see tests/test_matrix.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlprompt.backbones.base import Backbone
+from vlprompt.methods.base import MethodConfig, MethodConfigError, PromptMethod
+
+# A depth that means every layer of the tower it prompts, whatever the backbone's depth (J = L).
+ALL_LAYERS = "all"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered name: a method class plus defaults layered over its config's own."""
+
+    method_class: type[PromptMethod]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register_method(name: str, method_class: type[PromptMethod], defaults: dict[str, Any] | None = None,
+                    summary: str = "", aliases: Sequence[str] = ()) -> type[PromptMethod]:  # fmt: skip
+    """Register ``method_class`` under ``name`` (with preset ``defaults``), checking it is a complete method."""
+    if not (isinstance(method_class, type) and issubclass(method_class, PromptMethod)):
+        raise TypeError(f"{method_class!r} is not a PromptMethod subclass")
+    config_class = method_class.config_class
+    if not (dataclasses.is_dataclass(config_class) and issubclass(config_class, MethodConfig)):
+        raise TypeError(f"{method_class.__name__}.config_class must be a MethodConfig dataclass")
+    if not method_class.name:
+        raise TypeError(f"{method_class.__name__} needs a class attribute `name`")
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(defaults or {}) - known)
+    if unknown:
+        raise TypeError(f"preset {name!r} sets {unknown}, which {config_class.__name__} does not have")
+    key = name.strip().lower()
+    METHODS[key] = MethodSpec(method_class, dict(defaults or {}), summary)
+    for alias in aliases:
+        ALIASES[alias.lower()] = key
+    return method_class
+
+
+def canonical_method_name(name: str) -> str:
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in METHODS:
+        raise MethodConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return key
+
+
+def method_class(name: str) -> type[PromptMethod]:
+    return METHODS[canonical_method_name(name)].method_class
+
+
+def method_task(name: str) -> str:
+    """The task a registered method trains on ("classification", "detection")."""
+    return method_class(name).task
+
+
+def is_detection_method(name: str) -> bool:
+    return method_task(name) == "detection"
+
+
+def depth_fields(config_class: type[MethodConfig]) -> dict[str, str]:
+    """Config fields that are prompt depths, with the tower whose layer count bounds each (declared by ``opt``)."""
+    return {f.name: f.metadata["tower"] for f in dataclasses.fields(config_class) if "tower" in f.metadata}
+
+
+def make_config(name: str, options: dict[str, Any] | None = None, backbone: Backbone | None = None) -> MethodConfig:
+    """The validated config of a registered method: its defaults, preset defaults, then ``options``.
+
+    Depths are resolved against ``backbone``: ``"all"`` becomes the tower's layer count, default depths deeper than
+    the backbone (ViT-B's 12, MaPLe's 9, ...) are capped to it so presets run on smaller models, and a depth the
+    user asks for explicitly is never changed (too deep is an error naming the limit).
+    """
+    spec = METHODS[canonical_method_name(name)]
+    config_class = spec.method_class.config_class
+    options = dict(options or {})
+    values = {**spec.defaults, **options}
+    own_defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    prefix = config_class.method_name or canonical_method_name(name)
+    for key, tower in depth_fields(config_class).items():
+        if backbone is None:
+            if values.get(key, own_defaults[key]) == ALL_LAYERS and key not in options:
+                values[key] = own_defaults[key]  # no backbone to count layers on: the config's own default
+            continue
+        limit = backbone.layers(tower)
+        value = values.get(key, own_defaults[key])
+        if value == ALL_LAYERS:
+            values[key] = limit
+        elif isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            if key in options:
+                raise MethodConfigError(f"{prefix}.{key}={value} exceeds the {limit} layers of the "
+                                        f"{_tower_words(tower)} of this {backbone.family} backbone; use at most "
+                                        f"{limit} (or 'all')")  # fmt: skip
+            values[key] = limit
+    return config_class.from_dict(values)
+
+
+def _tower_words(tower: str) -> str:
+    return {"both": "shallower tower", "text": "text tower", "image": "image tower"}[tower]
+
+
+def get_prompt_model(
+    backbone: Backbone,
+    name: str,
+    classnames: Sequence[str],
+    template: str | None = None,
+    config: MethodConfig | dict[str, Any] | None = None,
+) -> PromptMethod:
+    """Wrap a frozen backbone with a method (PEFT's ``get_peft_model`` for prompts).
+
+    ``config``: a method config, or a dict of options over the registered defaults. ``template`` None: the method's
+    own default (``"a photo of a {}."`` for classification methods, the bare name for detection methods, whose
+    category phrases are the names).
+    """
+    canonical = canonical_method_name(name)
+    spec = METHODS[canonical]
+    cls = spec.method_class
+    if cls.backbone_kind != backbone.kind:
+        raise MethodConfigError(
+            f"method {canonical!r} works on {cls.backbone_kind.replace('_', ' ')} models, but "
+            f"{getattr(backbone, 'name_or_path', '') or backbone.family!r} is a {backbone.kind.replace('_', ' ')} "
+            "model. See `vlprompt methods` for supported pairs."
+        )
+    if not isinstance(config, MethodConfig):
+        config = make_config(canonical, config, backbone)
+    elif not isinstance(config, cls.config_class):
+        raise MethodConfigError(f"{type(config).__name__} is not a config for method {name!r}")
+    else:
+        config = make_config(canonical, config.to_dict(), backbone)  # depths checked against this backbone
+    method = cls(backbone, config, classnames) if template is None else cls(backbone, config, classnames, template)
+    method.registered_name = canonical
+    return method

@@ -1,0 +1,50 @@
+"""What a task hands a method's ``training_step``, and what the step hands back (no heavy imports: methods use it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ClassificationBatch:
+    """Labelled images, as pixels or as cached features of an untouched image tower; ``text_feats`` are the cached
+    class features when the method leaves the text tower untouched."""
+
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_feats: torch.Tensor | None = None
+    text_feats: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class DetectionBatch:
+    """Images with their padding mask and DETR-format targets (``class_labels`` index the category prompt)."""
+
+    pixel_values: torch.Tensor
+    pixel_mask: torch.Tensor
+    targets: list[dict[str, torch.Tensor]]
+
+    def __len__(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+@dataclass
+class StepOutput:
+    """One training step's named loss terms (their sum is minimised), the logits if the task scores them (training
+    accuracy), and scalars worth logging that are not part of the loss."""
+
+    losses: dict[str, torch.Tensor]
+    logits: torch.Tensor | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return sum(self.losses.values())  # type: ignore[return-value]
+
+    def describe(self) -> dict[str, Any]:
+        return {name: float(value.detach()) for name, value in self.losses.items()} | self.logs
