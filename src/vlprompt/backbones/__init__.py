@@ -28,60 +28,66 @@ from vlprompt.backbones.base import (
     TokenizedText,
     UnsupportedBackboneError,
 )
-# Each adapter module registers its model types where it is defined (register_backbone).
+# Each adapter module registers its model types where it is defined (register_backbone), each presets module its
+# random:<preset> architectures (register_random_preset).
+from vlprompt.backbones.base import RANDOM_PRESETS, register_random_preset
 from vlprompt.backbones.clip import CLIPBackbone
 from vlprompt.backbones.grounding_dino import GroundingDinoBackbone
+from vlprompt.backbones import presets as _clip_presets, grounding_dino_presets as _gdino_presets  # noqa: F401
 
 RANDOM_PREFIX = "random:"
 
 
 def load_backbone(name_or_path: str | Path) -> Backbone:
-    """Load a backbone from a local folder or hub id, or ``random:<preset>`` (a real architecture, random weights).
+    """Load a backbone from a model name (``vlprompt.specs.ModelSpec``): ``embedded[:<name>]``, ``random:<preset>``
+    (a real architecture, random weights), a local folder, or a hub id (``org/name`` or ``hf-hub:org/name``).
 
     Raises :class:`BackboneLoadError` naming what is wrong (missing folder, unsupported model family).
     """
-    spec = str(name_or_path)
-    if spec.startswith(RANDOM_PREFIX):
-        from vlprompt.backbones.grounding_dino_presets import GDINO_PRESETS, random_grounding_dino_backbone
-        from vlprompt.backbones.presets import PRESETS, clip_tokenizer, random_clip_model
+    from vlprompt.specs import ModelSpec, SpecError
 
-        preset = spec[len(RANDOM_PREFIX) :]
-        if preset in GDINO_PRESETS:
-            return random_grounding_dino_backbone(preset)
-        if preset not in PRESETS:
-            raise BackboneLoadError(
-                f"unknown random preset {preset!r}; CLIP: {sorted(PRESETS)}, Grounding DINO: {sorted(GDINO_PRESETS)}"
-            )
-        model = random_clip_model(preset)
-        return CLIPBackbone(model, clip_tokenizer(), None, name_or_path=spec)
-    if spec.startswith("embedded:") or spec == "embedded":
-        from vlprompt.assets import embedded_model_path
-
-        return CLIPBackbone.from_pretrained(embedded_model_path(spec))
-    path = Path(spec).expanduser()
-    looks_local = path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1
-    if looks_local and not (path / "config.json").exists():
+    try:
+        spec = ModelSpec.parse(name_or_path)
+    except SpecError as err:
+        raise BackboneLoadError(str(err)) from None
+    if spec.scheme == "random":
+        build = RANDOM_PRESETS.get(spec.name)
+        if build is None:
+            raise BackboneLoadError(f"unknown random preset {spec.name!r}; available: {sorted(RANDOM_PRESETS)}")
+        return build()
+    if spec.scheme == "embedded":
+        try:
+            location = spec.load_name
+        except SpecError as err:
+            raise BackboneLoadError(str(err)) from None
+    else:
+        location = spec.load_name
+    if spec.scheme != "hub" and not (Path(location) / "config.json").exists():
         raise BackboneLoadError(
-            f"no model at {spec!r}: expected a folder with config.json (as written by save_pretrained). "
-            "Pass a Hugging Face hub id (e.g. openai/clip-vit-base-patch16), a local model folder, or random:<preset>."
+            f"no model at {str(name_or_path)!r}: expected a folder with config.json (as written by save_pretrained). "
+            "Pass a Hugging Face hub id (e.g. openai/clip-vit-base-patch16), a local model folder, embedded, or "
+            "random:<preset>."
         )
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(path) if looks_local else spec)
+        config = AutoConfig.from_pretrained(str(location))
     except (OSError, ValueError) as err:
-        raise BackboneLoadError(f"could not read a model config from {spec!r}: {err}") from err
+        raise BackboneLoadError(f"could not read a model config from {str(name_or_path)!r}: {err}") from err
     family = BACKBONES.get(config.model_type)
     if family is None:
         raise BackboneLoadError(
-            f"model type {config.model_type!r} at {spec!r} is not supported; supported families: {sorted(BACKBONES)}."
+            f"model type {config.model_type!r} at {str(name_or_path)!r} is not supported; supported families: "
+            f"{sorted(BACKBONES)}."
         )
-    # A local folder is recorded absolute, so a run trained from "./clip" still finds it from another directory.
-    return family.from_pretrained(str(path.resolve()) if looks_local else spec)
+    # A local folder is recorded absolute (ModelSpec resolves it): a run trained from "./clip" still finds it later.
+    return family.from_pretrained(str(location))
 
 
 __all__ = [
     "BACKBONES",
+    "RANDOM_PRESETS",
+    "register_random_preset",
     "Backbone",
     "ClassPrompts",
     "DualEncoderBackbone",

@@ -65,6 +65,16 @@ class FamilyInfo:
 BACKBONES: dict[str, type["Backbone"]] = {}
 
 
+# random:<preset> -> a function building that architecture with seeded random weights (tests, parameter counts,
+# benchmarks); filled by register_random_preset in each family's presets module.
+RANDOM_PRESETS: dict[str, Any] = {}
+
+
+def register_random_preset(name: str, build: Any) -> None:
+    """Offer ``random:<name>``: ``build()`` returns the backbone (a public architecture with random weights)."""
+    RANDOM_PRESETS[name] = build
+
+
 def register_backbone(model_types: Sequence[str], adapter: type["Backbone"]) -> type["Backbone"]:
     """Register an adapter for transformers ``model_type`` values, checking it fulfils its kind's contract."""
     bases = {KIND_DUAL_ENCODER: DualEncoderBackbone, KIND_FUSION_DETECTOR: FusionDetectorBackbone}

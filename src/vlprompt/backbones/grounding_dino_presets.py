@@ -140,3 +140,15 @@ def save_random_grounding_dino(out_dir: str | Path, preset: str = "grounding-din
     image = GDINO_PRESETS[preset]["image"]
     (out / "preprocessor_config.json").write_text(json.dumps(image.processor_dict(), indent=2) + "\n")
     return out
+
+
+def _register() -> None:
+    from functools import partial
+
+    from vlprompt.backbones.base import register_random_preset
+
+    for preset in GDINO_PRESETS:
+        register_random_preset(preset, partial(random_grounding_dino_backbone, preset))
+
+
+_register()

@@ -127,3 +127,21 @@ def save_random_clip(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -
     size = model.config.vision_config.image_size
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(out)
     return out
+
+
+def random_clip_backbone(preset: str, seed: int = 0):
+    from vlprompt.backbones.clip import CLIPBackbone
+
+    return CLIPBackbone(random_clip_model(preset, seed), clip_tokenizer(), None, name_or_path=f"random:{preset}")
+
+
+def _register() -> None:
+    from functools import partial
+
+    from vlprompt.backbones.base import register_random_preset
+
+    for preset in PRESETS:
+        register_random_preset(preset, partial(random_clip_backbone, preset))
+
+
+_register()
