@@ -1,15 +1,14 @@
 """Training, evaluation and checkpoints."""
 from vlprompt.engine.checkpoint import CheckpointError, load_prompt, read_prompt_config, save_prompt
-from vlprompt.engine.trainer import TrainConfig, TrainData, Trainer, TrainingError, evaluate
+from vlprompt.engine.trainer import TrainConfig, Trainer, TrainingError, run_training_step
 
 __all__ = [
     "CheckpointError",
     "TrainConfig",
-    "TrainData",
     "Trainer",
     "TrainingError",
-    "evaluate",
     "load_prompt",
     "read_prompt_config",
+    "run_training_step",
     "save_prompt",
 ]

@@ -6,34 +6,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from vlprompt.backbones import load_backbone
-from vlprompt.data import (
-    DatasetError,
-    DatasetSplits,
-    ImageDataset,
-    ImageTransformConfig,
-    build_transform,
-    few_shot,
-    load_dataset,
-    subsample_classes,
-)
+from vlprompt.data import DatasetError, DatasetSplits, ImageDataset, build_transform, few_shot, load_dataset, subsample_classes
 from vlprompt.engine import checkpoint as ckpt
-from vlprompt.engine.trainer import (
-    TrainConfig,
-    TrainData,
-    Trainer,
-    check_precision,
-    evaluate,
-    make_accelerator,
-    seed_everything,
-)
-from vlprompt.data.coco import is_detection_dataset
-from vlprompt.methods import canonical_method_name, get_prompt_model, is_detection_method, make_config
+from vlprompt.engine.trainer import TrainConfig, Trainer, check_precision, make_accelerator, seed_everything
+from vlprompt.methods import canonical_method_name, get_prompt_model, make_config, method_task
+from vlprompt.specs import DatasetSpec, SpecError
+from vlprompt.tasks import ClassificationTask, DetectionTask, Task
+from vlprompt.tasks.classification import transform_config  # noqa: F401 - part of this module's API
+from vlprompt.tasks.detection import load_detection_splits
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+DETECTION_METHODS_HINT = "sdpt_native, det_coop, det_fusion_prompt, det_heads, det_full, det_lora, det_zeroshot"
 
 
 @dataclass
@@ -57,12 +41,6 @@ class RunOptions:
     output: str = "runs/default"
 
 
-def transform_config(backbone) -> ImageTransformConfig:
-    if backbone.image_processor is not None:
-        return ImageTransformConfig.from_image_processor(backbone.image_processor)
-    return ImageTransformConfig(size=backbone.image_size, mean=OPENAI_MEAN, std=OPENAI_STD)
-
-
 def load_splits(options: DataOptions) -> DatasetSplits:
     splits = load_dataset(options.dataset, options.root)
     splits = subsample_classes(splits, options.subsample)
@@ -78,61 +56,59 @@ def _toy_root() -> Path:
     return default_toy_root()
 
 
-def build_train_data(splits: DatasetSplits, backbone, augment: bool) -> TrainData:
-    tcfg = transform_config(backbone)
-    eval_tf = build_transform(tcfg, train=False)
-    train_tf = build_transform(tcfg, train=True, augment=augment)
-    return TrainData(
-        train=ImageDataset(splits.train, train_tf),
-        train_eval=ImageDataset(splits.train, eval_tf),
-        val=ImageDataset(splits.val, eval_tf) if splits.val else None,
-        test=ImageDataset(splits.test, eval_tf) if splits.test else None,
-    )
-
-
-def _run_backbone(model: str | None, saved: dict[str, Any]):
-    """The model a run was trained on, or ``model`` instead; the error says how to point at a moved model."""
-    from vlprompt.backbones import BackboneLoadError
-
-    if model:
-        return load_backbone(model)
-    recorded = saved["backbone"]["name_or_path"]
+def dataset_task(dataset: str) -> str:
+    """The task a dataset name is for ("classification" or "detection"), from its scheme."""
     try:
-        return load_backbone(recorded)
-    except BackboneLoadError as err:
-        raise BackboneLoadError(f"{err} (the model this run was trained on, as recorded in its prompt_config.json; "
-                                "if it moved, pass --model <its folder>)") from err
+        return DatasetSpec.parse(dataset).task
+    except SpecError as err:
+        raise DatasetError(str(err)) from None
+
+
+def check_method_fits_dataset(method: str, dataset: str) -> str:
+    """The task of ``method``, refusing a dataset of another task with the fix."""
+    task = method_task(method)
+    data_task = dataset_task(dataset)
+    if task != data_task:
+        hint = (f"use a detection method ({DETECTION_METHODS_HINT})" if data_task == "detection"
+                else "use a classification dataset (toy:<name>, imagefolder:<path>, a CoOp dataset name)")
+        raise DatasetError(f"{dataset!r} is a {data_task} dataset but {canonical_method_name(method)!r} is a {task} "
+                           f"method; {hint}.")  # fmt: skip
+    return task
+
+
+def load_task_data(task: str, data: DataOptions, shots: bool = True):
+    """The splits of ``data`` for ``task`` (few-shot sampled when ``shots`` and ``data.shots`` are set)."""
+    if not shots:
+        data = DataOptions(**{**asdict(data), "shots": None})
+    return load_detection_splits(data) if task == "detection" else load_splits(data)
+
+
+def make_task(task: str, splits, backbone, augment: bool = True, few_shot: bool = False) -> Task:
+    if task == "detection":
+        return DetectionTask(splits, backbone, augment, few_shot=few_shot)
+    return ClassificationTask(splits, backbone, augment)
 
 
 def train(options: RunOptions, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict[str, Any]:
     """Train ``options.method`` on ``options.data`` and write the run folder; returns the final test metrics."""
-    canonical_method_name(options.method)  # fail on a typo before any loading
+    name = canonical_method_name(options.method)  # fail on a typo before any loading
     check_precision(options.train.precision)  # and on fp16 without a GPU
-    if is_detection_method(options.method) or is_detection_dataset(options.data.dataset):
-        from vlprompt.engine.detection import train_detection  # COCO-format data, detector losses, COCO mAP
-
-        return train_detection(options, resume=resume, overwrite=overwrite, progress=progress, log=log)
-    splits = load_splits(options.data)
+    task_name = check_method_fits_dataset(name, options.data.dataset)
+    splits = load_task_data(task_name, options.data)  # a dataset error before the model loads
     backbone = load_backbone(options.model)
+    task = make_task(task_name, splits, backbone, options.train.augment, few_shot=options.data.shots is not None)
     seed_everything(options.train.seed)  # prompt initialisation is part of the seeded run
-    method_config = make_config(options.method, options.method_options, backbone)
-    method = get_prompt_model(backbone, options.method, splits.classnames, splits.template, method_config)
-    if not splits.train and (method.num_trainable() > 0 or getattr(method, "fits_features", False)):
-        raise DatasetError(
-            f"{splits.name} has no training images (a test-only dataset such as a domain-shift variant): train on its "
-            f"source dataset, then `vlprompt eval RUN --dataset {options.data.dataset}`."
-        )
-    data = build_train_data(splits, backbone, options.train.augment)
+    method_config = make_config(name, options.method_options, backbone)
+    method = get_prompt_model(backbone, name, task.classnames, task.template, method_config)
     run_info = {
         "model": options.model,
-        "method": canonical_method_name(options.method),
+        "method": name,
         "method_options": method_config.to_dict(),
         "data": asdict(options.data),
-        "dataset_name": splits.name,
-        "num_train": len(splits.train),
+        **task.run_info(),
     }
-    trainer = Trainer(method, data, options.train, options.output, run_info=run_info, progress=progress, log=log)
-    return trainer.fit(resume=resume, overwrite=overwrite)
+    trainer = Trainer(options.train, options.output, run_info=run_info, progress=progress, log=log)
+    return trainer.fit(method, task, resume=resume, overwrite=overwrite)
 
 
 def evaluate_checkpoint(
@@ -149,25 +125,20 @@ def evaluate_checkpoint(
     """
     check_precision(precision)
     saved = ckpt.read_prompt_config(run_dir)
-    if saved.get("task") == "detection":
-        from vlprompt.engine.detection import evaluate_detection_checkpoint
-
-        return evaluate_detection_checkpoint(run_dir, data, split, model, batch_size, precision)
-    if is_detection_dataset(data.dataset):
-        raise DatasetError(f"{data.dataset!r} is a detection dataset, but {run_dir} holds a classification prompt "
-                           f"({saved.get('method')}); evaluate it on a classification dataset.")
-    backbone = _run_backbone(model, saved)
-    splits = load_splits(data)
-    method = ckpt.load_prompt(run_dir, backbone, splits.classnames, splits.template)
-    samples = splits.split(split)
-    if not samples:
-        raise ValueError(f"split {split!r} of {splits.name} is empty; choose another --split")
-    dataset = ImageDataset(samples, build_transform(transform_config(backbone), train=False))
+    task_name = saved.get("task", "classification")  # prompts of 0.1.0 name only detection
+    data_task = dataset_task(data.dataset)
+    if data_task != task_name:
+        where = ("a detection dataset: --dataset coco:<folder or json> or toydet:<name>" if task_name == "detection"
+                 else "a classification dataset")
+        raise DatasetError(f"{data.dataset!r} is a {data_task} dataset, but {run_dir} holds a {task_name} prompt "
+                           f"({saved.get('method')}); evaluate it on {where}.")  # fmt: skip
+    splits = load_task_data(task_name, data, shots=False)
+    backbone = ckpt.recorded_backbone(run_dir, model)
+    task = make_task(task_name, splits, backbone, augment=False)
+    method = ckpt.load_prompt(run_dir, backbone, task.classnames, task.template)
     accelerator = make_accelerator(precision)
     method = method.to(accelerator.device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    result = evaluate(method, loader, accelerator)
-    return {"dataset": splits.name, "split": split, "accuracy": result["accuracy"], "n": result["n"]}
+    return task.evaluate_split(method, split, accelerator, batch_size)
 
 
 @torch.no_grad()
@@ -186,7 +157,7 @@ def predict(
         raise ValueError(
             f"{run_dir} holds a detection prompt; score it with `vlprompt eval {run_dir} --dataset coco:<path>`."
         )
-    backbone = _run_backbone(model, saved)
+    backbone = ckpt.recorded_backbone(run_dir, model)
     method = ckpt.load_prompt(run_dir, backbone, classnames)
     method.eval()
     samples = [Sample(path=Path(p).resolve(), label=0, classname="") for p in images]
@@ -198,7 +169,7 @@ def predict(
     out = []
     k = min(k, len(method.classnames))
     for sample, (pixels, _) in zip(samples, dataset):
-        probs = method(pixel_values=pixels.unsqueeze(0), text_feats=text_feats).softmax(-1)[0]
+        probs = method.probabilities(method(pixel_values=pixels.unsqueeze(0), text_feats=text_feats))[0]
         top = probs.topk(k)
         out.append(
             {

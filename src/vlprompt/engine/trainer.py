@@ -1,7 +1,11 @@
-"""Training and evaluation on ``accelerate``: the same code on CPU, one GPU, several GPUs, fp32 or mixed precision.
+"""The one trainer: ``Trainer(config, run_dir).fit(method, task)`` for every method and task, on ``accelerate``
+(the same code on CPU, one GPU, several GPUs, fp32 or mixed precision).
 
-What the engine saves work on: a tower the method leaves untouched is computed once (class text features for
-image-side methods; image features for text-side methods when training augmentation is off), never per step.
+The trainer owns optimisation (optimiser, warm-up + cosine schedule, gradient clipping, precision), the run folder
+(never overwritten by accident, crash-safe resume state, metrics), divergence checks and the final save. The task
+(``vlprompt.tasks``) owns data, batches, metrics and evaluation; the method owns its loss (``training_step``) and
+the hooks declared on ``PromptMethod``. The step the trainer runs per batch is :func:`run_training_step`, which the
+benchmarks time.
 """
 from __future__ import annotations
 
@@ -12,13 +16,16 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch import nn
+from torch.utils.data import DataLoader
 
 from vlprompt.engine import checkpoint as ckpt
+from vlprompt.options import OptionError, check_options, opt
+from vlprompt.tasks.batches import StepOutput
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
@@ -38,62 +45,35 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int = opt(10, min=1)
+    batch_size: int = opt(32, min=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = opt(0.002, gt=0)
+    momentum: float = opt(0.9, min=0)
+    weight_decay: float = opt(5e-4, min=0)
     # Epochs at a constant warmup_lr before the cosine schedule (CoOp's recipe). None: 1, or 0 for a 1-epoch run.
-    warmup_epochs: int | None = None
-    warmup_lr: float = 1e-5
-    grad_clip: float | None = None  # max gradient norm; None = no clipping
+    warmup_epochs: int | None = opt(None, min=0)
+    warmup_lr: float = opt(1e-5, gt=0)
+    grad_clip: float | None = opt(None, gt=0)  # max gradient norm; None = no clipping
     augment: bool = True  # random resized crop + flip on training images
-    eval_batch_size: int = 64
-    num_workers: int = 0
+    eval_batch_size: int = opt(64, min=1)
+    num_workers: int = opt(0, min=0)
     seed: int = 1
-    precision: str = "fp32"
-    validate_every: int = 1  # epochs
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    validate_every: int = opt(1, min=1)  # epochs
 
     def __post_init__(self) -> None:
-        self._check_types()
-        problems = []
+        try:
+            check_options(self, prefix="train.")
+        except OptionError as err:
+            raise ValueError(str(err)) from None
         if self.warmup_epochs is None:
             self.warmup_epochs = 1 if self.epochs > 1 else 0
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1 (got {self.epochs})")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            problems.append("batch sizes must be >= 1")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            problems.append(f"lr must be a positive number (got {self.lr})")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
-            problems.append(f"warmup_epochs must be in [0, epochs) (got {self.warmup_epochs} of {self.epochs})")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            problems.append("grad_clip must be > 0 or null")
-        if problems:
-            raise ValueError("invalid training options: " + "; ".join(problems))
-
-    def _check_types(self) -> None:
-        """A quoted number from a config file ("1e-3") would otherwise fail later, far from its cause."""
-        wrong = []
-        for name in ("epochs", "batch_size", "eval_batch_size", "num_workers", "seed", "validate_every",
-                     "warmup_epochs"):  # fmt: skip
-            value = getattr(self, name)
-            if not is_integer(value) and not (name == "warmup_epochs" and value is None):
-                wrong.append(f"{name}={value!r} (an integer)")
-        for name in ("lr", "momentum", "weight_decay", "warmup_lr", "grad_clip"):
-            value = getattr(self, name)
-            if is_number(value):
-                setattr(self, name, float(value))
-            elif not (name == "grad_clip" and value is None):
-                wrong.append(f"{name}={value!r} (a number)")
-        if wrong:
-            raise ValueError("invalid training options, wrong type: " + "; ".join(wrong) + " - write numbers "
-                             "unquoted, e.g. lr: 0.001 or lr: 1e-3")
+        if not math.isfinite(self.lr):
+            raise ValueError(f"invalid options: train.lr={self.lr} (must be a finite number)")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError(f"invalid options: train.warmup_epochs={self.warmup_epochs} (must be < epochs, "
+                             f"{self.epochs})")
 
 
 def seed_everything(seed: int) -> None:
@@ -144,95 +124,79 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
 
 
 def build_optimizer(method, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = method.param_groups(config.lr) if hasattr(method, "param_groups") else None
-    params = groups or [p for p in method.prompt_parameters().values()]
+    params = method.param_groups(config.lr) or list(method.prompt_parameters().values())
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-# ---------------------------------------------------------------------------------------------- features
-@torch.no_grad()
-def image_features_of(method, loader: Iterable, accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image features and labels of a whole loader (frozen or prompted image tower, no gradient)."""
-    feats, labels = [], []
-    device = _device_of(method, accelerator)
-    for pixels, y in loader:
-        with _autocast(accelerator):
-            feats.append(method.image_features(pixels.to(device)).float().cpu())
-        labels.append(y.cpu())
-    return torch.cat(feats), torch.cat(labels)
+# ---------------------------------------------------------------------------------------------- the step
+class NonFiniteLoss(RuntimeError):
+    """A training step's loss (or the parameters it produced) is not finite."""
 
 
-def _device_of(method, accelerator) -> torch.device:
-    # Evaluation loaders are not passed through accelerator.prepare (no sharding of the test set), so their
-    # batches arrive on the CPU and go to the method's device here.
-    if accelerator is not None:
-        return accelerator.device
-    first = next(iter(method.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
+class TrainingStepModule(nn.Module):
+    """Runs ``method.training_step(batch)`` as a module's forward, so accelerate's wrappers (mixed-precision
+    autocast, data-parallel gradient synchronisation) apply to the whole step, whatever the method computes."""
+
+    def __init__(self, method) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch) -> StepOutput:
+        return self.method.training_step(batch)
 
 
-def _autocast(accelerator):
-    if accelerator is None:
-        return torch.autocast("cpu", enabled=False)
-    return accelerator.autocast()
+def prepare_training(method, config: TrainConfig, accelerator):
+    """The step module and optimiser, prepared by ``accelerator``: what :func:`run_training_step` takes."""
+    optimizer = build_optimizer(method, config)
+    step_module, optimizer = accelerator.prepare(TrainingStepModule(method), optimizer)
+    return step_module, optimizer
 
 
-@torch.no_grad()
-def evaluate(method, loader: Iterable, accelerator=None, num_classes: int | None = None) -> dict[str, Any]:
-    """Top-1 accuracy (and per-class accuracy) of ``method`` on a loader of ``(pixels, labels)``."""
-    was_training = method.training
-    method.eval()
-    text_feats = None
-    if not getattr(method, "fits_features", False) and not getattr(method, "conditions_text_on_image", False):
-        with _autocast(accelerator):
-            text_feats = method.text_features()  # class features once per evaluation, not per batch
-    correct = total = 0
-    n_classes = num_classes or len(method.classnames)
-    per_class_correct = torch.zeros(n_classes)
-    per_class_total = torch.zeros(n_classes)
-    device = _device_of(method, accelerator)
-    for pixels, labels in loader:
-        with _autocast(accelerator):
-            logits = method(pixel_values=pixels.to(device), text_feats=text_feats)
-        pred = logits.argmax(-1).cpu()
-        labels = labels.cpu()
-        correct += int((pred == labels).sum())
-        total += len(labels)
-        per_class_total += torch.bincount(labels, minlength=n_classes).float()
-        per_class_correct += torch.bincount(labels[pred == labels], minlength=n_classes).float()
-    method.train(was_training)
-    if total == 0:
-        raise ValueError("evaluation split is empty")
-    per_class = (per_class_correct / per_class_total.clamp(min=1)).tolist()
-    return {"accuracy": 100.0 * correct / total, "n": total, "per_class_accuracy": [100.0 * a for a in per_class]}
+def run_training_step(step_module, optimizer, batch, accelerator, params: list[torch.Tensor],
+                      grad_clip: float | None = None) -> StepOutput:  # fmt: skip
+    """One optimisation step: the method's loss terms under autocast, a finite-loss check, backward, optional
+    gradient clipping, the optimiser step. Raises :class:`NonFiniteLoss` on a non-finite loss."""
+    try:
+        with accelerator.autocast():
+            output = step_module(batch)
+            loss = output.loss
+    except ValueError as err:  # e.g. the detector's matcher refuses non-finite boxes before any loss exists
+        if "nan" in str(err).lower() or not all(torch.isfinite(p).all() for p in params):
+            raise NonFiniteLoss("nan") from err
+        raise
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(str(loss.item()))
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    if grad_clip is not None:
+        accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return output
+
+
+def __getattr__(name: str):
+    # evaluate / image_features_of moved to the classification task; kept importable from here.
+    if name in ("evaluate", "image_features_of"):
+        from vlprompt.tasks import classification
+
+        return getattr(classification, name)
+    raise AttributeError(name)
 
 
 # ---------------------------------------------------------------------------------------------- training
-@dataclass
-class TrainData:
-    """Datasets the trainer needs; ``*_eval`` use the deterministic eval transform."""
-
-    train: torch.utils.data.Dataset
-    train_eval: torch.utils.data.Dataset  # train images without augmentation (feature caching, linear probe)
-    val: torch.utils.data.Dataset | None
-    test: torch.utils.data.Dataset | None
-
-
 class Trainer:
+    """Trains any method on any task into a run folder (see the module docstring)."""
+
     def __init__(
         self,
-        method,
-        data: TrainData,
         config: TrainConfig,
         run_dir: str | Path,
         run_info: dict[str, Any] | None = None,
         progress: bool = True,
         log: Callable[[str], None] = print,
     ) -> None:
-        self.method = method
-        self.data = data
         self.config = config
         self.run_dir = Path(run_dir)
         self.run_info = run_info or {}
@@ -242,17 +206,18 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- public
-    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    def fit(self, method, task, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Train ``method`` on ``task``, evaluate it, save it; returns the final metrics."""
+        task.check_before_training(method)
         self._prepare_run_dir(resume, overwrite)
         seed_everything(self.config.seed)
-        method = self.method.to(self.accelerator.device)
-        if getattr(method, "fits_features", False):
-            result = self._fit_features(method)
-        elif method.num_trainable() == 0:  # zero-shot, or zero-size prompts: nothing to train, evaluate only
-            result = self._finish(method, {"epoch": 0})
-        else:
-            result = self._fit_sgd(method, resume)
-        return result
+        method = method.to(self.accelerator.device)
+        if method.fits_features:
+            record = {"epoch": 1, **task.fit_features(method, self.accelerator, self.config.eval_batch_size)}
+            return self._finish(method, task, record)
+        if method.num_trainable() == 0:  # zero-shot, or zero-size prompts: nothing to train, evaluate only
+            return self._finish(method, task, {"epoch": 0})
+        return self._fit_steps(method, task, resume)
 
     # ---------------------------------------------------------------- run folder
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
@@ -267,7 +232,7 @@ class Trainer:
         if resume and not overwrite and (finished or started):
             self._check_resumable_as_configured()
         if overwrite and not resume:
-            for name in (ckpt.PROMPT_FILE, ckpt.CONFIG_FILE, ckpt.METRICS_FILE):
+            for name in (ckpt.PROMPT_FILE, ckpt.CONFIG_FILE, ckpt.METRICS_FILE, ckpt.RESULTS_FILE):
                 (self.run_dir / name).unlink(missing_ok=True)
             for suffix in ("", ".tmp", ".old"):
                 shutil.rmtree(self.run_dir / (ckpt.RESUME_DIR + suffix), ignore_errors=True)
@@ -315,108 +280,65 @@ class Trainer:
         lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history)
         ckpt.atomic_write_bytes(self.run_dir / ckpt.METRICS_FILE, lines.encode())
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool, epoch: int = 0) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, shuffle: bool, epoch: int = 0, collate_fn=None) -> DataLoader:
         generator = torch.Generator()
         generator.manual_seed(self.config.seed * 1000 + epoch)  # per-epoch order is the same after a resume
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.config.num_workers,
-            generator=generator,
-            drop_last=False,
-        )
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.config.num_workers,
+                          generator=generator, drop_last=False, collate_fn=collate_fn)  # fmt: skip
 
-    # ---------------------------------------------------------------- linear probe
-    def _fit_features(self, method) -> dict[str, Any]:
-        start = time.perf_counter()
-        train_f, train_y = image_features_of(
-            method, self._loader(self.data.train_eval, self.config.eval_batch_size, False), self.accelerator
-        )
-        if self.data.val is not None and len(self.data.val):
-            val_f, val_y = image_features_of(
-                method, self._loader(self.data.val, self.config.eval_batch_size, False), self.accelerator
-            )
-        else:
-            val_f, val_y = train_f[:0], train_y[:0]
-        info = method.fit(train_f, train_y, val_f, val_y)
-        record = {"epoch": 1, "train_time_s": time.perf_counter() - start, **info}
-        return self._finish(method, record)
-
-    # ---------------------------------------------------------------- SGD
-    def _fit_sgd(self, method, resume: bool) -> dict[str, Any]:
+    # ---------------------------------------------------------------- gradient steps
+    def _fit_steps(self, method, task, resume: bool) -> dict[str, Any]:
         cfg = self.config
-        optimizer = build_optimizer(method, cfg)
+        step_module, optimizer = prepare_training(method, cfg, self.accelerator)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        start_epoch = 0
-        if resume:
-            start_epoch = self._load_resume_state(method, optimizer, scheduler)
-        method, optimizer = self.accelerator.prepare(method, optimizer)
-        core = self.accelerator.unwrap_model(method)
-
-        text_feats = None
-        if not core.modifies_text and not getattr(core, "conditions_text_on_image", False):
-            with torch.no_grad(), self.accelerator.autocast():
-                text_feats = core.text_features().detach()
-        cached_images = not core.modifies_image and not cfg.augment
-        train_set = self.data.train
-        if cached_images:
-            feats, labels = image_features_of(
-                core, self._loader(self.data.train_eval, cfg.eval_batch_size, False), self.accelerator
-            )
-            train_set = TensorDataset(feats, labels)
-
+        start_epoch = self._load_resume_state(method, optimizer, scheduler) if resume else 0
+        params = list(method.prompt_parameters().values())
+        task.prepare_training(method, self.accelerator, cfg.eval_batch_size)
+        step = 0
         for epoch in range(start_epoch, cfg.epochs):
             seed_everything(cfg.seed * 1000 + epoch)  # augmentation draws: identical after a resume
-            if hasattr(core, "set_epoch"):  # methods whose loss follows a schedule (DPT's guidance warm-up)
-                core.set_epoch(epoch)
+            method.on_epoch_start(epoch)
             method.train()
+            task.start_epoch()
             epoch_start = time.perf_counter()
-            loader = self.accelerator.prepare(self._loader(train_set, cfg.batch_size, True, epoch))
-            losses, correct, seen = [], 0, 0
-            for step, (inputs, labels) in enumerate(self._progress(loader, epoch)):
-                with self.accelerator.autocast():
-                    if cached_images:
-                        logits = method(image_feats=inputs, text_feats=text_feats)
-                    else:
-                        logits = method(pixel_values=inputs, text_feats=text_feats)
-                    loss = core.loss(logits, labels)
-                if not torch.isfinite(loss):
-                    raise TrainingError(self._divergence_message(f"loss became {loss.item()}", epoch, step))
-                optimizer.zero_grad(set_to_none=True)
-                self.accelerator.backward(loss)
-                if cfg.grad_clip is not None:
-                    self.accelerator.clip_grad_norm_(list(core.prompt_parameters().values()), cfg.grad_clip)
-                optimizer.step()
-                losses.append(loss.item())
-                correct += int((logits.argmax(-1) == labels).sum())
-                seen += len(labels)
+            loader = self._loader(task.train_dataset(), cfg.batch_size, True, epoch, task.collate_fn)
+            loader = self.accelerator.prepare(loader)
+            terms: dict[str, list[float]] = {}
+            logs: dict[str, list[float]] = {}
+            for step, raw in enumerate(self._progress(loader, epoch)):
+                batch = task.make_batch(raw)
+                try:
+                    output = run_training_step(step_module, optimizer, batch, self.accelerator, params, cfg.grad_clip)
+                except NonFiniteLoss as err:
+                    raise TrainingError(self._divergence_message(f"loss became {err}", epoch, step)) from None
+                terms.setdefault("loss", []).append(float(output.loss.detach()))
+                for name, value in output.losses.items():
+                    terms.setdefault(f"loss_{name}", []).append(float(value.detach()))
+                for name, value in output.logs.items():
+                    logs.setdefault(name, []).append(value)
+                task.record_step(output, batch)
             scheduler.step()
-            if not all(torch.isfinite(p).all() for p in core.prompt_parameters().values()):
+            if not all(torch.isfinite(p).all() for p in params):
                 # The epoch's last step is not followed by a loss check; a diverged prompt must not become the
                 # resume point, or every --resume would fail the same way.
                 raise TrainingError(self._divergence_message("the prompt parameters became non-finite", epoch, step))
-            record = {
-                "epoch": epoch + 1,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": float(np.mean(losses)),
-                "train_accuracy": 100.0 * correct / max(seen, 1),
-                "epoch_time_s": time.perf_counter() - epoch_start,
-            }
-            if self.data.val is not None and len(self.data.val) and (epoch + 1) % cfg.validate_every == 0:
-                record["val_accuracy"] = self._evaluate(core, self.data.val)["accuracy"]
+            record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                                      "train_loss": float(np.mean(terms["loss"]))}  # fmt: skip
+            if len(terms) > 2:  # several named terms: each one's mean too
+                record.update({k: float(np.mean(v)) for k, v in terms.items() if k != "loss"})
+            record.update({k: float(np.mean(v)) for k, v in logs.items()})
+            record.update(task.epoch_metrics())
+            record["epoch_time_s"] = time.perf_counter() - epoch_start
+            if (epoch + 1) % cfg.validate_every == 0:
+                record.update(task.validate(method, self.accelerator, cfg.eval_batch_size))
             self.history.append(record)
-            self._save_resume_state(core, optimizer, scheduler, epoch + 1)
+            self._save_resume_state(method, optimizer, scheduler, epoch + 1)
             self._write_metrics()
-            self.log(
-                f"epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f} "
-                f"train acc {record['train_accuracy']:.2f}"
-                + (f" val acc {record['val_accuracy']:.2f}" if "val_accuracy" in record else "")
-            )
-        # Mixed precision: prepare() wrapped the method's forward in autocast; give the caller its plain method
-        # back (the final evaluation still autocasts, through self.accelerator).
-        core = self.accelerator.unwrap_model(method, keep_fp32_wrapper=False)
-        return self._finish(core, None)
+            self.log(f"epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f}" + "".join(
+                f" {k.replace('_', ' ')} {record[k]:.2f}" for k in record
+                if k.startswith(("train_acc", "val_"))))  # fmt: skip
+        method.on_train_end()
+        return self._finish(method, task, None)
 
     def _progress(self, loader, epoch: int):
         if not self.progress:
@@ -425,21 +347,16 @@ class Trainer:
 
         return tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not self.accelerator.is_main_process)
 
-    def _evaluate(self, method, dataset) -> dict[str, Any]:
-        return evaluate(method, self._loader(dataset, self.config.eval_batch_size, False), self.accelerator)
-
-    def _finish(self, method, record: dict[str, Any] | None) -> dict[str, Any]:
+    def _finish(self, method, task, record: dict[str, Any] | None) -> dict[str, Any]:
+        cfg = self.config
         if record is not None:
-            if self.data.val is not None and len(self.data.val):
-                record["val_accuracy"] = self._evaluate(method, self.data.val)["accuracy"]
+            record.update(task.validate(method, self.accelerator, cfg.eval_batch_size))
             self.history.append(record)
-        final: dict[str, Any] = {"split": "test"}
-        if self.data.test is not None and len(self.data.test):
-            result = self._evaluate(method, self.data.test)
-            final.update(accuracy=result["accuracy"], n=result["n"])
+        final = task.final_metrics(method, self.accelerator, cfg.eval_batch_size, self.log)
         self.history.append(final)
         if self.accelerator.is_main_process:
-            ckpt.save_prompt(self.run_dir, method, extra={"final_metrics": final})
+            ckpt.save_prompt(self.run_dir, method)
+            ckpt.atomic_write_json(self.run_dir / ckpt.RESULTS_FILE, {"final_metrics": final})
             self._write_metrics()
         return final
 

@@ -3,7 +3,7 @@
 A detection method holds the category prompt (category names as phrases, ``[CLS] cat . dog . [SEP]``) and fills the
 detector adapter's sites: learned context at the text encoder's input (``det_coop``), tokens at the fusion layers'
 bi-directional attention (``sdpt_native``, ``det_fusion_prompt``), or the detector's own weights (``det_heads``,
-``det_full``, ``det_lora``). Training uses the detector's own losses; see ``engine/detection.py``.
+``det_full``, ``det_lora``). Training uses the detector's own losses; see ``tasks/detection.py``.
 """
 from __future__ import annotations
 

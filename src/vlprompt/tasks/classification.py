@@ -1,0 +1,181 @@
+"""Image classification on a dual encoder: its data, batches (with untouched towers cached), accuracy.
+
+What the task saves work on: a tower the method leaves untouched (``method.cacheable_towers``) is computed once,
+never per step: class text features for image-side methods; image features for text-side methods when training
+augmentation is off. Evaluation computes class features once, not per batch.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from vlprompt.data import DatasetError, DatasetSplits, ImageDataset, build_transform
+from vlprompt.tasks.base import Task, autocast_of, device_of, register_task
+from vlprompt.tasks.batches import ClassificationBatch, StepOutput
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def transform_config(backbone):
+    """The backbone's own image preprocessing, or its image size with OpenAI's statistics when it ships none."""
+    from vlprompt.data import ImageTransformConfig
+
+    if backbone.image_processor is not None:
+        return ImageTransformConfig.from_image_processor(backbone.image_processor)
+    return ImageTransformConfig(size=backbone.image_size, mean=OPENAI_MEAN, std=OPENAI_STD)
+
+
+@torch.no_grad()
+def image_features_of(method, loader: Iterable, accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features and labels of a whole loader (frozen or prompted image tower, no gradient)."""
+    feats, labels = [], []
+    device = device_of(method, accelerator)
+    for pixels, y in loader:
+        with autocast_of(accelerator):
+            feats.append(method.image_features(pixels.to(device)).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def evaluate(method, loader: Iterable, accelerator=None, num_classes: int | None = None) -> dict[str, Any]:
+    """Top-1 accuracy (and per-class accuracy) of ``method`` on a loader of ``(pixels, labels)``."""
+    was_training = method.training
+    method.eval()
+    text_feats = None
+    if not method.fits_features and not method.conditions_text_on_image:
+        with autocast_of(accelerator):
+            text_feats = method.text_features()  # class features once per evaluation, not per batch
+    correct = total = 0
+    n_classes = num_classes or len(method.classnames)
+    per_class_correct = torch.zeros(n_classes)
+    per_class_total = torch.zeros(n_classes)
+    device = device_of(method, accelerator)
+    for pixels, labels in loader:
+        with autocast_of(accelerator):
+            logits = method(pixel_values=pixels.to(device), text_feats=text_feats)
+        pred = logits.argmax(-1).cpu()
+        labels = labels.cpu()
+        correct += int((pred == labels).sum())
+        total += len(labels)
+        per_class_total += torch.bincount(labels, minlength=n_classes).float()
+        per_class_correct += torch.bincount(labels[pred == labels], minlength=n_classes).float()
+    method.train(was_training)
+    if total == 0:
+        raise ValueError("evaluation split is empty")
+    per_class = (per_class_correct / per_class_total.clamp(min=1)).tolist()
+    return {"accuracy": 100.0 * correct / total, "n": total, "per_class_accuracy": [100.0 * a for a in per_class]}
+
+
+class ClassificationTask(Task):
+    """Few-shot / full classification of a ``DatasetSplits`` with a classification method."""
+
+    name: ClassVar[str] = "classification"
+
+    def __init__(self, splits: DatasetSplits, backbone, augment: bool = True) -> None:
+        self.splits = splits
+        self.augment = augment
+        tcfg = transform_config(backbone)
+        eval_tf = build_transform(tcfg, train=False)
+        self.train_set: Dataset = ImageDataset(splits.train, build_transform(tcfg, train=True, augment=augment))
+        self.train_eval = ImageDataset(splits.train, eval_tf)  # no augmentation: feature caching, linear probe
+        self.val = ImageDataset(splits.val, eval_tf) if splits.val else None
+        self.test = ImageDataset(splits.test, eval_tf) if splits.test else None
+        self._eval_tf = eval_tf
+        self._text_feats: torch.Tensor | None = None
+        self._cached_images = False
+        self._correct = self._seen = 0
+
+    # ----------------------------------------------------------------- what the run records
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.splits.classnames)
+
+    @property
+    def template(self) -> str:
+        return self.splits.template
+
+    def run_info(self) -> dict[str, Any]:
+        return {"dataset_name": self.splits.name, "num_train": len(self.splits.train)}
+
+    def check_before_training(self, method) -> None:
+        if not self.splits.train and (method.num_trainable() > 0 or method.fits_features):
+            raise DatasetError(
+                f"{self.splits.name} has no training images (a test-only dataset such as a domain-shift variant): "
+                "train on its source dataset, then `vlprompt eval RUN --dataset <this dataset>`."
+            )
+
+    # ----------------------------------------------------------------- training batches
+    def prepare_training(self, method, accelerator, eval_batch_size: int) -> None:
+        """Compute the towers the method leaves untouched once for the whole run."""
+        towers = method.cacheable_towers
+        self._text_feats = None
+        if "text" in towers:
+            with torch.no_grad(), accelerator.autocast():
+                self._text_feats = method.text_features().detach()
+        self._cached_images = "image" in towers and not self.augment
+        if self._cached_images:
+            loader = DataLoader(self.train_eval, batch_size=eval_batch_size, shuffle=False)
+            self._image_cache = TensorDataset(*image_features_of(method, loader, accelerator))
+
+    def train_dataset(self) -> Dataset:
+        return self._image_cache if self._cached_images else self.train_set
+
+    def make_batch(self, raw) -> ClassificationBatch:
+        inputs, labels = raw
+        if self._cached_images:
+            return ClassificationBatch(labels, image_feats=inputs, text_feats=self._text_feats)
+        return ClassificationBatch(labels, pixel_values=inputs, text_feats=self._text_feats)
+
+    def start_epoch(self) -> None:
+        self._correct = self._seen = 0
+
+    def record_step(self, output: StepOutput, batch: ClassificationBatch) -> None:
+        if output.logits is not None:
+            self._correct += int((output.logits.argmax(-1) == batch.labels).sum())
+            self._seen += len(batch)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {"train_accuracy": 100.0 * self._correct / max(self._seen, 1)} if self._seen else {}
+
+    # ----------------------------------------------------------------- fitted methods (linear probe)
+    def fit_features(self, method, accelerator, eval_batch_size: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        train_f, train_y = image_features_of(method, self._eval_loader(self.train_eval, eval_batch_size), accelerator)
+        if self.val is not None and len(self.val):
+            val_f, val_y = image_features_of(method, self._eval_loader(self.val, eval_batch_size), accelerator)
+        else:
+            val_f, val_y = train_f[:0], train_y[:0]
+        info = method.fit_features(train_f, train_y, val_f, val_y)
+        return {"train_time_s": time.perf_counter() - start, **info}
+
+    # ----------------------------------------------------------------- evaluation
+    def _eval_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+    def validate(self, method, accelerator, batch_size: int) -> dict[str, float]:
+        if self.val is None or not len(self.val):
+            return {}
+        return {"val_accuracy": evaluate(method, self._eval_loader(self.val, batch_size), accelerator)["accuracy"]}
+
+    def final_metrics(self, method, accelerator, batch_size: int, log) -> dict[str, Any]:
+        final: dict[str, Any] = {"split": "test"}
+        if self.test is not None and len(self.test):
+            result = evaluate(method, self._eval_loader(self.test, batch_size), accelerator)
+            final.update(accuracy=result["accuracy"], n=result["n"])
+        return final
+
+    def evaluate_split(self, method, split: str, accelerator, batch_size: int) -> dict[str, Any]:
+        samples = self.splits.split(split)
+        if not samples:
+            raise ValueError(f"split {split!r} of {self.splits.name} is empty; choose another --split")
+        loader = self._eval_loader(ImageDataset(samples, self._eval_tf), batch_size)
+        result = evaluate(method, loader, accelerator)
+        return {"dataset": self.splits.name, "split": split, "accuracy": result["accuracy"], "n": result["n"]}
+
+
+register_task(ClassificationTask)
