@@ -6,8 +6,9 @@ real architecture with random weights offline, so the numbers hold for the pretr
 timings and memory do not depend on weight values). Each (model, method) pair runs in a fresh subprocess so its
 peak memory is its own.
 
-One training step is what ``vlprompt.engine.trainer.Trainer._fit_sgd`` does per batch: forward through the method
-(under the accelerator's autocast), cross-entropy loss, ``zero_grad``, ``backward``, SGD ``step`` and ``loss.item()``.
+One training step is the trainer's own step, ``vlprompt.engine.trainer.run_training_step`` (the method's
+``training_step`` under the accelerator's autocast: forward and loss; ``zero_grad``, ``backward``, SGD ``step``),
+then ``loss.item()``.
 The engine's caching is mirrored: a method that leaves the text tower alone gets class text features computed once,
 outside the timed step (``text_feats=``); the image tower always gets pixels (training augmentation is on by
 default), and for text-only methods the ``--no-augment`` path (cached image features) is timed as well.
@@ -237,7 +238,7 @@ def measure(
         # instance attributes: some methods (APT) decide per config which towers they change
         "modifies_text": bool(method.modifies_text),
         "modifies_image": bool(method.modifies_image),
-        "conditions_text_on_image": bool(getattr(method, "conditions_text_on_image", False)),
+        "conditions_text_on_image": method.conditions_text_on_image,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "batch_size": batch_size,
@@ -265,7 +266,7 @@ def measure(
     method.eval()
     with torch.no_grad(), accelerator.autocast():
         eval_text = None
-        if not method.fits_features and not getattr(method, "conditions_text_on_image", False):
+        if not method.fits_features and not method.conditions_text_on_image:
             eval_text = method.text_features()
         infer_times = []
         for i in range(warmup + steps):
@@ -310,35 +311,33 @@ def _measure_sgd(method, record, batch, sync, warmup: int, steps: int, accelerat
     """Time the engine's training step; text-only methods also on cached image features (``--no-augment``)."""
     import torch
 
-    from vlprompt.engine.trainer import TrainConfig, build_optimizer
+    from vlprompt.engine.trainer import NonFiniteLoss, TrainConfig, prepare_training, run_training_step
+    from vlprompt.tasks.batches import ClassificationBatch
 
     cfg = TrainConfig(batch_size=record["batch_size"])  # engine defaults: SGD, lr 0.002, momentum 0.9, wd 5e-4
-    optimizer = build_optimizer(method, cfg)
-    method, optimizer = accelerator.prepare(method, optimizer)
-    core = accelerator.unwrap_model(method)
+    step_module, optimizer = prepare_training(method, cfg, accelerator)
+    params = list(method.prompt_parameters().values())
+    core = method
 
     text_feats = None
-    if not core.modifies_text and not getattr(core, "conditions_text_on_image", False):
+    if "text" in core.cacheable_towers:
         with torch.no_grad(), accelerator.autocast():
             text_feats = core.text_features().detach()
-    if hasattr(core, "set_epoch"):  # methods whose loss follows a schedule: the engine sets it per epoch
-        core.set_epoch(0)
+    core.on_epoch_start(0)  # methods whose loss follows a schedule: the trainer calls it per epoch
     method.train()
 
     def step(inputs, labels, cached: bool) -> None:
-        with accelerator.autocast():
-            if cached:
-                logits = method(image_feats=inputs, text_feats=text_feats)
-            else:
-                logits = method(pixel_values=inputs, text_feats=text_feats)
-            loss = core.loss(logits, labels)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {loss.item()} while benchmarking {record['method']}")
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        loss.item()
-        int((logits.argmax(-1) == labels).sum())
+        if cached:
+            batch = ClassificationBatch(labels, image_feats=inputs, text_feats=text_feats)
+        else:
+            batch = ClassificationBatch(labels, pixel_values=inputs, text_feats=text_feats)
+        try:
+            out = run_training_step(step_module, optimizer, batch, accelerator, params)
+        except NonFiniteLoss as err:
+            raise RuntimeError(f"non-finite loss {err} while benchmarking {record['method']}") from None
+        out.loss.item()
+        if out.logits is not None:
+            int((out.logits.argmax(-1) == labels).sum())
 
     def timed(make_inputs, cached: bool) -> list[float]:
         times = []
@@ -360,7 +359,7 @@ def _measure_sgd(method, record, batch, sync, warmup: int, steps: int, accelerat
     record["images_per_s"] = record["batch_size"] / record["step_s"]
     if text_feats is not None:
         cached_text = "text features cached"
-    elif getattr(core, "conditions_text_on_image", False):
+    elif core.conditions_text_on_image:
         cached_text = "text tower every step, per image (batch x classes sequences)"
     else:
         cached_text = "text tower every step"
@@ -402,7 +401,7 @@ def _measure_feature_fit(method, record, batch, sync, warmup: int, steps: int, b
     if len(train_y) == 0:  # a single batch: no validation split, one solve (the engine's behaviour too)
         train_f, train_y, val_f, val_y = val_f, val_y, val_f[:0], val_y[:0]
     t = time.perf_counter()
-    method.fit(train_f, train_y, val_f, val_y)
+    method.fit_features(train_f, train_y, val_f, val_y)
     fit_s = time.perf_counter() - t
     extract_per_image = statistics.median(times) / batch_size
     n_fit = len(train_y) + len(val_y)

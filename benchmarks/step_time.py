@@ -4,9 +4,9 @@
 U is the unavoidable cost of a prompt method that changes the image tower: one forward of the frozen image tower
 plus the backward of its activations (the input requires a gradient, so the backward runs through every layer;
 no parameter gradient, no optimiser step), at the same batch size and precision. Each registered method's step is
-what ``vlprompt.engine.trainer.Trainer`` does per batch: forward through the method under the accelerator's
-autocast (text features computed once outside the step when the method leaves the text tower alone; the text tower
-cut at the last end-of-text token, as the adapter always does), the method's loss, ``zero_grad``, ``backward``, the
+the trainer's own step, ``vlprompt.engine.trainer.run_training_step``: the method's ``training_step`` under the
+accelerator's autocast (text features computed once outside the step when the method leaves the text tower alone;
+the text tower cut at the last end-of-text token, as the adapter always does), ``zero_grad``, ``backward``, the
 optimiser step (engine defaults: SGD, lr 0.002, momentum 0.9, weight decay 5e-4), ``loss.item()`` and the accuracy
 count. Training augmentation is on (the engine's default), so image features are never cached. Every (method,
 precision) and every U runs in a fresh Python process, so peak memory (peak RSS; CUDA: max allocated) is its own.
@@ -176,21 +176,22 @@ def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch
     """One method's engine training step (see the module docstring), timed ``steps`` times after ``warmup``."""
     import torch
 
-    from vlprompt.engine.trainer import TrainConfig, build_optimizer
+    from vlprompt.engine.trainer import NonFiniteLoss, TrainConfig, prepare_training, run_training_step
     from vlprompt.methods import canonical_method_name, get_prompt_model
+    from vlprompt.tasks.batches import ClassificationBatch
 
     name = canonical_method_name(method_name)
     s = _Setup(model, precision, threads, seed, reset_peak)
     accelerator = s.accelerator
     names = class_names(num_classes)
     method = get_prompt_model(s.backbone, name, names).to(s.device)
-    text_tokens = int(method.backbone.tokenize([f"{n}." for n in names]).eot_index.max()) + 1
+    text_tokens = int(method.backbone.tokenize([f"{n}." for n in names]).lengths.max())
     record: dict[str, Any] = {
         "kind": None, "model": model, "method": name, "precision": precision, "batch_size": batch_size,
         "num_classes": num_classes, "steps": steps, "warmup": warmup, "trainable_params": method.num_trainable(),
         "method_config": method.config.to_dict(), "modifies_text": bool(method.modifies_text),
         "modifies_image": bool(method.modifies_image), "longest_class_tokens": text_tokens,
-        "conditions_text_on_image": bool(getattr(method, "conditions_text_on_image", False)),
+        "conditions_text_on_image": method.conditions_text_on_image,
     }
     if method.fits_features or method.num_trainable() == 0:
         record["kind"] = "feature_fit" if method.fits_features else "no_training"
@@ -198,45 +199,41 @@ def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch
                            else "nothing to train (the engine only evaluates)")
         return s.finish(record)
 
-    optimizer = build_optimizer(method, TrainConfig(batch_size=batch_size))
-    method, optimizer = accelerator.prepare(method, optimizer)
-    core = accelerator.unwrap_model(method)
-    text_feats = None  # the engine's caching: class text features once when the text tower is untouched
-    if not core.modifies_text and not getattr(core, "conditions_text_on_image", False):
+    step_module, optimizer = prepare_training(method, TrainConfig(batch_size=batch_size), accelerator)
+    params = list(method.prompt_parameters().values())
+    text_feats = None  # the task's caching: class text features once when the text tower is untouched
+    if "text" in method.cacheable_towers:
         with torch.no_grad(), accelerator.autocast():
-            text_feats = core.text_features().detach()
-    if hasattr(core, "set_epoch"):
-        core.set_epoch(0)
+            text_feats = method.text_features().detach()
+    method.on_epoch_start(0)
     method.train()
 
     def timed_steps(cached_images: bool) -> list[float]:
-        """Engine steps on fresh batches; ``cached_images``: from the frozen tower's features (--no-augment mode)."""
+        """Trainer steps on fresh batches; ``cached_images``: from the frozen tower's features (--no-augment mode)."""
         times = []
         for i in range(warmup + steps):
             pixels, labels = s.batch(batch_size, num_classes)
-            inputs = {"pixel_values": pixels}
+            batch = ClassificationBatch(labels, pixel_values=pixels, text_feats=text_feats)
             if cached_images:
                 with torch.no_grad(), accelerator.autocast():
-                    inputs = {"image_feats": core.backbone.encode_image(pixels).detach()}
+                    batch = ClassificationBatch(labels, image_feats=method.backbone.encode_image(pixels).detach(),
+                                                text_feats=text_feats)  # fmt: skip
             s.sync()
             t = time.perf_counter()
-            with accelerator.autocast():
-                logits = method(**inputs, text_feats=text_feats)
-                loss = core.loss(logits, labels)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss {loss.item()} while benchmarking {name}")
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            loss.item()
-            int((logits.argmax(-1) == labels).sum())
+            try:
+                out = run_training_step(step_module, optimizer, batch, accelerator, params)
+            except NonFiniteLoss as err:
+                raise RuntimeError(f"non-finite loss {err} while benchmarking {name}") from None
+            out.loss.item()
+            if out.logits is not None:
+                int((out.logits.argmax(-1) == labels).sum())
             s.sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t)
         return times
 
     times = timed_steps(cached_images=False)
-    if not core.modifies_image:
+    if not method.modifies_image:
         # The engine's other mode (--no-augment): image features of the frozen tower are computed once per image
         # and every step starts from them.
         cached_times = timed_steps(cached_images=True)

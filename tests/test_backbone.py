@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlprompt.backbones import BackboneLoadError, CLIPBackbone, DeepPrompts, TokenizedText, load_backbone
+from vlprompt.backbones import BackboneLoadError, CLIPBackbone, DeepPrompts, load_backbone
+from vlprompt.backbones.base import IMAGE_PROMPTS_FRONT
 from vlprompt.backbones.presets import random_clip_model
 
 SOS, EOT = 49406, 49407
@@ -25,6 +26,11 @@ def _ids(backbone, texts):
     ]
     eot = (ids == EOT).int().argmax(dim=1)
     return ids, eot
+
+
+def _encode_ids(backbone, ids, eot, prompts=None):
+    """The adapter's text features of token ids (end-of-text at ``eot``), through its embedded-sequence entry."""
+    return backbone.encode_embedded(backbone.embed_tokens(ids), eot + 1, prompts)
 
 
 def _images(n, size=32, seed=0):
@@ -61,15 +67,21 @@ def _reference_text_features(backbone, ids, eot, prompt_layers):
 
 # ----------------------------------------------------------------------------- agreement with transformers
 @torch.no_grad()
-def test_encode_text_ids_matches_get_text_features(tiny_backbone):
-    texts = ["a.", "a photo of a dog.", "a photo of a herbaceous vegetation land with many words in it."]
+def test_encode_embedded_matches_get_text_features(tiny_backbone):
+    words = ["a", "a photo of a dog", "a photo of a herbaceous vegetation land with many words in it"]
+    texts = [f"{w}." for w in words]
     tokenized = tiny_backbone.tokenize(texts)
     assert len(set(tokenized.eot_index.tolist())) == 3  # the texts really differ in length
-    ours = tiny_backbone.encode_text_ids(tokenized)
+    assert torch.equal(tokenized.eot_index, tokenized.lengths - 1)
+    ours = tiny_backbone.encode_embedded(tiny_backbone.embed_tokens(tokenized.input_ids), tokenized.lengths)
     ref = tiny_backbone.model.get_text_features(input_ids=tokenized.input_ids).pooler_output
     assert ours.shape == ref.shape == (3, tiny_backbone.embed_dim)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(tiny_backbone.encode_texts(texts), ref, atol=1e-5, rtol=0)
+    # class sentences "{}." built by the backbone are the same token sequences, hence the same features
+    class_prompts = tiny_backbone.class_prompts(words, placeholder="{}.")
+    assert torch.equal(class_prompts.lengths, tokenized.lengths)
+    torch.testing.assert_close(tiny_backbone.encode_class_prompts(class_prompts), ref, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -107,11 +119,15 @@ def test_text_prompts_truncation_is_exact(tiny_backbone, case):
     ids, eot = _ids(tiny_backbone, texts)
     assert len(set(eot.tolist())) == len(texts)  # different token lengths
     prompt_layers = _text_prompt_cases(tiny_backbone, len(texts))[case]
-    ours = tiny_backbone.encode_text_ids(TokenizedText(ids, eot), DeepPrompts(prompt_layers))
+    ours = _encode_ids(tiny_backbone, ids, eot, DeepPrompts(prompt_layers))
     ref = _reference_text_features(tiny_backbone, ids, eot, prompt_layers)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    # The class-sentence entry point (what methods call) inserts the same prompts at the same place.
+    class_prompts = tiny_backbone.class_prompts(VARIED_NAMES, placeholder="{}.")
+    via_classes = tiny_backbone.encode_class_prompts(class_prompts, DeepPrompts(prompt_layers))
+    torch.testing.assert_close(via_classes, ref, atol=1e-5, rtol=0)
     # The prompts matter (the comparison is not trivially between two unprompted passes).
-    plain = tiny_backbone.encode_text_ids(TokenizedText(ids, eot))
+    plain = _encode_ids(tiny_backbone, ids, eot)
     assert (ours - plain).abs().max() > 1e-3
 
 
@@ -127,7 +143,7 @@ def test_full_context_mode_is_the_reference_77_position_tower(case, monkeypatch)
     ids, eot = _ids(backbone, texts)
     prompt_layers = _text_prompt_cases(backbone, len(texts))[case]
     monkeypatch.setattr(backbone, "truncate_text", False)
-    full = backbone.encode_text_ids(TokenizedText(ids, eot), DeepPrompts(prompt_layers))
+    full = _encode_ids(backbone, ids, eot, DeepPrompts(prompt_layers))
     assert seen[-1][1] == CONTEXT
     torch.testing.assert_close(full, _reference_text_features(backbone, ids, eot, prompt_layers), atol=1e-5, rtol=0)
 
@@ -146,31 +162,35 @@ def test_text_reference_without_prompts_matches_adapter(tiny_backbone):
 def test_deep_text_prompt_at_later_layer_changes_output(tiny_backbone):
     tokenized = tiny_backbone.tokenize(["forest.", "sea lake."])
     layers = _text_prompt_cases(tiny_backbone, 2)["deep_shared"]
-    before = tiny_backbone.encode_text_ids(tokenized, DeepPrompts(layers))
+    before = _encode_ids(tiny_backbone, tokenized.input_ids, tokenized.eot_index, DeepPrompts(layers))
     changed = list(layers)
     changed[-1] = torch.randn_like(changed[-1])
-    after = tiny_backbone.encode_text_ids(tokenized, DeepPrompts(changed))
+    after = _encode_ids(tiny_backbone, tokenized.input_ids, tokenized.eot_index, DeepPrompts(changed))
     assert not torch.allclose(before, after)
 
 
 def test_text_prompts_validation(tiny_backbone):
     tokenized = tiny_backbone.tokenize(["forest."])
     d = tiny_backbone.text_width
+
+    def encode(prompts):
+        return _encode_ids(tiny_backbone, tokenized.input_ids, tokenized.eot_index, prompts)
+
     too_deep = DeepPrompts([torch.zeros(2, d)] * (tiny_backbone.text_layers + 1))
     with pytest.raises(ValueError, match="lower the prompt depth"):
-        tiny_backbone.encode_text_ids(tokenized, too_deep)
+        encode(too_deep)
     with pytest.raises(ValueError, match=rf"expected \(N=2, {d}\)"):
-        tiny_backbone.encode_text_ids(tokenized, DeepPrompts([torch.zeros(2, d + 1)]))
+        encode(DeepPrompts([torch.zeros(2, d + 1)]))
     with pytest.raises(ValueError, match="context"):  # 80 prompt tokens do not fit in 77 positions
-        tiny_backbone.encode_text_ids(tokenized, DeepPrompts([torch.zeros(80, d)]))
+        encode(DeepPrompts([torch.zeros(80, d)]))
     with pytest.raises(ValueError, match="per-sequence prompts"):
-        tiny_backbone.encode_text_ids(tokenized, DeepPrompts([torch.zeros(3, 2, d)]))
+        encode(DeepPrompts([torch.zeros(3, 2, d)]))
 
 
 # ----------------------------------------------------------------------------- image prompts
 @torch.no_grad()
 def test_image_prompt_positions(tiny_backbone):
-    """"end" puts the prompts after the patches, "after_cls" between the class token and the patches.
+    """"end" puts the prompts after the patches, "front" between the class token and the patches.
 
     The vision tower's attention is unmasked and prompts carry no positional embedding, so the pooled class token is
     permutation-invariant in the other tokens: both positions give the same features (up to float rounding). The
@@ -186,7 +206,8 @@ def test_image_prompt_positions(tiny_backbone):
     handle = vision.encoder.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
     try:
         end = tiny_backbone.encode_image(pixels, DeepPrompts([prompt]), position="end")
-        after_cls = tiny_backbone.encode_image(pixels, DeepPrompts([prompt]), position="after_cls")
+        assert IMAGE_PROMPTS_FRONT == "front"
+        front = tiny_backbone.encode_image(pixels, DeepPrompts([prompt]), position=IMAGE_PROMPTS_FRONT)
         plain = tiny_backbone.encode_image(pixels)
     finally:
         handle.remove()
@@ -198,13 +219,13 @@ def test_image_prompt_positions(tiny_backbone):
     torch.testing.assert_close(x_cls[:, 1 : 1 + n], normed_prompt.expand(2, -1, -1))
     torch.testing.assert_close(x_cls[:, :1], x_plain[:, :1])
     torch.testing.assert_close(x_cls[:, 1 + n :], x_plain[:, 1:])
-    torch.testing.assert_close(end, after_cls, atol=1e-5, rtol=0)
+    torch.testing.assert_close(end, front, atol=1e-5, rtol=0)
     assert not torch.allclose(end, plain, atol=1e-3)
     with pytest.raises(ValueError, match="position"):
         tiny_backbone.encode_image(pixels, DeepPrompts([prompt]), position="middle")
 
 
-@pytest.mark.parametrize("position", ["end", "after_cls"])
+@pytest.mark.parametrize("position", ["end", "front"])
 @torch.no_grad()
 def test_deep_image_prompt_replacement(tiny_backbone, position):
     pixels = _images(2, tiny_backbone.image_size)
@@ -221,7 +242,7 @@ def test_deep_image_prompt_replacement(tiny_backbone, position):
     finally:
         for h in hooks:
             h.remove()
-    start = 1 if position == "after_cls" else 1 + (tiny_backbone.image_size // tiny_backbone.patch_size) ** 2
+    start = 1 if position == "front" else 1 + (tiny_backbone.image_size // tiny_backbone.patch_size) ** 2
     assert len({x.shape for x in seen}) == 1  # deep prompts replace, they never grow the sequence
     for j in range(1, tiny_backbone.vision_layers):
         torch.testing.assert_close(seen[j][:, start : start + 4], layers[j].expand(2, -1, -1), atol=0, rtol=0)
@@ -268,7 +289,9 @@ def test_tokenizer_ids(tiny_backbone):
     expected = [SOS, 320, 1125, 539, 320, 1929, 269, EOT]
     assert tokenized.input_ids.shape == (1, CONTEXT)
     assert tokenized.input_ids[0, :8].tolist() == expected
-    assert int(tokenized.eot_index[0]) == 7
+    assert int(tokenized.eot_index[0]) == 7 and int(tokenized.lengths[0]) == 8
+    words = tiny_backbone.tokenize(["a photo of a dog."], special_tokens=False)  # the words' tokens alone
+    assert words.input_ids[0].tolist() == expected[1:-1] and int(words.lengths[0]) == 6
     assert tiny_backbone.embed_tokens(tokenized.input_ids).shape == (1, CONTEXT, tiny_backbone.text_width)
 
 

@@ -288,7 +288,7 @@ def test_config_numbers_in_exponent_notation_are_floats(tmp_path):
 def test_quoted_numbers_in_training_options_are_refused_by_name():
     from vlprompt.engine.trainer import TrainConfig
 
-    with pytest.raises(ValueError, match=r"epochs='3' \(an integer\); lr='1e-3' \(a number\)"):
+    with pytest.raises(ValueError, match=r"train.epochs='3' \(expected an integer\); train.lr='1e-3' \(expected a number\)"):
         TrainConfig(epochs="3", lr="1e-3")
     assert TrainConfig(lr=1, grad_clip=2).lr == 1.0
 

@@ -1,8 +1,6 @@
 """Prompt methods: zero-size prompts, frozen backbone, parameter counts, CoOp options, configs, checkpoints, learning."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +8,7 @@ import torch.nn.functional as F
 from vlprompt.backbones import load_backbone
 from vlprompt.methods import METHODS, MethodConfigError, get_prompt_model, make_config
 from vlprompt.methods.zeroshot import ENSEMBLE_TEMPLATES
+from vlprompt.tasks.batches import ClassificationBatch
 
 PLAIN = "{}."
 
@@ -128,7 +127,8 @@ def test_parameter_counts_follow_formula(request, classnames, which):
 
 
 def test_parameter_counts_vitb16_reference_numbers(vitb_backbone, classnames):
-    clip_methods = [n for n, spec in METHODS.items() if spec.method_class.required_sites <= vitb_backbone.sites]
+    clip_methods = [n for n, spec in METHODS.items() if spec.method_class.backbone_kind == vitb_backbone.kind
+                    and spec.method_class.required_sites <= vitb_backbone.sites]
     counts = {name: _model(vitb_backbone, name, classnames).num_trainable() for name in clip_methods}
     assert counts["coop"] == 8_192
     assert counts["vpt_deep"] == 73_728
@@ -145,19 +145,38 @@ def test_deep_presets_follow_backbone_depth(tiny_backbone, classnames):
     assert make_config("vpt_shallow", {}, tiny_backbone).depth == 1
     ivlp = make_config("ivlp", {}, tiny_backbone)
     assert (ivlp.text_depth, ivlp.image_depth) == (tiny_backbone.text_layers, tiny_backbone.vision_layers)
-    with pytest.raises(MethodConfigError, match="depth"):
-        _model(tiny_backbone, "vpt_deep", classnames, {"depth": tiny_backbone.vision_layers + 1})
+    layers = tiny_backbone.vision_layers
+    with pytest.raises(MethodConfigError, match=rf"vpt\.depth={layers + 1} exceeds the {layers} layers of the image "
+                                                rf"tower.*use at most {layers} \(or 'all'\)"):
+        _model(tiny_backbone, "vpt_deep", classnames, {"depth": layers + 1})
+
+
+class _DeeperThanViTB:
+    """What make_config asks of a backbone, for a ViT-L/14-like one: 12 text and 24 image layers."""
+
+    kind = "dual_encoder"
+    family = "clip"
+    sites = frozenset()
+
+    def layers(self, tower):
+        return {"text": 12, "image": 24, "both": 12}[tower]
+
+    def why_missing(self, site):
+        return ""
 
 
 def test_deep_presets_reach_every_layer_of_a_tower_deeper_than_vit_b():
     """ViT-L/14: 12 text and 24 image layers. "Deep" is J = L, not ViT-B's 12; MaPLe keeps its paper depth 9."""
-    deeper = SimpleNamespace(text_layers=12, vision_layers=24)
+    deeper = _DeeperThanViTB()
     assert make_config("vpt_deep", {}, deeper).depth == 24
     for name in ("ivlp", "deep_prompt"):
         config = make_config(name, {}, deeper)
         assert (config.text_depth, config.image_depth) == (12, 24)
     assert make_config("maple", {}, deeper).depth == 9
     assert make_config("vpt_deep", {"depth": 6}, deeper).depth == 6  # an explicit depth is kept
+    assert make_config("vpt_deep", {"depth": "all"}, deeper).depth == 24
+    with pytest.raises(MethodConfigError, match="exceeds the 24 layers of the image tower"):
+        make_config("vpt_deep", {"depth": 25}, deeper)
     assert make_config("vpt_deep").depth == 12  # no backbone to count on: the config's default
 
 
@@ -228,11 +247,15 @@ def test_class_specific_coop_refuses_other_classes(tiny_backbone, classnames):
     assert coop.text_features().shape == (4, tiny_backbone.embed_dim)
 
 
+@torch.no_grad()
 def test_refused_set_classes_leaves_model_unchanged(tiny_backbone, classnames):
     coop = _model(tiny_backbone, "coop", classnames, {"n_ctx": 4, "class_specific": True})
+    before = coop.text_features()
     with pytest.raises(ValueError):
         coop.set_classes(["river", "pasture"])
     assert coop.classnames == classnames
+    assert len(coop.class_text) == len(classnames)  # the derived class sentences are the previous classes' too
+    torch.testing.assert_close(coop.text_features(), before, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- config validation
@@ -246,17 +269,17 @@ def test_unknown_option_is_named(tiny_backbone, classnames):
 @pytest.mark.parametrize(
     "name, options, match",
     [
-        ("coop", {"n_ctx": -1}, "n_ctx"),
-        ("coop", {"class_position": "left"}, "class_position"),
-        ("coop", {"init_std": 0.0}, "init_std"),
-        ("vpt_deep", {"n_tokens": -2}, "n_tokens"),
-        ("vpt_deep", {"init": "xavier"}, "init"),
-        ("vpt_deep", {"depth": 0}, "depth"),
-        ("ivlp", {"n_text": -1}, "n_text"),
-        ("ivlp", {"image_init": "zeros"}, "image_init"),
-        ("ivlp", {"n_text": 5}, "placeholder"),  # "a photo of a {}." has only 4 words to replace
-        ("ivlp", {"placeholder": "a photo"}, "placeholder"),
-        ("linear_probe", {"c_values": [1.0, -1.0]}, "c_values"),
+        ("coop", {"n_ctx": -1}, r"invalid options: coop\.n_ctx=-1 \(must be >= 0\)"),
+        ("coop", {"class_position": "left"}, r"coop\.class_position='left' \(expected one of 'end', 'middle'"),
+        ("coop", {"init_std": 0.0}, r"coop\.init_std=0\.0 \(must be > 0\)"),
+        ("vpt_deep", {"n_tokens": -2}, r"vpt\.n_tokens=-2 \(must be >= 0\)"),
+        ("vpt_deep", {"init": "xavier"}, r"vpt\.init='xavier' \(expected one of 'normal', 'uniform'\)"),
+        ("vpt_deep", {"depth": 0}, r"vpt\.depth=0 \(must be >= 1\)"),
+        ("ivlp", {"n_text": -1}, r"ivlp\.n_text=-1 \(must be >= 0\)"),
+        ("ivlp", {"image_init": "zeros"}, r"ivlp\.image_init='zeros' \(expected one of 'normal', 'uniform'\)"),
+        ("ivlp", {"n_text": 5}, "cannot replace 5 tokens of the placeholder"),  # "a photo of a {}." has only 4 words
+        ("ivlp", {"placeholder": "a photo"}, r"ivlp\.placeholder='a photo' \(needs exactly one '\{\}'"),
+        ("linear_probe", {"c_values": [1.0, -1.0]}, r"linear_probe\.c_values=\[1\.0, -1\.0\] \(each item must be > 0"),
     ],
 )
 def test_invalid_options_rejected(tiny_backbone, classnames, name, options, match):
@@ -322,7 +345,8 @@ def test_linear_probe_fits_separable_features(tiny_backbone, classnames):
     x_train, y_train = sample(10)
     x_val, y_val = sample(5)
     probe = _model(tiny_backbone, "linear_probe", classnames, {"c_values": [0.01, 1.0, 100.0]})
-    result = probe.fit(x_train, y_train, x_val, y_val)
+    assert probe.fits_features
+    result = probe.fit_features(x_train, y_train, x_val, y_val)
     assert probe.chosen_c in (0.01, 1.0, 100.0) and result["c"] == probe.chosen_c
     assert result["val_acc"] == 1.0
     with torch.no_grad():
@@ -406,14 +430,15 @@ def test_prompts_learn_an_easy_task(tiny_backbone, classnames, name, config, lr)
     optimizer = torch.optim.Adam(list(model.prompt_parameters().values()), lr=lr)
     cached = {}
     with torch.no_grad():  # the untouched tower is computed once
-        if not model.modifies_image:
+        if "image" in model.cacheable_towers:
             cached["image_feats"] = model.image_features(train_x)
-        if not model.modifies_text:
+        if "text" in model.cacheable_towers:
             cached["text_feats"] = model.text_features()
+    assert len(cached) == 1  # CoOp leaves the image tower alone, VPT the text tower
     losses = []
     for _ in range(40):
         inputs = {} if "image_feats" in cached else {"pixel_values": train_x}
-        loss = model.loss(model(**inputs, **cached), train_y)
+        loss = model.training_step(ClassificationBatch(train_y, **inputs, **cached)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

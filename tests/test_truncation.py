@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from vlprompt.backbones import CLIPBackbone, load_backbone
-from vlprompt.engine.api import DataOptions, build_train_data, load_splits
+from vlprompt.engine.api import DataOptions, load_splits
 from vlprompt.engine.trainer import TrainConfig, Trainer, seed_everything
 from vlprompt.methods import METHODS, get_prompt_model
+from vlprompt.tasks import ClassificationBatch, ClassificationTask
 
 from data_fixtures import make_split_json_dataset
 
@@ -27,7 +28,8 @@ VARIED_NAMES = ["forest", "annual crop", "herbaceous vegetation land", "a b c d 
 # Every registered CLIP method that runs the text tower, plus the variants whose text path differs.
 CLIP_METHODS = [
     name for name, spec in METHODS.items()
-    if name != "linear_probe" and spec.method_class.required_sites <= CLIPBackbone.sites
+    if name != "linear_probe" and spec.method_class.backbone_kind == CLIPBackbone.info.kind
+    and spec.method_class.required_sites <= CLIPBackbone.info.sites
 ]
 TEXT_METHODS: dict[str, tuple[str, dict] | dict] = {name: {} for name in CLIP_METHODS}
 TEXT_METHODS.update({
@@ -74,12 +76,15 @@ def _liven(method) -> None:
 
 
 def _logits_and_grads(method, pixels, labels):
+    """Training-step logits, the gradients of the step's whole loss (every named term: DPT's auxiliary and guidance
+    terms too), and evaluation logits."""
     method.zero_grad(set_to_none=True)
     method.train()
-    logits = method(pixel_values=pixels)
+    output = method.training_step(ClassificationBatch(labels, pixel_values=pixels))
+    logits = output.logits
     trainable = method.prompt_parameters()
     if trainable:
-        method.loss(logits, labels).backward()
+        output.loss.backward()
     grads = {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}
     method.eval()
     with torch.no_grad():
@@ -125,9 +130,9 @@ def test_truncation_cuts_at_the_last_end_of_text_plus_the_prompts(case):
     lengths = TextLengths(backbone)
     method = get_prompt_model(backbone, case, VARIED_NAMES)
     method.text_features()
-    tok = method.class_text.tokenized
+    sentences = method.class_text  # the class sentences, placeholder words the prompts replace already removed
     inserted = method.config.n_ctx if case == "coop" else method.config.n_text
-    assert lengths.no_grad == [int(tok.eot_index.max()) + 1 + inserted]
+    assert lengths.no_grad == [int(sentences.lengths.max()) + inserted]
 
 
 # ------------------------------------------------------------------------------------------------ engine runs
@@ -153,9 +158,8 @@ def _engine_run(data_root, run_dir, name, augment):
     _liven(method)
     lengths.clear()
     config = TrainConfig(epochs=2, batch_size=4, warmup_epochs=0, optimizer="adamw", lr=0.01, augment=augment)
-    trainer = Trainer(method, build_train_data(splits, backbone, augment), config, run_dir, progress=False,
-                      log=lambda _: None)
-    final = trainer.fit()
+    trainer = Trainer(config, run_dir, progress=False, log=lambda _: None)
+    final = trainer.fit(method, ClassificationTask(splits, backbone, augment))
     return trainer.history, final, method.prompt_state_dict(), lengths
 
 
@@ -185,9 +189,7 @@ def test_engine_training_and_evaluation_run_truncated_and_match_the_full_context
 
 @pytest.mark.parametrize("case", ["coop", "coop_class_specific", "ivlp", "maple"])
 def test_many_class_text_chunks_checkpointed_give_the_same_logits_and_gradients(case, monkeypatch):
-    """Above ClassTextPrompts.checkpoint_classes the text tower runs in recomputed chunks: same numbers."""
-    from vlprompt.methods.base import ClassTextPrompts
-
+    """Above the backbone's checkpoint_classes the text tower runs in recomputed chunks: same numbers."""
     name, options = _spec(case) if case in TEXT_METHODS else (case, {})
     backbone = load_backbone("random:tiny")
     torch.manual_seed(0)
@@ -199,8 +201,8 @@ def test_many_class_text_chunks_checkpointed_give_the_same_logits_and_gradients(
     chunks = []
     original = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: chunks.append(1) or original(*a, **k))
-    monkeypatch.setattr(ClassTextPrompts, "checkpoint_classes", 3)
-    monkeypatch.setattr(ClassTextPrompts, "chunk_classes", 3)
+    monkeypatch.setattr(backbone, "checkpoint_classes", 3)
+    monkeypatch.setattr(backbone, "chunk_classes", 3)
     chunked = _logits_and_grads(method, pixels, labels)
     assert len(chunks) == -(-len(names) // 3)  # the text tower really ran in chunks
     torch.testing.assert_close(chunked[0], whole[0], atol=2e-5, rtol=1e-5)

@@ -208,6 +208,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def unsupported_reason(method_class, family) -> str:
+    """Why a method cannot run on a backbone family ("" when it can): another kind of model, or missing sites
+    (with the family's own reason for a site where it declares one)."""
+    info = family.info
+    if method_class.backbone_kind != info.kind:
+        return f"a {method_class.backbone_kind.replace('_', ' ')} method"
+    missing = sorted(method_class.required_sites - info.sites)
+    if not missing:
+        return ""
+    reasons = [info.missing[site] for site in missing if site in info.missing]
+    return f"needs {missing}" + (f": {'; '.join(reasons)}" if reasons else "")
+
+
 def _method_rows(backbone, names: Sequence[str], num_classes: int, overrides: dict[str, Any]):
     from vlprompt.backbones import UnsupportedBackboneError
     from vlprompt.methods import METHODS, get_prompt_model, make_config
@@ -216,9 +229,9 @@ def _method_rows(backbone, names: Sequence[str], num_classes: int, overrides: di
     total = backbone.num_parameters()
     for name in names:
         spec = METHODS[name]
-        missing = spec.method_class.required_sites - backbone.sites
-        if missing:
-            yield name, None, f"unsupported: needs {sorted(missing)}"
+        why_not = unsupported_reason(spec.method_class, type(backbone))
+        if why_not:
+            yield name, None, f"unsupported: {why_not}"
             continue
         try:
             config = make_config(name, overrides.get(name, {}), backbone)
@@ -251,11 +264,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from vlprompt.methods import METHODS
 
     families = sorted(BACKBONES)
-    print("method x backbone (yes = every site the method needs is offered by the family's adapter)")
+    print("method x backbone (yes = the family's adapter offers every site the method needs)")
     print(f"{'method':<22} " + " ".join(f"{f:>17}" for f in families) + "  summary")
+    refused: dict[tuple[str, str], str] = {}
     for name, spec in METHODS.items():
-        cells = ["yes" if spec.method_class.required_sites <= BACKBONES[f].sites else "no" for f in families]
+        cells = []
+        for family in families:
+            why_not = unsupported_reason(spec.method_class, BACKBONES[family])
+            cells.append("no" if why_not else "yes")
+            same_kind = spec.method_class.backbone_kind == BACKBONES[family].info.kind
+            if why_not and same_kind:  # a method of this kind of model that this family cannot carry: say why
+                refused[(name, family)] = why_not
         print(f"{name:<22} " + " ".join(f"{c:>17}" for c in cells) + f"  {spec.summary}")
+    for (name, family), why_not in refused.items():
+        print(f"  {name} on {family}: {why_not}")
     print()
     backbone = load_backbone(args.model)
     total = backbone.num_parameters()

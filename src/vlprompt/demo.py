@@ -29,7 +29,6 @@ def pretrain_tiny_clip(out_dir: Path, work_dir: Path, steps: int = 100, seed: in
     dataset = ImageDataset(pool.train, build_transform(transform_config(backbone), train=False))
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor([s.label for s in pool.train])
-    tokens = backbone.tokenize(list(pool.classnames))
     model = backbone.model
     model.requires_grad_(True)
     model.train()
@@ -38,7 +37,7 @@ def pretrain_tiny_clip(out_dir: Path, work_dir: Path, steps: int = 100, seed: in
     for _ in range(steps):
         idx = torch.randint(0, len(images), (32,), generator=generator)
         img = F.normalize(backbone.encode_image(images[idx]), dim=-1)
-        txt = F.normalize(backbone.encode_text_ids(tokens), dim=-1)
+        txt = F.normalize(backbone.encode_texts(list(pool.classnames)), dim=-1)
         loss = F.cross_entropy(model.logit_scale.exp() * img @ txt.t(), labels[idx])
         optimizer.zero_grad()
         loss.backward()

@@ -34,6 +34,7 @@ from vlprompt.backbones.base import RANDOM_PRESETS, register_random_preset
 from vlprompt.backbones.clip import CLIPBackbone
 from vlprompt.backbones.grounding_dino import GroundingDinoBackbone
 from vlprompt.backbones import presets as _clip_presets, grounding_dino_presets as _gdino_presets  # noqa: F401
+from vlprompt.backbones import siglip as _siglip, siglip_presets as _siglip_presets  # noqa: F401
 
 RANDOM_PREFIX = "random:"
 

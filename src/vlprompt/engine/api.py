@@ -141,7 +141,6 @@ def evaluate_checkpoint(
     return task.evaluate_split(method, split, accelerator, batch_size)
 
 
-@torch.no_grad()
 def predict(
     run_dir: str | Path,
     images: list[str | Path],
@@ -149,35 +148,38 @@ def predict(
     model: str | None = None,
     classnames: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-k labels and probabilities for image files."""
-    from vlprompt.data import Sample
-
+    """Top-k labels and probabilities for image files, with the prompt saved in ``run_dir``."""
     saved = ckpt.read_prompt_config(run_dir)
     if saved.get("task") == "detection":
         raise ValueError(
             f"{run_dir} holds a detection prompt; score it with `vlprompt eval {run_dir} --dataset coco:<path>`."
         )
     backbone = ckpt.recorded_backbone(run_dir, model)
-    method = ckpt.load_prompt(run_dir, backbone, classnames)
+    return predict_images(ckpt.load_prompt(run_dir, backbone, classnames), images, k)
+
+
+@torch.no_grad()
+def predict_images(method, images: list[str | Path], k: int = 5) -> list[dict[str, Any]]:
+    """Top-k labels and probabilities (softmax for CLIP, per-class sigmoid for SigLIP) of a classification prompt
+    model for image files."""
+    from vlprompt.data import Sample
+
+    if method.task != "classification":
+        raise ValueError(f"{method.registered_name} is a {method.task} method; predict_images scores classification")
     method.eval()
     samples = [Sample(path=Path(p).resolve(), label=0, classname="") for p in images]
     for sample in samples:
         if not sample.path.exists():
             raise FileNotFoundError(f"image {sample.path} does not exist")
-    dataset = ImageDataset(samples, build_transform(transform_config(backbone), train=False))
-    text_feats = None if method.fits_features else method.text_features()
+    dataset = ImageDataset(samples, build_transform(transform_config(method.backbone), train=False))
+    text_feats = None if method.fits_features or method.conditions_text_on_image else method.text_features()
+    device = method.backbone.device
     out = []
     k = min(k, len(method.classnames))
     for sample, (pixels, _) in zip(samples, dataset):
-        probs = method.probabilities(method(pixel_values=pixels.unsqueeze(0), text_feats=text_feats))[0]
-        top = probs.topk(k)
-        out.append(
-            {
-                "image": str(sample.path),
-                "top": [
-                    {"label": method.classnames[i], "probability": float(p)}
-                    for p, i in zip(top.values.tolist(), top.indices.tolist())
-                ],
-            }
-        )
+        logits = method(pixel_values=pixels.unsqueeze(0).to(device), text_feats=text_feats)
+        top = method.probabilities(logits)[0].topk(k)
+        labels = [{"label": method.classnames[i], "probability": float(p)}
+                  for p, i in zip(top.values.tolist(), top.indices.tolist())]  # fmt: skip
+        out.append({"image": str(sample.path), "top": labels})
     return out
