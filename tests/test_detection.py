@@ -53,7 +53,7 @@ def sdpt(backbone, categories=CATEGORIES, **options):
 
 def raw_outputs(backbone, method, pixels, mask):
     """The detector called directly (no hooks) with the same prompt ids."""
-    ids = method.text_ids.unsqueeze(0).expand(pixels.shape[0], -1)
+    ids = method.text.input_ids.unsqueeze(0).expand(pixels.shape[0], -1)
     return backbone.model(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_mask=mask)
 
 
@@ -116,7 +116,7 @@ def test_image_queries_attend_to_text_prototypes_unless_masked(detector, batch, 
         method(pixels, mask)
     finally:
         handle.remove()
-    n_text = method.text_ids.numel()
+    n_text = method.text.input_ids.numel()
     vision, text = seen["vision"], seen["text"]  # (B*h, N_v + K, N_t + K), (B*h, N_t + K, N_v + K)
     n_vision = vision.shape[1] - k
     assert vision.shape[2] == n_text + k and text.shape[1] == n_text + k
@@ -275,9 +275,10 @@ def test_baselines_train_what_they_say(batch):
 def test_coop_context_fills_every_phrase(detector, batch):
     _, pixels, mask, _ = batch
     method = get_prompt_model(detector, "det_coop", CATEGORIES, config={"n_ctx": 2})
-    ids, ctx = method.text_ids, method.context_index
+    ids, ctx = method.text.input_ids, method.text.context_index
+    assert method.text.n_context == 2
     assert ctx.tolist().count(0) == ctx.tolist().count(1) == len(CATEGORIES)
-    assert method.label_map.sum(1).tolist() == [2 + len(detector.phrase_ids(c)) for c in CATEGORIES]
+    assert method.text.label_map.sum(1).tolist() == [2 + len(detector.phrase_ids(c)) for c in CATEGORIES]
     embeddings = detector.model.model.text_backbone.get_input_embeddings()
     with detector._context_hook(ctx, method.ctx):  # what the BERT embedding layer hands on during detect()
         words = embeddings(ids.unsqueeze(0))[0]
@@ -289,10 +290,17 @@ def test_coop_context_fills_every_phrase(detector, batch):
 
 
 def test_unsupported_pairs_fail_clearly(detector, tiny_backbone):
-    with pytest.raises(UnsupportedBackboneError, match="fusion_attention"):
+    # get_prompt_model refuses a method written for another kind of backbone, naming both kinds
+    with pytest.raises(MethodConfigError, match="'sdpt_native' works on fusion detector models.*dual encoder model"):
         get_prompt_model(tiny_backbone, "sdpt_native", CATEGORIES)
-    with pytest.raises(UnsupportedBackboneError, match="text_sequence"):
+    with pytest.raises(MethodConfigError, match="'coop' works on dual encoder models.*fusion detector model"):
         get_prompt_model(detector, "coop", CATEGORIES)
+    # built directly, a method still names the site the backbone lacks
+    sdpt_native, coop = METHODS["sdpt_native"].method_class, METHODS["coop"].method_class
+    with pytest.raises(UnsupportedBackboneError, match="fusion_attention"):
+        sdpt_native(tiny_backbone, sdpt_native.config_class(), CATEGORIES)
+    with pytest.raises(UnsupportedBackboneError, match="text_sequence"):
+        coop(detector, coop.config_class(), CATEGORIES)
     detection = {n for n, s in METHODS.items() if getattr(s.method_class, "task", "") == "detection"}
     assert {"sdpt_native", "det_coop", "det_fusion_prompt", "det_heads", "det_full", "det_lora"} <= detection
     for name in detection:
@@ -302,8 +310,8 @@ def test_unsupported_pairs_fail_clearly(detector, tiny_backbone):
 
 def test_nan_loss_stops_training(detector, toy_det, tmp_path):
     from vlprompt.engine.api import DataOptions, RunOptions
-    from vlprompt.engine.detection import DetectionTrainer, load_detection_splits
-    from vlprompt.engine.trainer import TrainConfig
+    from vlprompt.engine.trainer import TrainConfig, Trainer
+    from vlprompt.tasks.detection import DetectionTask, load_detection_splits
 
     options = RunOptions(model="random:grounding-dino-micro", method="sdpt_native",
                          data=DataOptions(dataset=f"coco:{toy_det}", shots=1),
@@ -312,9 +320,10 @@ def test_nan_loss_stops_training(detector, toy_det, tmp_path):
     method = sdpt(detector, splits.categories, n_prototypes=2)
     with torch.no_grad():
         method.prototypes.fill_(float("nan"))
-    trainer = DetectionTrainer(method, splits, options.train, tmp_path / "run", progress=False, log=lambda s: None)
+    task = DetectionTask(splits, detector, augment=options.train.augment, few_shot=False)
+    trainer = Trainer(options.train, tmp_path / "run", progress=False, log=lambda s: None)
     with pytest.raises(TrainingError, match="loss became nan"):
-        trainer.fit()
+        trainer.fit(method, task)
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 from vlprompt.backbones import load_backbone
 from vlprompt.methods.base import MethodConfigError
 from vlprompt.methods.dpt import DPT, DPTConfig
 from vlprompt.methods.zeroshot import ZeroShot, ZeroShotConfig
+from vlprompt.tasks.batches import ClassificationBatch
 
 TEMPLATE = "a photo of a {}."
 MANY = [f"class number {i}" for i in range(12)]  # 12 classes: K = 10 leaves 2 classes out of every top-K
@@ -22,6 +22,19 @@ def _dpt(backbone, classnames, template=TEMPLATE, seed=0, **options):
 
 def _zeroshot(backbone, classnames, template=TEMPLATE):
     return ZeroShot(backbone, ZeroShotConfig(), classnames, template)
+
+
+def _encoded(model, pixels, text_feats=None):
+    """What one forward pass of ``model`` computes on the image side (the pass ``forward`` and ``training_step``
+    share): the prompted image features, each image's top-K class indices ``(B, K)`` and the auxiliary logits
+    ``(B, CAVPT layers, K, C)``."""
+    feats, _, topk, aux = model._encode(pixels, text_feats)
+    return {"feats": feats, "topk": topk, "aux_logits": aux}
+
+
+def _step(model, pixels, labels):
+    """The trainer's call: named loss terms and logits of one batch."""
+    return model.training_step(ClassificationBatch(labels, pixel_values=pixels))
 
 
 @pytest.fixture
@@ -84,21 +97,20 @@ def test_selects_the_frozen_top_k(tiny_backbone, pixels, n_classes, monkeypatch)
     assert model.k == k
     assert model.ranks_classes() == (k < n_classes)
     monkeypatch.setattr(model, "ranks_classes", lambda: True)  # K = C skips the ranking (next test); force it
-    model(pixels)
-    topk = model._stash["topk"]
+    encoded = _encoded(model, pixels)
+    topk = encoded["topk"]
     assert topk.shape == (4, k)
     assert all(len(set(row.tolist())) == k for row in topk)
     with torch.no_grad():
         frozen_logits = _zeroshot(tiny_backbone, names)(pixels)  # frozen image vs hand-written template
     expected = frozen_logits.topk(k, dim=-1).indices
     assert torch.equal(topk, expected)
-    assert model._stash["aux_logits"].shape == (4, 1, k, n_classes)
+    assert encoded["aux_logits"].shape == (4, 1, k, n_classes)
     # the ranking comes from the frozen model: changing the learned prompts does not change it
     with torch.no_grad():
         for p in model.prompt_parameters().values():
             p.add_(torch.randn_like(p))
-    model(pixels)
-    assert torch.equal(model._stash["topk"], expected)
+    assert torch.equal(_encoded(model, pixels)["topk"], expected)
 
 
 def _layer_lengths(backbone, run):
@@ -146,11 +158,15 @@ def test_all_classes_kept_skips_the_frozen_pass_with_the_same_results(tiny_backb
         if force_ranking:
             monkeypatch.setattr(model, "ranks_classes", lambda: True)
         lengths = _layer_lengths(tiny_backbone, lambda: model(pixels))
-        topk = model._stash["topk"]
-        terms = model.loss_terms(model(pixels), labels)
-        sum(terms.values()).backward()
+        with torch.no_grad():
+            topk = _encoded(model, pixels)["topk"]
+        out = _step(model, pixels, labels)
+        terms = out.losses
+        out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.prompt_parameters().items()}
-        return len(lengths), topk, {k: v.detach() for k, v in terms.items()}, grads, model(pixels).detach()
+        logits = model(pixels).detach()
+        torch.testing.assert_close(out.logits.detach(), logits)  # the step's logits are the forward's
+        return len(lengths), topk, {k: v.detach() for k, v in terms.items()}, grads, logits
 
     passes, topk, terms, grads, logits = run(False)
     ranked_passes, ranked_topk, ranked_terms, ranked_grads, ranked_logits = run(True)
@@ -217,33 +233,38 @@ def _two_image_case(tiny_backbone, pixels, **options):
     """12 classes (K = 10); image 0's label is outside its top-K, image 1's label is its 4th-ranked class."""
     model = _dpt(tiny_backbone, MANY, **options).train()
     logits = model(pixels[:2])
-    stash = model._stash
-    topk = stash["topk"]
+    encoded = _encoded(model, pixels[:2])
+    topk = encoded["topk"]
     outside = sorted(set(range(12)) - set(topk[0].tolist()))[0]
     labels = torch.tensor([outside, int(topk[1, 3])])
-    return model, logits, stash, labels
+    return model, logits, encoded, labels
 
 
 @pytest.mark.parametrize("aux_input", ["attention", "layer_output"])
 def test_aux_loss_counts_only_ground_truth_tokens(tiny_backbone, pixels, aux_input):
-    model, logits, stash, labels = _two_image_case(tiny_backbone, pixels, aux_input=aux_input)
-    aux = stash["aux_logits"]
+    model, logits, encoded, labels = _two_image_case(tiny_backbone, pixels, aux_input=aux_input)
+    aux = encoded["aux_logits"]
     assert aux.shape == (2, 1, 10, 12)
     expected = F.cross_entropy(aux[1, 0, 3].unsqueeze(0), labels[1:])  # image 0 contributes nothing
-    torch.testing.assert_close(model.aux_loss(aux, stash["topk"], labels), expected)
-    terms = model.loss_terms(logits, labels)
+    torch.testing.assert_close(model.aux_loss(aux, encoded["topk"], labels), expected)
+    out = _step(model, pixels[:2], labels)
+    terms = out.losses
     assert set(terms) == {"main", "aux"}
+    torch.testing.assert_close(out.logits, logits)
     torch.testing.assert_close(terms["main"], F.cross_entropy(logits, labels))
     torch.testing.assert_close(terms["aux"], 0.3 * expected)
+    torch.testing.assert_close(out.loss, terms["main"] + terms["aux"])
     # only image 0 (label outside its top-K): no auxiliary term at all
-    assert model.aux_loss(aux[:1], stash["topk"][:1], labels[:1]).item() == 0.0
+    assert model.aux_loss(aux[:1], encoded["topk"][:1], labels[:1]).item() == 0.0
 
 
 def test_no_ground_truth_in_top_k_means_plain_cross_entropy(tiny_backbone, pixels):
-    model, logits, stash, labels = _two_image_case(tiny_backbone, pixels)
-    logits0 = model(pixels[:1])
-    loss = model.loss(logits0, labels[:1])
-    torch.testing.assert_close(loss, F.cross_entropy(logits0, labels[:1]))
+    model, logits, encoded, labels = _two_image_case(tiny_backbone, pixels)
+    out = _step(model, pixels[:1], labels[:1])
+    assert out.losses["aux"].item() == 0.0
+    loss = out.loss
+    torch.testing.assert_close(loss, F.cross_entropy(out.logits, labels[:1]))
+    torch.testing.assert_close(out.logits, logits[:1])
     loss.backward()  # still a valid graph
 
 
@@ -260,7 +281,9 @@ def test_aux_loss_averages_over_layers_and_images():
 def test_only_dpt_parameters_get_gradients(tiny_backbone, classnames, pixels):
     model = _dpt(tiny_backbone, classnames, guidance_epochs=1).train()  # guidance on: every loss term is used
     labels = torch.tensor([0, 1, 2, 3])
-    model.loss(model(pixels), labels).backward()
+    out = _step(model, pixels, labels)
+    assert set(out.losses) == {"main", "aux", "guidance_text", "guidance_image"}
+    out.loss.backward()
     for name, p in model.backbone.named_parameters():
         assert p.grad is None and not p.requires_grad, name
     prompts = model.prompt_parameters()
@@ -272,20 +295,41 @@ def test_only_dpt_parameters_get_gradients(tiny_backbone, classnames, pixels):
     assert bool((per_layer > 0).all())
 
 
+def _state(model):
+    """Everything a module holds besides its parameters: plain attributes (by identity) and buffers."""
+    attributes = {k: v for k, v in vars(model).items() if k not in ("_parameters", "_buffers", "_modules")}
+    return attributes, {n: b.clone() for n, b in model.named_buffers()}
+
+
+def _assert_same_state(before, after):
+    assert before[0].keys() == after[0].keys()
+    assert all(after[0][k] is v for k, v in before[0].items())
+    assert before[1].keys() == after[1].keys() and all(torch.equal(after[1][k], v) for k, v in before[1].items())
+
+
 def test_eval_keeps_no_graph_and_loss_falls_back(tiny_backbone, classnames, pixels):
+    """forward keeps no state between calls (no stash for a later loss), in eval or train mode; ``loss`` is the
+    family's cross-entropy of the logits it is given; the auxiliary term comes only from ``training_step``."""
     model = _dpt(tiny_backbone, classnames).eval()
+    before = _state(model)
     logits = model(pixels)
-    assert model._stash is None
+    _assert_same_state(before, _state(model))
+    assert not hasattr(model, "_stash")
     labels = torch.tensor([0, 1, 2, 3])
     torch.testing.assert_close(model.loss(logits, labels), F.cross_entropy(logits, labels))
     model.train()
+    before = _state(model)
     with torch.no_grad():
         out = model(pixels)
-    assert model._stash is None and not out.requires_grad
-    model(pixels)
-    assert model._stash is not None
-    model.loss(model(pixels), labels)
-    assert model._stash is None  # consumed
+    assert not out.requires_grad
+    train_logits = model(pixels)
+    assert train_logits.requires_grad
+    _assert_same_state(before, _state(model))
+    torch.testing.assert_close(model.loss(train_logits, labels), F.cross_entropy(train_logits, labels))
+    step = _step(model, pixels, labels)
+    _assert_same_state(before, _state(model))
+    assert set(step.losses) == {"main", "aux"}
+    torch.testing.assert_close(step.losses["main"], model.loss(train_logits, labels))
 
 
 @torch.no_grad()
@@ -302,9 +346,9 @@ def test_guidance_loss_only_during_guidance_epochs(tiny_backbone, classnames, pi
     model = _dpt(tiny_backbone, classnames, guidance_epochs=2).train()
     labels = torch.tensor([0, 1, 2, 3])
     for epoch in (0, 1):
-        model.set_epoch(epoch)
-        logits = model(pixels)
-        terms = model.loss_terms(logits, labels)
+        model.on_epoch_start(epoch)
+        out = _step(model, pixels, labels)
+        logits, terms = out.logits, out.losses
         assert set(terms) == {"main", "guidance_text", "guidance_image", "aux"}
         torch.testing.assert_close(terms["main"], 0.1 * F.cross_entropy(logits, labels))
         with torch.no_grad():
@@ -316,18 +360,24 @@ def test_guidance_loss_only_during_guidance_epochs(tiny_backbone, classnames, pi
         torch.testing.assert_close(
             terms["guidance_image"], F.cross_entropy(model.logits(prompted, template), labels), atol=1e-5, rtol=1e-5
         )
-    model.set_epoch(2)
-    logits = model(pixels)
-    terms = model.loss_terms(logits, labels)
+    model.on_epoch_start(2)
+    out = _step(model, pixels, labels)
+    logits, terms = out.logits, out.losses
     assert set(terms) == {"main", "aux"}
     torch.testing.assert_close(terms["main"], F.cross_entropy(logits, labels))
 
 
 def test_guidance_off_by_default(tiny_backbone, classnames, pixels):
     model = _dpt(tiny_backbone, classnames).train()
-    model.set_epoch(0)
-    model(pixels)
-    assert "frozen_vs_learned" not in model._stash
+    model.on_epoch_start(0)
+    labels = torch.tensor([0, 1, 2, 3])
+    steps = []
+    lengths = _layer_lengths(tiny_backbone, lambda: steps.append(_step(model, pixels, labels)))
+    out = steps[0]
+    assert set(out.losses) == {"main", "aux"}  # no guidance terms
+    torch.testing.assert_close(out.losses["main"], F.cross_entropy(out.logits, labels))  # unweighted main loss
+    # K = C = 4: no frozen pass at all (the frozen image features are only needed by the guidance)
+    assert not model.ranks_classes() and len(lengths) == tiny_backbone.vision_layers
 
 
 # ----------------------------------------------------------------------------- learning rates
@@ -363,8 +413,9 @@ def test_set_classes_for_evaluation(tiny_backbone, classnames, pixels):
     with torch.enable_grad():
         model.train()
         logits = model(pixels)
+        assert logits.shape == (4, 12)
         with pytest.raises(ValueError, match="auxiliary heads were built for 4 classes"):
-            model.loss(logits, torch.tensor([0, 1, 2, 3]))
+            _step(model, pixels, torch.tensor([0, 1, 2, 3]))
         model.eval()
     model.set_classes(classnames)
     torch.testing.assert_close(model(pixels), before, atol=1e-6, rtol=0)
@@ -405,9 +456,9 @@ def test_learns_an_easy_task(tiny_backbone, classnames, guidance_epochs):
     optimizer = torch.optim.Adam(model.param_groups())  # per-part rates: text 0.002, visual + CAVPT 0.01
     losses = []
     for step in range(40):
-        model.set_epoch(step)
+        model.on_epoch_start(step)
         model.train()
-        loss = model.loss(model(train_x), train_y)
+        loss = _step(model, train_x, train_y).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -417,20 +468,30 @@ def test_learns_an_easy_task(tiny_backbone, classnames, guidance_epochs):
     assert _accuracy(model, test_x, test_y) >= zs_test + 0.4
 
 
-def test_engine_trains_and_evaluates(tiny_backbone, classnames, tmp_path):
-    from vlprompt.engine.trainer import TrainConfig, TrainData, Trainer
+def test_engine_trains_and_evaluates(tiny_backbone, tmp_path):
+    import json
 
-    train_x, train_y = _colour_images(seed=1, per_class=4)
-    test_x, test_y = _colour_images(seed=2, per_class=2)
-    model = _dpt(tiny_backbone, classnames, guidance_epochs=1)
-    data = TrainData(
-        train=TensorDataset(train_x, train_y),
-        train_eval=TensorDataset(train_x, train_y),
-        val=TensorDataset(test_x, test_y),
-        test=TensorDataset(test_x, test_y),
-    )
+    from data_fixtures import make_split_json_dataset
+
+    from vlprompt.engine.api import DataOptions, load_splits
+    from vlprompt.engine.trainer import TrainConfig, Trainer
+    from vlprompt.tasks import ClassificationTask
+
+    # 4 solid-colour classes: 4 training, 2 validation and 2 test images each
+    make_split_json_dataset(tmp_path / "data", "eurosat", classnames=("AnnualCrop", "Forest", "Highway", "SeaLake"),
+                            per_split=(4, 2, 2), image_size=tiny_backbone.image_size)
+    splits = load_splits(DataOptions(dataset="eurosat", root=str(tmp_path / "data")))
+    model = _dpt(tiny_backbone, splits.classnames, splits.template, guidance_epochs=1)
     config = TrainConfig(epochs=2, batch_size=8, warmup_epochs=0, augment=False, optimizer="adamw", lr=0.002)
-    result = Trainer(model, data, config, tmp_path / "run", progress=False, log=lambda _: None).fit()
-    assert 0 <= result["accuracy"] <= 100 and result["n"] == len(test_y)
+    task = ClassificationTask(splits, tiny_backbone, augment=config.augment)
+    result = Trainer(config, tmp_path / "run", progress=False, log=lambda _: None).fit(model, task)
+    assert 0 <= result["accuracy"] <= 100 and result["n"] == len(splits.test)
     assert (tmp_path / "run" / "prompt.safetensors").exists()
-    assert model._stash is None  # evaluation ran in eval mode and kept nothing
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["final_metrics"] == result
+    # every named loss term reached the trainer: the guidance terms in the guidance epoch only
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, second = records[0], records[1]
+    assert {"loss_main", "loss_aux", "loss_guidance_text", "loss_guidance_image"} <= set(first)
+    assert {"loss_main", "loss_aux"} <= set(second) and not any(k.startswith("loss_guidance") for k in second)
+    assert "val_accuracy" in first and "train_accuracy" in first
+    assert not hasattr(model, "_stash")  # evaluation ran in eval mode and kept nothing

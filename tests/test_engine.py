@@ -109,7 +109,7 @@ class Interrupt(Exception):
 # ------------------------------------------------------------------------------------------------ run folder
 def test_train_writes_a_complete_small_run_folder(finished_run, tiny_model_dir, engine_data_root):
     method, run_dir, result = finished_run
-    for name in (ckpt.PROMPT_FILE, ckpt.CONFIG_FILE, ckpt.METRICS_FILE, ckpt.RUN_CONFIG_FILE):
+    for name in (ckpt.PROMPT_FILE, ckpt.CONFIG_FILE, ckpt.METRICS_FILE, ckpt.RUN_CONFIG_FILE, ckpt.RESULTS_FILE):
         assert (run_dir / name).is_file(), name
     assert (run_dir / ckpt.PROMPT_FILE).stat().st_size < 1_000_000
 
@@ -128,7 +128,8 @@ def test_train_writes_a_complete_small_run_folder(finished_run, tiny_model_dir, 
         assert {k: tuple(v.shape) for k, v in tensors.items()} == {
             "prompts": (2, 4, identity["arch"]["vision_config"]["hidden_size"])
         }
-    assert config["final_metrics"] == result
+    assert config["task"] == "classification"
+    assert json.loads((run_dir / ckpt.RESULTS_FILE).read_text())["final_metrics"] == result
 
     run_config = json.loads((run_dir / ckpt.RUN_CONFIG_FILE).read_text())
     assert run_config["method"] == method
@@ -548,15 +549,17 @@ def test_coop_beats_zero_shot_on_the_easy_task(pretrained_clip, tmp_path):
 @pytest.fixture
 def evaluations(monkeypatch):
     """Counts the engine's evaluation passes and the images they see."""
+    from vlprompt.tasks import classification
+
     seen = {"passes": 0, "images": 0}
-    real = trainer_module.evaluate
+    real = classification.evaluate
 
     def counting(method, loader, *args, **kwargs):
         seen["passes"] += 1
         seen["images"] += len(loader.dataset)
         return real(method, loader, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "evaluate", counting)
+    monkeypatch.setattr(classification, "evaluate", counting)  # what the classification task evaluates with
     return seen
 
 

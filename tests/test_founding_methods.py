@@ -332,13 +332,16 @@ def test_cocoop_chunking_is_exact(tiny_backbone, classnames, checkpoint_chunks):
 def test_cocoop_shared_prefix_text_pass_is_exact(tiny_backbone, classnames, monkeypatch):
     """[SOS][context] runs once per image and only the class tokens per (image, class): the same logits and gradients
     as running every (image, class) sequence whole."""
+    from vlprompt.backbones.base import DualEncoderBackbone
     from vlprompt.backbones.clip import CLIPBackbone
 
     g = torch.Generator().manual_seed(5)
     image_feats = torch.randn(3, tiny_backbone.embed_dim, generator=g)
     labels = torch.tensor([0, 3, 1])
     shared, shared_grads = _cocoop_logits_and_grads(tiny_backbone, classnames, image_feats, labels)
-    monkeypatch.setattr(CLIPBackbone, "encode_text_shared_prefix", None)  # the method falls back to whole sequences
+    # the generic (reference) form: every (image, class) sequence run whole
+    monkeypatch.setattr(CLIPBackbone, "encode_class_prompts_per_image",
+                        DualEncoderBackbone.encode_class_prompts_per_image)
     whole, whole_grads = _cocoop_logits_and_grads(tiny_backbone, classnames, image_feats, labels)
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
     for name, grad in whole_grads.items():
@@ -347,19 +350,26 @@ def test_cocoop_shared_prefix_text_pass_is_exact(tiny_backbone, classnames, monk
 
 
 def test_shared_prefix_text_encoding_matches_whole_sequences(tiny_backbone):
-    from vlprompt.backbones.base import DeepPrompts, TokenizedText
+    from vlprompt.backbones.base import DualEncoderBackbone
 
-    texts = ["x.", "a much longer class name with many words.", "red circle."]
+    names = ["x", "a much longer class name with many words", "red circle"]
+    texts = [f"{n}." for n in names]
+    prompts_of = tiny_backbone.class_prompts(names, placeholder="{}.", n_replaced=0)
     tok = tiny_backbone.tokenize(texts)
+    assert torch.equal(prompts_of.input_ids.cpu(), tok.input_ids) and torch.equal(prompts_of.lengths.cpu(), tok.lengths)
     prefixes = torch.randn(2, 3, tiny_backbone.text_width, generator=torch.Generator().manual_seed(0))
-    whole = tiny_backbone.encode_text_ids(
-        TokenizedText(tok.input_ids.repeat(2, 1), tok.eot_index.repeat(2)),
+    whole = tiny_backbone.encode_embedded(
+        tiny_backbone.embed_tokens(tok.input_ids.repeat(2, 1)),
+        tok.lengths.repeat(2),
         DeepPrompts([prefixes.repeat_interleave(len(texts), dim=0)]),
     ).view(2, len(texts), -1)
-    torch.testing.assert_close(tiny_backbone.encode_text_shared_prefix(prefixes, tok), whole, atol=1e-5, rtol=0)
+    fast = tiny_backbone.encode_class_prompts_per_image(prompts_of, prefixes)
+    torch.testing.assert_close(fast, whole, atol=1e-5, rtol=0)
+    generic = DualEncoderBackbone.encode_class_prompts_per_image(tiny_backbone, prompts_of, prefixes)
+    torch.testing.assert_close(generic, whole, atol=1e-5, rtol=0)
     too_long = torch.zeros(1, tiny_backbone.context_length, tiny_backbone.text_width)
     with pytest.raises(ValueError, match="text context"):
-        tiny_backbone.encode_text_shared_prefix(too_long, tok)
+        tiny_backbone.encode_class_prompts_per_image(prompts_of, too_long)
 
 
 @pytest.mark.parametrize("batch, budget, per_chunk, recomputed", [(5, 8, 2, 3), (2, 8, 2, 0), (5, 128, 32, 0),
@@ -479,15 +489,15 @@ def test_apt_keeps_the_causal_truncation_exact(tiny_backbone, classnames):
     bb = tiny_backbone
     apt = _model(bb, "apt", classnames, {"n_prompts": 8})
     apt.text_apt.up.normal_(generator=torch.Generator().manual_seed(1))  # a fully general (trained-like) state
-    tokenized = apt.class_text.tokenized
-    embeds = bb.embed_tokens(tokenized.input_ids)
-    assert embeds.shape[1] == bb.context_length == 77 and int(tokenized.eot_index.max()) < 20
+    class_text = apt.class_text  # ClassPrompts: token ids and lengths (end-of-text included) of the class sentences
+    embeds = bb.embed_tokens(class_text.input_ids)
+    assert embeds.shape[1] == bb.context_length == 77 and int(class_text.lengths.max()) - 1 < 20
 
     def truncated_and_full(block):
-        truncated = bb.encode_text(embeds, tokenized.eot_index, block=block)
+        truncated = bb.encode_embedded(embeds, class_text.lengths, block=block)
         full_embeds = torch.cat([embeds, embeds[:1]])
-        full_eot = torch.cat([tokenized.eot_index, torch.tensor([bb.context_length - 1])])
-        return truncated, bb.encode_text(full_embeds, full_eot, block=block)[: len(classnames)]
+        full_lengths = torch.cat([class_text.lengths, torch.tensor([bb.context_length])])  # EOT at position 76
+        return truncated, bb.encode_embedded(full_embeds, full_lengths, block=block)[: len(classnames)]
 
     truncated, full = truncated_and_full(apt.text_apt)
     torch.testing.assert_close(truncated, full, atol=2e-5, rtol=1e-5)
@@ -601,7 +611,8 @@ def knowing_world(tmp_path_factory):
 
     from vlprompt.data.synthetic import EUROSAT_CLASSES
     from vlprompt.demo import pretrain_tiny_clip
-    from vlprompt.engine.api import DataOptions, build_train_data, load_splits
+    from vlprompt.engine.api import DataOptions, load_splits
+    from vlprompt.tasks import ClassificationTask
 
     root = tmp_path_factory.mktemp("founding_e2e")
     model_dir = pretrain_tiny_clip(root / "model", root / "work", steps=E2E_PRETRAIN_STEPS)
@@ -610,7 +621,7 @@ def knowing_world(tmp_path_factory):
     probe_root = root / "probe"
     make_split_json_dataset(probe_root, "eurosat", [f"colour{c}" for c in range(E2E_COLOURS)], (1, 0, 3), 32, seed=7)
     probe = load_splits(DataOptions(dataset="eurosat", root=str(probe_root)))
-    test_set = build_train_data(probe, backbone, augment=False).test
+    test_set = ClassificationTask(probe, backbone, augment=False).test
     with torch.no_grad():
         images = torch.stack([test_set[i][0] for i in range(len(test_set))])
         labels = torch.tensor([s.label for s in probe.test])
@@ -657,13 +668,14 @@ def test_pretrained_clip_knows_the_names_but_not_the_template(knowing_world, zer
     """The premise of the end-to-end tests: bare class names work, EuroSAT's template does not."""
     from torch.utils.data import DataLoader
 
-    from vlprompt.engine.api import DataOptions, build_train_data, load_splits
-    from vlprompt.engine.trainer import evaluate
+    from vlprompt.engine.api import DataOptions, load_splits
+    from vlprompt.tasks import ClassificationTask
+    from vlprompt.tasks.classification import evaluate
 
     model_dir, data_root = knowing_world
     backbone = load_backbone(str(model_dir))
     splits = load_splits(DataOptions(dataset="eurosat", root=str(data_root)))
-    test_set = build_train_data(splits, backbone, augment=False).test
+    test_set = ClassificationTask(splits, backbone, augment=False).test
     bare = get_prompt_model(backbone, "zeroshot", splits.classnames, "{}")  # the pretraining's bare names
     assert evaluate(bare, DataLoader(test_set, batch_size=64))["accuracy"] >= 80.0
     assert zeroshot_accuracy <= 40.0

@@ -16,13 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import vlprompt.backbones
 from vlprompt.backbones import load_backbone
 from vlprompt.cli import main
 from vlprompt.engine import TrainingError
 from vlprompt.engine import api
-from vlprompt.engine.api import DataOptions, build_train_data, evaluate_checkpoint, load_splits, train
+from vlprompt.engine.api import DataOptions, evaluate_checkpoint, load_splits, train
 from vlprompt.engine.trainer import TrainConfig, Trainer, make_accelerator, seed_everything
 from vlprompt.methods import get_prompt_model
+from vlprompt.tasks import ClassificationTask
 
 NO_CUDA = not torch.cuda.is_available()
 N_TEST = 9
@@ -47,6 +49,14 @@ def record_dtypes(backbone) -> dict[str, list[tuple[bool, torch.dtype]]]:
     return seen
 
 
+def patch_backbone_loading(monkeypatch, replacement) -> None:
+    """Route every backbone load of the jobs through ``replacement``: ``train`` loads the model it is given
+    (engine.api), ``evaluate_checkpoint`` the one a prompt records (engine.checkpoint.recorded_backbone, which loads
+    through vlprompt.backbones.load_backbone)."""
+    monkeypatch.setattr(api, "load_backbone", replacement)
+    monkeypatch.setattr(vlprompt.backbones, "load_backbone", replacement)
+
+
 def fit(model_dir, data_root, run_dir, method_name, precision, method_options=None, augment=True):
     """Train through the engine's Trainer (1 epoch); returns (method, backbone dtype record, final metrics)."""
     backbone = load_backbone(str(model_dir))
@@ -58,8 +68,8 @@ def fit(model_dir, data_root, run_dir, method_name, precision, method_options=No
         calls.clear()
     config = TrainConfig(epochs=1, batch_size=4, warmup_epochs=0, optimizer="adamw", lr=0.01, precision=precision,
                          augment=augment)
-    trainer = Trainer(method, build_train_data(splits, backbone, augment), config, run_dir, progress=False, log=quiet)
-    return method, seen, trainer.fit()
+    trainer = Trainer(config, run_dir, progress=False, log=quiet)
+    return method, seen, trainer.fit(method, ClassificationTask(splits, backbone, augment))
 
 
 def dtypes(calls, grad: bool) -> set[torch.dtype]:
@@ -136,10 +146,11 @@ def test_evaluate_checkpoint_runs_in_the_requested_precision(engine_coop_run, en
         records.append(record_dtypes(backbone))
         return backbone
 
-    monkeypatch.setattr(api, "load_backbone", loading)
+    patch_backbone_loading(monkeypatch, loading)
     data = DataOptions(dataset="eurosat", root=str(engine_data_root))
     fp32 = evaluate_checkpoint(run_dir, data)
     bf16 = evaluate_checkpoint(run_dir, data, precision="bf16")
+    assert len(records) == 2  # one backbone loaded per evaluation, and recorded here
     assert fp32["accuracy"] == trained["accuracy"] and fp32["n"] == bf16["n"] == N_TEST
     for tower in ("text", "image"):
         assert {d for _, d in records[0][tower]} == {torch.float32}
@@ -153,7 +164,7 @@ def test_fp16_without_a_gpu_fails_before_loading_anything(tiny_model_dir, engine
     def no_loading(*args, **kwargs):
         raise AssertionError("the backbone must not be loaded for a precision that cannot run")
 
-    monkeypatch.setattr(api, "load_backbone", no_loading)
+    patch_backbone_loading(monkeypatch, no_loading)
     options = engine_run_options(tiny_model_dir, engine_data_root, tmp_path / "run", precision="fp16")
     with pytest.raises(TrainingError, match="fp16 mixed precision needs a GPU.*--precision bf16"):
         train(options, progress=False, log=quiet)

@@ -122,8 +122,9 @@ def test_text_prompts_go_first_with_positions_as_the_models_encoder_runs_them(si
 
 def test_deep_text_prompt_replaces_at_later_layers(siglip):
     shallow = _prompts(siglip, "text", 2, depth=1)
-    deep = DeepPrompts([shallow.tokens[0], torch.randn(2, siglip.text_width)])
-    other = DeepPrompts([shallow.tokens[0], torch.randn(2, siglip.text_width)])
+    later = _prompts(siglip, "text", 2, depth=2, seed=5).tokens
+    deep = DeepPrompts([shallow.tokens[0], later[0]])
+    other = DeepPrompts([shallow.tokens[0], later[1]])
     with torch.no_grad():
         a, b, c = _text(siglip, shallow), _text(siglip, deep), _text(siglip, other)
     assert not torch.allclose(a, b, atol=1e-4) and not torch.allclose(b, c, atol=1e-4)
@@ -145,10 +146,36 @@ def test_text_prompts_that_overflow_the_context_are_refused(siglip):
         _text(siglip, _prompts(siglip, "text", too_many - 1))  # exactly full is fine
 
 
+def test_a_tokenizer_with_a_start_token_keeps_it_first(siglip):
+    """A tokenizer that puts a start token before the words (a Gemma one with <bos>): prompts go after it."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = siglip.tokenizer.backend_tokenizer.__class__.from_str(siglip.tokenizer.backend_tokenizer.to_str())
+    backend.post_processor = processors.TemplateProcessing(single="<unk> $A </s>",
+                                                           special_tokens=[("<unk>", 2), ("</s>", 1)])  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>")
+    started = SiglipBackbone(siglip.model, tokenizer, name_or_path="start")
+    assert started.text_prefix_tokens == 1 and SiglipBackbone.text_prefix_tokens == 0
+    tokens = started.tokenize(TEXTS)
+    prompts = _prompts(started, "text", 2)
+    text = siglip.model.text_model
+    with torch.no_grad():
+        plain = started.encode_texts(TEXTS)
+        torch.testing.assert_close(plain, siglip.model.get_text_features(input_ids=tokens.input_ids).pooler_output,
+                                   atol=ATOL, rtol=0)  # fmt: skip
+        ours = _text(started, prompts)
+        words = started.embed_tokens(tokens.input_ids)
+        ctx = prompts.tokens[0].expand(len(TEXTS), -1, -1)
+        sequence = torch.cat([words[:, :1], ctx, words[:, 1:]], dim=1)[:, : started.context_length]
+        hidden = text.encoder(inputs_embeds=sequence + text.embeddings.position_embedding.weight).last_hidden_state
+        torch.testing.assert_close(ours, text.head(text.final_layer_norm(hidden)[:, -1]), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("class_position", ["middle", "front"])
 def test_context_around_class_names(siglip, class_position):
     classes = siglip.class_prompts(["cat", "red car"], "{}.")
-    context = DeepPrompts([torch.randn(4, siglip.text_width)])
+    context = _prompts(siglip, "text", 4, seed=7)
     with torch.no_grad():
         around = siglip.encode_class_prompts(classes, context, class_position=class_position)
         before = siglip.encode_class_prompts(classes, context)
@@ -212,14 +239,15 @@ def test_image_prompt_positions(siglip, pixels):
 
 @pytest.mark.parametrize("position", ["end", "front"])
 def test_deep_image_prompt_replaces_at_later_layers(siglip, pixels, position):
-    first = torch.randn(2, siglip.vision_width)
+    first, second, third = _prompts(siglip, "image", 2, depth=3, seed=3).tokens
+
+    def run(*layers: torch.Tensor) -> torch.Tensor:
+        return siglip.encode_image(pixels, DeepPrompts(list(layers)), position=position)
+
     with torch.no_grad():
-        shallow = siglip.encode_image(pixels, DeepPrompts([first]), position=position)
-        deep = siglip.encode_image(pixels, DeepPrompts([first, torch.randn(2, siglip.vision_width)]), position=position)
-        other = siglip.encode_image(pixels, DeepPrompts([first, torch.randn(2, siglip.vision_width)]), position=position)
+        shallow, deep, other = run(first), run(first, second), run(first, third)
     assert not torch.allclose(shallow, deep, atol=1e-4) and not torch.allclose(deep, other, atol=1e-4)
-    second = torch.randn(2, siglip.vision_width)
-    inputs = _layer_inputs(siglip, lambda: siglip.encode_image(pixels, DeepPrompts([first, second]), position=position))
+    inputs = _layer_inputs(siglip, lambda: run(first, second))
     at = slice(0, 2) if position == "front" else slice(-2, None)
     torch.testing.assert_close(inputs[1][:, at], second.expand(2, -1, -1))  # layer 1's input: replaced
 
@@ -317,8 +345,9 @@ def test_saved_folder_round_trips(siglip, siglip_dir, pixels):
     assert identity["config_hash"] == siglip.identity["config_hash"]
 
 
-def test_identity_differs_from_tiny_clip(siglip, tiny_backbone):
-    assert siglip.identity["config_hash"] != tiny_backbone.identity["config_hash"]
+def test_identity_differs_from_tiny_clip(siglip):
+    clip = load_backbone("random:tiny")
+    assert siglip.identity["config_hash"] != clip.identity["config_hash"]
     assert siglip.identity["arch"]["model_type"] == "siglip"
 
 
@@ -331,6 +360,27 @@ def test_folder_without_tokenizer_is_refused(tmp_path):
 def test_folder_config_without_weights_is_refused(tmp_path):
     random_siglip_model("siglip-tiny").config.save_pretrained(tmp_path)
     with pytest.raises(BackboneLoadError, match="weights"):
+        load_backbone(tmp_path)
+
+
+def test_folder_without_image_processor_loads_without_one(tmp_path):
+    from vlprompt.backbones.siglip_presets import siglip_tokenizer
+
+    random_siglip_model("siglip-tiny").save_pretrained(tmp_path)
+    siglip_tokenizer(64).save_pretrained(tmp_path)
+    assert load_backbone(tmp_path).image_processor is None
+
+
+def test_sentencepiece_tokenizer_without_the_package_names_the_fix(tmp_path):
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed")
+    random_siglip_model("siglip-tiny").save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SiglipTokenizer"}))
+    (tmp_path / "spiece.model").write_bytes(b"")
+    with pytest.raises(BackboneLoadError, match="pip install sentencepiece"):
         load_backbone(tmp_path)
 
 
@@ -386,12 +436,7 @@ def test_every_classification_method_runs_or_is_refused(siglip, pixels, name):
         with pytest.raises(UnsupportedBackboneError, match="attention-pooling head"):
             get_prompt_model(siglip, name, classnames)
         return
-    method = get_prompt_model(siglip, name, classnames)
-    labels = torch.tensor([0, 2])
-    if method.fits_features:
-        with torch.no_grad():
-            feats = siglip.encode_image(pixels)
-        method.fit_features(feats, labels, feats, labels)
+    method = get_prompt_model(siglip, name, classnames)  # a linear probe runs on its initial head (no fitting)
     method.eval()
     with torch.no_grad():
         logits = method(pixel_values=pixels)

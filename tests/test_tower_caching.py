@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from vlprompt.backbones import CLIPBackbone, load_backbone
-from vlprompt.engine.api import DataOptions, build_train_data, load_splits
+from vlprompt.engine.api import DataOptions, load_splits
 from vlprompt.engine.trainer import TrainConfig, Trainer, seed_everything
 from vlprompt.methods import METHODS, get_prompt_model
+from vlprompt.tasks import ClassificationTask
 
 from data_fixtures import make_split_json_dataset
 
@@ -28,10 +29,14 @@ EPOCHS, BATCH, EVAL_BATCH = 2, 4, 2
 STEPS = EPOCHS * -(-N_TRAIN // BATCH)
 CLIP_METHODS = [
     name for name, spec in METHODS.items()
-    if name != "linear_probe" and spec.method_class.required_sites <= CLIPBackbone.sites
+    if name != "linear_probe" and spec.method_class.backbone_kind == CLIPBackbone.info.kind
+    and spec.method_class.required_sites <= CLIPBackbone.info.sites
 ]
 OPTIONS = {"coop": {"n_ctx": 4}, "vpt_shallow": {"n_tokens": 2}, "vpt_deep": {"n_tokens": 2},
            "dpt": {"n_ctx": 4, "n_visual": 2}, "apt": {"n_prompts": 4}, "deep_prompt": {"n_text": 8, "n_image": 4}}
+# The towers each method leaves untouched (its cacheable_towers); every other registered CLIP method changes both.
+UNTOUCHED = {"zeroshot": {"text", "image"}, "coop": {"image"}, "cocoop": {"image"}, "vpt_shallow": {"text"},
+             "vpt_deep": {"text"}}
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +65,22 @@ def test_untouched_towers_are_computed_once(name, data_root, tmp_path):
     calls.update(text=0, text_grad=0, images=0)  # count the engine's work, not the method's construction
     config = TrainConfig(epochs=EPOCHS, batch_size=BATCH, eval_batch_size=EVAL_BATCH, warmup_epochs=0, lr=0.01,
                          augment=False)
-    Trainer(method, build_train_data(splits, backbone, False), config, tmp_path, progress=False,
-            log=lambda _: None).fit()
+    task = ClassificationTask(splits, backbone, augment=False)
+    Trainer(config, tmp_path, progress=False, log=lambda _: None).fit(method, task)
 
     trains = method.num_trainable() > 0
     eval_passes = (EPOCHS + 1) if trains else 2  # validation after each epoch + test; zero-shot: validation + test
     eval_images = (EPOCHS * N_VAL + N_TEST) if trains else N_VAL + N_TEST
-    per_image_text = getattr(method, "conditions_text_on_image", False)
-    if not per_image_text:
-        if method.modifies_text and trains:
+    cacheable = method.cacheable_towers  # the towers the method declares untouched while it trains
+    assert cacheable == UNTOUCHED.get(name, set())
+    if not method.conditions_text_on_image:
+        if "text" not in cacheable and trains:
             assert calls["text_grad"] == STEPS  # once per step, with gradients
             assert calls["text"] == eval_passes  # once per evaluation pass, not per batch
         else:
             assert calls["text_grad"] == 0
             assert calls["text"] == (1 if trains else 0) + eval_passes  # once for training + once per pass
-    if not method.modifies_image and trains:
+    if "image" in cacheable and trains:
         assert calls["images"] == N_TRAIN + eval_images  # training images encoded once, for the cache
     else:
         assert calls["images"] == (EPOCHS * N_TRAIN if trains else 0) + eval_images

@@ -126,7 +126,7 @@ class SiglipBackbone(DualEncoderBackbone):
         local = {"local_files_only": True} if Path(path).is_dir() else {}  # a folder never reaches the hub
         model_class = getattr(transformers, cls.model_class_name)
         try:
-            model = model_class.from_pretrained(path, **local, **model_kwargs)
+            model = model_class.from_pretrained(path, **{**local, **model_kwargs})
         except OSError as err:
             raise BackboneLoadError(
                 f"could not load {cls.family} weights from {path!r}: {err}. A model folder needs config.json and "
@@ -138,17 +138,20 @@ class SiglipBackbone(DualEncoderBackbone):
         )
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **local)
-        except (OSError, ValueError, TypeError, ImportError) as err:
+        except ImportError as err:  # SigLIP's own tokenizer is SentencePiece (spiece.model), an optional package
+            raise BackboneLoadError(f"the tokenizer of {path!r} needs a package that is not installed: {err} "
+                                    "(for SigLIP's spiece.model: pip install sentencepiece)") from err  # fmt: skip
+        except (OSError, ValueError, TypeError) as err:
             raise BackboneLoadError(f"{no_tokenizer} ({err})") from err
         vocab_size = model.config.text_config.vocab_size
         if len(tokenizer) < 3 or len(tokenizer) > vocab_size:
             # transformers builds an empty tokenizer when a folder has none: every text would embed the same.
             raise BackboneLoadError(f"{no_tokenizer} (found {len(tokenizer)} tokens for a {vocab_size}-token "
                                     "embedding table)")  # fmt: skip
-        return cls(model, tokenizer, cls._load_image_processor(path, local), name_or_path=path)
+        return cls(model, tokenizer, cls._load_image_processor(path, local, model), name_or_path=path)
 
     @classmethod
-    def _load_image_processor(cls, path: str, local: dict[str, bool]) -> Any:
+    def _load_image_processor(cls, path: str, local: dict[str, bool], model: nn.Module) -> Any:
         from transformers import AutoImageProcessor
 
         try:
@@ -368,15 +371,13 @@ class Siglip2Backbone(SiglipBackbone):
         return embeddings(patches.to(embeddings.patch_embedding.weight.dtype), spatial_shapes)
 
     @classmethod
-    def _load_image_processor(cls, path: str, local: dict[str, bool]) -> Any:
+    def _load_image_processor(cls, path: str, local: dict[str, bool], model: nn.Module) -> Any:
         """A square-resize processor with the NaFlex processor's statistics: what this fixed-resolution use needs
-        (the NaFlex processor resizes per image, which the training data pipeline does not)."""
-        from transformers import AutoConfig
-
-        naflex = super()._load_image_processor(path, local)
+        (the NaFlex processor resizes each image to its own patch grid, which the data pipeline does not)."""
+        naflex = super()._load_image_processor(path, local, model)
         if naflex is None:
             return None
-        vision = AutoConfig.from_pretrained(path, **local).vision_config
+        vision = model.config.vision_config
         return square_image_processor(vision.patch_size * math.isqrt(vision.num_patches), naflex)
 
 

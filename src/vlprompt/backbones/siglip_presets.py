@@ -125,18 +125,13 @@ def _adapter(preset: str) -> type[SiglipBackbone]:
     return Siglip2Backbone if SIGLIP_PRESETS[preset]["model_type"] == "siglip2" else SiglipBackbone
 
 
-def _image_size(model: Any) -> int:
-    vision = model.config.vision_config
-    num_patches = getattr(vision, "num_patches", None)
-    return vision.patch_size * round(num_patches**0.5) if num_patches else vision.image_size
-
-
 def random_siglip_backbone(preset: str, seed: int = 0) -> SiglipBackbone:
     """The adapter over :func:`random_siglip_model`, with the offline tokenizer and a SigLIP image processor."""
     model = random_siglip_model(preset, seed)
     tokenizer = siglip_tokenizer(model.config.text_config.max_position_embeddings)
-    processor = square_image_processor(_image_size(model))
-    return _adapter(preset)(model, tokenizer, processor, name_or_path=f"random:{preset}")
+    backbone = _adapter(preset)(model, tokenizer, None, name_or_path=f"random:{preset}")
+    backbone.image_processor = square_image_processor(backbone.image_size)  # SigLIP's statistics, not OpenAI's
+    return backbone
 
 
 def save_random_siglip(out_dir: str | Path, preset: str = "siglip-tiny", seed: int = 0) -> Path:
@@ -151,7 +146,7 @@ def save_random_siglip(out_dir: str | Path, preset: str = "siglip-tiny", seed: i
         vision = model.config.vision_config
         processor = Siglip2ImageProcessorPil(patch_size=vision.patch_size, max_num_patches=vision.num_patches)
     else:
-        processor = square_image_processor(_image_size(model))
+        processor = square_image_processor(model.config.vision_config.image_size)
     processor.save_pretrained(out)
     return out
 

@@ -161,11 +161,9 @@ def encode_captions_bucketed(backbone, input_ids: torch.Tensor, eot_index: torch
     causal, so what follows a caption's end-of-text token never reaches its pooled feature: cutting each group
     at its own longest caption gives the same features (up to float summation order) for about half the cost.
     """
-    from vlprompt.backbones.base import TokenizedText
-
     order = torch.argsort(eot_index, stable=True)
-    # encode_text_ids cuts each group at its own last end-of-text token
-    parts = [backbone.encode_text_ids(TokenizedText(input_ids[chunk], eot_index[chunk]))
+    # encode_embedded cuts each group at its own last end-of-text token
+    parts = [backbone.encode_embedded(backbone.embed_tokens(input_ids[chunk]), eot_index[chunk] + 1)
              for chunk in torch.tensor_split(order, max(buckets, 1)) if len(chunk)]
     return torch.cat(parts)[torch.argsort(order)]
 
