@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -131,6 +132,9 @@ def build_optimizer(method, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 # ---------------------------------------------------------------------------------------------- the step
+NAN_WORD = re.compile(r"\bnan\b", re.IGNORECASE)
+
+
 class NonFiniteLoss(RuntimeError):
     """A training step's loss (or the parameters it produced) is not finite."""
 
@@ -163,7 +167,7 @@ def run_training_step(step_module, optimizer, batch, accelerator, params: list[t
             output = step_module(batch)
             loss = output.loss
     except ValueError as err:  # e.g. the detector's matcher refuses non-finite boxes before any loss exists
-        if "nan" in str(err).lower() or not all(torch.isfinite(p).all() for p in params):
+        if NAN_WORD.search(str(err)) or not all(torch.isfinite(p).all() for p in params):
             raise NonFiniteLoss("nan") from err
         raise
     if not torch.isfinite(loss):
