@@ -332,12 +332,9 @@ class CLIPBackbone(DualEncoderBackbone):
         from transformers.masking_utils import create_causal_mask
 
         # The model's own mask builder: None for SDPA (which then uses its causal kernel), explicit otherwise.
-        return create_causal_mask(
-            config=self.model.text_model.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            cache=None,
-        )
+        # The cache is the fourth argument, positional: transformers 5.23 names it past_key_values, 5.25 cache (and
+        # warns on the old keyword); None works on both without a warning.
+        return create_causal_mask(self.model.text_model.config, hidden, None, None)
 
     # ------------------------------------------------------------------ image tower
     def encode_image(

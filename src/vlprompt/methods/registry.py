@@ -132,7 +132,7 @@ def get_prompt_model(
     if cls.backbone_kind != backbone.kind:
         raise MethodConfigError(
             f"method {canonical!r} works on {cls.backbone_kind.replace('_', ' ')} models, but "
-            f"{getattr(backbone, 'name_or_path', '') or backbone.family!r} is a {backbone.kind.replace('_', ' ')} "
+            f"{backbone.name_or_path or backbone.family!r} is a {backbone.kind.replace('_', ' ')} "
             "model. See `vlprompt methods` for supported pairs."
         )
     if not isinstance(config, MethodConfig):
