@@ -307,11 +307,24 @@ def measure(
     return record
 
 
+def trainer_step(step_module, optimizer, batch, accelerator, params, method_name: str) -> None:
+    """What the trainer does per batch (``run_training_step``), plus the loss read-out and accuracy count it logs."""
+    from vlprompt.engine.trainer import NonFiniteLoss, run_training_step
+
+    try:
+        out = run_training_step(step_module, optimizer, batch, accelerator, params)
+    except NonFiniteLoss as err:
+        raise RuntimeError(f"non-finite loss {err} while benchmarking {method_name}") from None
+    out.loss.item()
+    if out.logits is not None:
+        int((out.logits.argmax(-1) == batch.labels).sum())
+
+
 def _measure_sgd(method, record, batch, sync, warmup: int, steps: int, accelerator) -> None:
     """Time the engine's training step; text-only methods also on cached image features (``--no-augment``)."""
     import torch
 
-    from vlprompt.engine.trainer import NonFiniteLoss, TrainConfig, prepare_training, run_training_step
+    from vlprompt.engine.trainer import TrainConfig, prepare_training
     from vlprompt.tasks.batches import ClassificationBatch
 
     cfg = TrainConfig(batch_size=record["batch_size"])  # engine defaults: SGD, lr 0.002, momentum 0.9, wd 5e-4
@@ -331,13 +344,7 @@ def _measure_sgd(method, record, batch, sync, warmup: int, steps: int, accelerat
             batch = ClassificationBatch(labels, image_feats=inputs, text_feats=text_feats)
         else:
             batch = ClassificationBatch(labels, pixel_values=inputs, text_feats=text_feats)
-        try:
-            out = run_training_step(step_module, optimizer, batch, accelerator, params)
-        except NonFiniteLoss as err:
-            raise RuntimeError(f"non-finite loss {err} while benchmarking {record['method']}") from None
-        out.loss.item()
-        if out.logits is not None:
-            int((out.logits.argmax(-1) == labels).sum())
+        trainer_step(step_module, optimizer, batch, accelerator, params, record["method"])
 
     def timed(make_inputs, cached: bool) -> list[float]:
         times = []

@@ -176,7 +176,7 @@ def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch
     """One method's engine training step (see the module docstring), timed ``steps`` times after ``warmup``."""
     import torch
 
-    from vlprompt.engine.trainer import NonFiniteLoss, TrainConfig, prepare_training, run_training_step
+    from vlprompt.engine.trainer import TrainConfig, prepare_training
     from vlprompt.methods import canonical_method_name, get_prompt_model
     from vlprompt.tasks.batches import ClassificationBatch
 
@@ -199,6 +199,7 @@ def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch
                            else "nothing to train (the engine only evaluates)")
         return s.finish(record)
 
+    trainer_step = _helpers().trainer_step
     step_module, optimizer = prepare_training(method, TrainConfig(batch_size=batch_size), accelerator)
     params = list(method.prompt_parameters().values())
     text_feats = None  # the task's caching: class text features once when the text tower is untouched
@@ -220,13 +221,7 @@ def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch
                                                 text_feats=text_feats)  # fmt: skip
             s.sync()
             t = time.perf_counter()
-            try:
-                out = run_training_step(step_module, optimizer, batch, accelerator, params)
-            except NonFiniteLoss as err:
-                raise RuntimeError(f"non-finite loss {err} while benchmarking {name}") from None
-            out.loss.item()
-            if out.logits is not None:
-                int((out.logits.argmax(-1) == labels).sum())
+            trainer_step(step_module, optimizer, batch, accelerator, params, name)
             s.sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t)

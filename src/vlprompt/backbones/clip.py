@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlprompt.backbones.towers import TransformersTwoTowers
 from vlprompt.backbones.base import (
     CLASS_POSITIONS,
     IMAGE_PROMPTS_END,
@@ -45,7 +46,7 @@ CLIP_INFO = FamilyInfo(
 )
 
 
-class CLIPBackbone(DualEncoderBackbone):
+class CLIPBackbone(TransformersTwoTowers):
     """A frozen CLIP with prompt sites in both towers.
 
     Text features are ``final_layer_norm(x_eot) @ W_t``; image features ``post_layernorm(x_cls) @ W_v``; both
@@ -132,40 +133,8 @@ class CLIPBackbone(DualEncoderBackbone):
 
     # ------------------------------------------------------------------ dimensions
     @property
-    def text_width(self) -> int:
-        return self.model.config.text_config.hidden_size
-
-    @property
-    def vision_width(self) -> int:
-        return self.model.config.vision_config.hidden_size
-
-    @property
     def embed_dim(self) -> int:
         return self.model.config.projection_dim
-
-    @property
-    def text_layers(self) -> int:
-        return len(self.model.text_model.encoder.layers)
-
-    @property
-    def vision_layers(self) -> int:
-        return len(self.model.vision_model.encoder.layers)
-
-    @property
-    def patch_size(self) -> int:
-        return self.model.config.vision_config.patch_size
-
-    @property
-    def image_size(self) -> int:
-        return self.model.config.vision_config.image_size
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale.exp()
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.logit_scale.device
 
     # ------------------------------------------------------------------ joint space (SDPT, DPT)
     def joint_space(self) -> dict[str, torch.Tensor]:
@@ -179,11 +148,6 @@ class CLIPBackbone(DualEncoderBackbone):
             "image_ln_weight": m.vision_model.post_layernorm.weight,
             "image_ln_bias": m.vision_model.post_layernorm.bias,
         }
-
-    def attention_blocks(self, tower: str) -> list[nn.Module]:
-        """The self-attention module of every layer of ``tower`` ("text" or "image"), for block-site methods."""
-        model = self.model.text_model if tower == "text" else self.model.vision_model
-        return [layer.self_attn for layer in model.encoder.layers]
 
     # ------------------------------------------------------------------ text tower
     def tokenize(self, texts, special_tokens: bool = True) -> TokenizedText:

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from vlprompt.backbones.towers import TransformersTwoTowers
 from vlprompt.backbones.base import (
     CLASS_POSITIONS,
     IMAGE_PROMPTS_END,
@@ -82,7 +83,7 @@ _ARCH_FIELDS = (
 )
 
 
-class SiglipBackbone(DualEncoderBackbone):
+class SiglipBackbone(TransformersTwoTowers):
     """A frozen SigLIP with prompt sites in both towers.
 
     Text features are ``head(final_layer_norm(x_last))`` over the full padded context; image features
@@ -172,50 +173,13 @@ class SiglipBackbone(DualEncoderBackbone):
 
     # ------------------------------------------------------------------ dimensions
     @property
-    def text_width(self) -> int:
-        return self.model.config.text_config.hidden_size
-
-    @property
-    def vision_width(self) -> int:
-        return self.model.config.vision_config.hidden_size
-
-    @property
     def embed_dim(self) -> int:
         # The pooling head keeps the vision width; the text head projects onto it.
         return self.model.config.vision_config.hidden_size
 
     @property
-    def text_layers(self) -> int:
-        return len(self.model.text_model.encoder.layers)
-
-    @property
-    def vision_layers(self) -> int:
-        return len(self.model.vision_model.encoder.layers)
-
-    @property
-    def patch_size(self) -> int:
-        return self.model.config.vision_config.patch_size
-
-    @property
-    def image_size(self) -> int:
-        return self.model.config.vision_config.image_size
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale.exp()
-
-    @property
     def logit_bias(self) -> torch.Tensor:
         return self.model.logit_bias
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.logit_scale.device
-
-    def attention_blocks(self, tower: str) -> list[nn.Module]:
-        """The self-attention module of every layer of ``tower`` ("text" or "image"), for block-site methods."""
-        model = self.model.text_model if tower == "text" else self.model.vision_model
-        return [layer.self_attn for layer in model.encoder.layers]
 
     # ------------------------------------------------------------------ text tower
     def tokenize(self, texts: Sequence[str], special_tokens: bool = True) -> TokenizedText:
