@@ -260,5 +260,5 @@ def test_bench_refuses_a_precision_hidden_in_train_options():
         BenchConfig(methods=["coop"], datasets=["eurosat"], default_train={"precision": "bf16"})
     with pytest.raises(ValueError, match="precision"):
         BenchConfig(methods=["coop"], datasets=["eurosat"], recipes={"coop": Recipe(train={"precision": "bf16"})})
-    with pytest.raises(ValueError, match="precision must be one of"):
+    with pytest.raises(ValueError, match=r"bench.precision='fp64' \(expected one of 'fp32', 'bf16', 'fp16'\)"):
         BenchConfig(methods=["coop"], datasets=["eurosat"], precision="fp64")

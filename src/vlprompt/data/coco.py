@@ -32,8 +32,6 @@ from PIL import Image
 from .datasets import clean_classname, open_image
 from .errors import DatasetError
 
-COCO_PREFIX = "coco:"
-TOY_PREFIX = "toydet:"
 SPLITS = ("train", "val", "test")
 # toydet:<name> -> how it is generated (images per split, image size, seed)
 TOY_DETECTION = {"shapes": dict(n_train=120, n_val=24, n_test=48, size=64, seed=0)}
@@ -41,7 +39,12 @@ MAX_DETECTIONS = 100  # per image, as COCO evaluates
 
 
 def is_detection_dataset(name: str) -> bool:
-    return str(name).startswith((COCO_PREFIX, TOY_PREFIX))
+    from vlprompt.specs import DatasetSpec, SpecError
+
+    try:
+        return DatasetSpec.parse(str(name)).task == "detection"
+    except SpecError:
+        return False
 
 
 @dataclass
@@ -217,11 +220,16 @@ def write_toy_detection(folder: str | Path, n_train: int, n_val: int, n_test: in
 def load_detection_dataset(spec: str, root: str | Path | None = None,
                            categories: Sequence[str] | None = None) -> DetectionSplits:
     """Read a ``coco:<path>`` or ``toydet:<name>`` dataset (see the module docstring)."""
-    spec = str(spec)
-    if spec.startswith(TOY_PREFIX):
-        base = toy_detection_folder(spec[len(TOY_PREFIX):], root)
-    elif spec.startswith(COCO_PREFIX):
-        base = Path(spec[len(COCO_PREFIX):]).expanduser()
+    from vlprompt.specs import DatasetSpec, SpecError
+
+    try:
+        parsed = DatasetSpec.parse(str(spec))
+    except SpecError as err:
+        raise DatasetError(str(err)) from None
+    if parsed.scheme == "toydet":
+        base = toy_detection_folder(parsed.name, root)
+    elif parsed.scheme == "coco":
+        base = Path(parsed.name).expanduser()
         if not base.is_absolute() and root is not None and not base.exists():
             base = Path(root).expanduser() / base
     else:

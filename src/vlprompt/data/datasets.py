@@ -617,21 +617,27 @@ def load_dataset(name: str, root: str | Path | None = None) -> DatasetSplits:
     ``imagefolder:<path>`` loads a generic image folder; a relative <path> is taken relative to the working
     directory when it exists there, otherwise relative to `root`. Plain ``imagefolder`` uses `root` itself.
     """
-    prefix, sep, arg = name.partition(":")
-    if sep and prefix.strip().lower() == "toy":
+    from vlprompt.specs import DatasetSpec, SpecError
+
+    try:
+        spec = DatasetSpec.parse(name)
+    except SpecError as err:
+        raise DatasetError(str(err)) from None
+    if spec.scheme == "toy":
         # The procedural toy world's suite: generated on first use under root (default: the toy cache folder).
         from vlprompt.toyworld.suite import load_toy
 
-        return load_toy(arg, root)
-    key = resolve_dataset_name(prefix if sep else name)
+        return load_toy(spec.name, root)
+    if spec.task == "detection":
+        raise DatasetError(f"{name!r} is a detection dataset; classification reads CoOp dataset names, toy:<name> "
+                           "or imagefolder:<path>.")  # fmt: skip
+    key = resolve_dataset_name("imagefolder" if spec.scheme == "imagefolder" else spec.name)
     info = DATASETS[key]
     if key == "imagefolder":
-        return info.load(_imagefolder_path(arg, root))
+        return info.load(_imagefolder_path(spec.name, root))
     if root is None:
         raise DatasetError(f"{info.display}: no data root given. Pass --data-root pointing at the folder that "
                            f"contains {info.folder}/.")
-    if sep:
-        raise DatasetError(f"{name!r}: only imagefolder takes a ':<path>' suffix; use {key!r} and --data-root.")
     return info.load(root)
 
 

@@ -19,12 +19,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.api import DataOptions, RunOptions, evaluate_checkpoint, train
 from vlprompt.engine.trainer import PRECISIONS, TrainConfig
 from vlprompt.methods import canonical_method_name
+from vlprompt.options import OptionError, check_options, opt
 
 PROTOCOLS = ("fewshot", "base2novel", "crossdataset", "domain")
 CSV_FIELDS = [
@@ -53,50 +54,43 @@ class Recipe:
 class BenchConfig:
     methods: list[str]
     datasets: list[str]
-    protocols: list[str] = field(default_factory=lambda: ["fewshot"])
-    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    protocols: list[Literal["fewshot", "base2novel", "crossdataset", "domain"]] = opt(["fewshot"])
+    shots: list[int] = opt([1, 2, 4, 8, 16], min=1)
+    seeds: list[int] = opt([1, 2, 3])
     model: str = "embedded"
     data_root: str | None = None
     output: str = "bench"
-    b2n_shots: int = 16
+    b2n_shots: int = opt(16, min=1)
     # crossdataset: source dataset -> targets (default: every other dataset); domain: source -> shifted variants
     cross_source: str | None = None
     domain_targets: dict[str, list[str]] = field(default_factory=dict)
     recipes: dict[str, Recipe] = field(default_factory=dict)
     default_train: dict[str, Any] = field(default_factory=dict)
     # Epochs per shot count for every method (a recipe's own epochs / epochs_by_shots take precedence).
-    default_epochs_by_shots: dict[int, int] = field(default_factory=dict)
-    precision: str = "fp32"  # of every run's training and evaluation; part of the run folders' and files' names
+    default_epochs_by_shots: dict[Any, Any] = field(default_factory=dict)  # YAML may give "16": converted below
+    # of every run's training and evaluation; part of the run folders' and files' names
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Runs trained at once, each in its own process with threads_per_worker torch threads. Small models are
     # launch-bound: on 2 CPU cores two 1-thread runs finish more work per second than one 2-thread run.
     # Not part of a run's settings: results are the same up to float summation order.
-    workers: int = 1
-    threads_per_worker: int | None = None  # default: torch's thread count divided among the workers
+    workers: int = opt(1, min=1)
+    threads_per_worker: int | None = opt(None, min=1)  # default: torch's thread count divided among the workers
 
     def __post_init__(self) -> None:
-        if int(self.workers) != self.workers or self.workers < 1:
-            raise ValueError(f"workers must be a positive integer (got {self.workers!r})")
-        if self.threads_per_worker is not None and (int(self.threads_per_worker) != self.threads_per_worker
-                                                    or self.threads_per_worker < 1):
-            raise ValueError(f"threads_per_worker must be a positive integer (got {self.threads_per_worker!r})")
+        try:
+            check_options(self, prefix="bench.")
+        except OptionError as err:
+            raise ValueError(str(err)) from None
         self.methods = [canonical_method_name(m) for m in self.methods]
         self.default_epochs_by_shots = _epochs_by_shots(self.default_epochs_by_shots, "default_epochs_by_shots")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
-        recipe_trains = [getattr(r, "train", None) or {} for r in self.recipes.values()]
+        recipe_trains = [r.train for r in self.recipes.values()]
         if any("precision" in t for t in [self.default_train, *recipe_trains]):
             raise ValueError(
                 "set the bench's precision with `precision:` (or --precision), not in default_train or a recipe's "
                 "train: it applies to every run and names their folders, so results of different precisions stay apart"
             )
-        unknown = [p for p in self.protocols if p not in PROTOCOLS]
-        if unknown:
-            raise ValueError(f"unknown protocol(s) {unknown}; choose from {PROTOCOLS}")
         if not self.datasets:
             raise ValueError("the bench needs at least one dataset")
-        if any(k < 1 for k in self.shots):
-            raise ValueError(f"shots must be >= 1, got {self.shots}")
         if "domain" in self.protocols and not self.domain_targets:
             self.domain_targets = default_domain_targets(self.datasets)
             if not self.domain_targets:
