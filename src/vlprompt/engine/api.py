@@ -11,14 +11,10 @@ from vlprompt.backbones import load_backbone
 from vlprompt.data import DatasetError, DatasetSplits, ImageDataset, build_transform, few_shot, load_dataset, subsample_classes
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.trainer import TrainConfig, Trainer, check_precision, make_accelerator, seed_everything
-from vlprompt.methods import canonical_method_name, get_prompt_model, make_config, method_task
+from vlprompt.methods import METHODS, canonical_method_name, get_prompt_model, make_config, method_task
 from vlprompt.specs import DatasetSpec, SpecError
-from vlprompt.tasks import ClassificationTask, DetectionTask, Task
+from vlprompt.tasks import Task, task_class
 from vlprompt.tasks.classification import transform_config  # noqa: F401 - part of this module's API
-from vlprompt.tasks.detection import load_detection_splits
-
-DETECTION_METHODS_HINT = "sdpt_native, det_coop, det_fusion_prompt, det_heads, det_full, det_lora, det_zeroshot"
-
 
 @dataclass
 class DataOptions:
@@ -69,10 +65,10 @@ def check_method_fits_dataset(method: str, dataset: str) -> str:
     task = method_task(method)
     data_task = dataset_task(dataset)
     if task != data_task:
-        hint = (f"use a detection method ({DETECTION_METHODS_HINT})" if data_task == "detection"
-                else "use a classification dataset (toy:<name>, imagefolder:<path>, a CoOp dataset name)")
+        same_task = sorted(name for name in METHODS if method_task(name) == data_task)
         raise DatasetError(f"{dataset!r} is a {data_task} dataset but {canonical_method_name(method)!r} is a {task} "
-                           f"method; {hint}.")  # fmt: skip
+                           f"method; use a {data_task} method ({', '.join(same_task)}) or a {task} dataset "
+                           f"({task_class(task).dataset_forms}).")  # fmt: skip
     return task
 
 
@@ -80,13 +76,11 @@ def load_task_data(task: str, data: DataOptions, shots: bool = True):
     """The splits of ``data`` for ``task`` (few-shot sampled when ``shots`` and ``data.shots`` are set)."""
     if not shots:
         data = DataOptions(**{**asdict(data), "shots": None})
-    return load_detection_splits(data) if task == "detection" else load_splits(data)
+    return task_class(task).load_data(data)
 
 
 def make_task(task: str, splits, backbone, augment: bool = True, few_shot: bool = False) -> Task:
-    if task == "detection":
-        return DetectionTask(splits, backbone, augment, few_shot=few_shot)
-    return ClassificationTask(splits, backbone, augment)
+    return task_class(task)(splits, backbone, augment, few_shot=few_shot)
 
 
 def train(options: RunOptions, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict[str, Any]:
@@ -128,10 +122,9 @@ def evaluate_checkpoint(
     task_name = saved.get("task", "classification")  # prompts of 0.1.0 name only detection
     data_task = dataset_task(data.dataset)
     if data_task != task_name:
-        where = ("a detection dataset: --dataset coco:<folder or json> or toydet:<name>" if task_name == "detection"
-                 else "a classification dataset")
         raise DatasetError(f"{data.dataset!r} is a {data_task} dataset, but {run_dir} holds a {task_name} prompt "
-                           f"({saved.get('method')}); evaluate it on {where}.")  # fmt: skip
+                           f"({saved.get('method')}); evaluate it on a {task_name} dataset: --dataset "
+                           f"{task_class(task_name).dataset_forms}.")  # fmt: skip
     splits = load_task_data(task_name, data, shots=False)
     backbone = ckpt.recorded_backbone(run_dir, model)
     task = make_task(task_name, splits, backbone, augment=False)
@@ -150,10 +143,10 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Top-k labels and probabilities for image files, with the prompt saved in ``run_dir``."""
     saved = ckpt.read_prompt_config(run_dir)
-    if saved.get("task") == "detection":
-        raise ValueError(
-            f"{run_dir} holds a detection prompt; score it with `vlprompt eval {run_dir} --dataset coco:<path>`."
-        )
+    task = saved.get("task", "classification")  # prompts of 0.1.0 name only detection
+    if task != "classification":
+        raise ValueError(f"{run_dir} holds a {task} prompt; score it with `vlprompt eval {run_dir} --dataset "
+                         f"{task_class(task).dataset_forms}`.")  # fmt: skip
     backbone = ckpt.recorded_backbone(run_dir, model)
     return predict_images(ckpt.load_prompt(run_dir, backbone, classnames), images, k)
 

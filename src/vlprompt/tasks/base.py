@@ -46,8 +46,16 @@ class Task(ABC):
     """What one kind of problem needs beyond optimisation: data, batches, metrics, evaluation."""
 
     name: ClassVar[str] = ""
+    # The dataset names this task reads, for error messages that name the fix.
+    dataset_forms: ClassVar[str] = ""
     # How raw dataset items are stacked into a batch (None: torch's default collate).
     collate_fn: ClassVar[Callable[[list], Any] | None] = None
+
+    @classmethod
+    @abstractmethod
+    def load_data(cls, data) -> Any:
+        """The splits of ``data`` (``engine.api.DataOptions``) this task trains and scores on (few-shot sampled
+        when ``data.shots`` is set)."""
 
     @property
     @abstractmethod

@@ -75,8 +75,9 @@ class ClassificationTask(Task):
     """Few-shot / full classification of a ``DatasetSplits`` with a classification method."""
 
     name: ClassVar[str] = "classification"
+    dataset_forms: ClassVar[str] = "toy:<name>, imagefolder:<path> or a CoOp dataset name"
 
-    def __init__(self, splits: DatasetSplits, backbone, augment: bool = True) -> None:
+    def __init__(self, splits: DatasetSplits, backbone, augment: bool = True, few_shot: bool = False) -> None:
         self.splits = splits
         self.augment = augment
         tcfg = transform_config(backbone)
@@ -89,6 +90,12 @@ class ClassificationTask(Task):
         self._text_feats: torch.Tensor | None = None
         self._cached_images = False
         self._correct = self._seen = 0
+
+    @classmethod
+    def load_data(cls, data) -> DatasetSplits:
+        from vlprompt.engine.api import load_splits
+
+        return load_splits(data)
 
     # ----------------------------------------------------------------- what the run records
     @property

@@ -74,6 +74,7 @@ class DetectionTask(Task):
     """Few-shot / full detection of a ``DetectionSplits`` with a detection method."""
 
     name: ClassVar[str] = "detection"
+    dataset_forms: ClassVar[str] = "coco:<folder or json> or toydet:<name>"
     collate_fn = staticmethod(collate_detection)
 
     def __init__(self, splits: DetectionSplits, backbone, augment: bool = True, few_shot: bool = False) -> None:
@@ -81,6 +82,10 @@ class DetectionTask(Task):
         self.augment = augment
         self.few_shot = few_shot  # the run records which training images a few-shot draw picked
         self.image_config = backbone.image_config
+
+    @classmethod
+    def load_data(cls, data) -> DetectionSplits:
+        return load_detection_splits(data)
 
     @property
     def classnames(self) -> list[str]:
