@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vlprompt.backbones.towers import TransformersTwoTowers
+from vlprompt.backbones.towers import TransformersTwoTowers, block_hooks, expand_tokens, replace_tokens
 from vlprompt.backbones.base import (
     CLASS_POSITIONS,
     IMAGE_PROMPTS_END,
@@ -196,7 +195,7 @@ class CLIPBackbone(TransformersTwoTowers):
         if self.truncate_text:
             token_embeds = token_embeds[:, : int(eot_index.max()) + 1]
         if n:
-            first = _expand(prompts.tokens[0], token_embeds.shape[0]).to(token_embeds.dtype)
+            first = expand_tokens(prompts.tokens[0], token_embeds.shape[0]).to(token_embeds.dtype)
             token_embeds = torch.cat([token_embeds[:, :1], first, token_embeds[:, 1:]], dim=1)
             eot_index = eot_index + n
         length = int(eot_index.max()) + 1
@@ -210,10 +209,10 @@ class CLIPBackbone(TransformersTwoTowers):
         hidden = token_embeds[:, :length]
         hidden = hidden + text_model.embeddings.position_embedding.weight[:length].to(hidden.dtype)
         mask = self._causal_mask(hidden)
-        with _block_hooks(text_model.encoder.layers, block):
+        with block_hooks(text_model.encoder.layers, block):
             for j, layer in enumerate(text_model.encoder.layers):
                 if j > 0 and n:
-                    hidden = _replace(hidden, prompts.at(j), start=1)
+                    hidden = replace_tokens(hidden, prompts.at(j), start=1)
                 hidden = layer(hidden, mask, is_causal=True)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         pooled = text_model.final_layer_norm(hidden[rows, eot_index])
@@ -328,13 +327,13 @@ class CLIPBackbone(TransformersTwoTowers):
             n = prompts.num_tokens
         start = 1 if position == IMAGE_PROMPTS_FRONT else hidden.shape[1]  # "front": after the class token
         if n:
-            first = _expand(prompts.tokens[0], hidden.shape[0]).to(hidden.dtype)
+            first = expand_tokens(prompts.tokens[0], hidden.shape[0]).to(hidden.dtype)
             hidden = torch.cat([hidden[:, :start], first, hidden[:, start:]], dim=1)
         hidden = vision.pre_layrnorm(hidden)
-        with _block_hooks(vision.encoder.layers, block):
+        with block_hooks(vision.encoder.layers, block):
             for j, layer in enumerate(vision.encoder.layers):
                 if j > 0 and n:
-                    hidden = _replace(hidden, prompts.at(j), start=start)
+                    hidden = replace_tokens(hidden, prompts.at(j), start=start)
                 extra = transient.tokens(j, hidden) if transient is not None else None
                 if extra is None:
                     hidden = layer(hidden, None)
@@ -345,49 +344,6 @@ class CLIPBackbone(TransformersTwoTowers):
                 hidden = out[:, :length]
         pooled = vision.post_layernorm(hidden[:, 0])
         return self.model.visual_projection(pooled)
-
-
-@contextmanager
-def _block_hooks(layers, block: BlockAdapter | None):
-    """Route every layer's attention output through ``block`` for the duration of one forward pass.
-
-    Uses torch's forward-hook API on the model's own attention modules (removed on exit), so the layers run
-    unmodified transformers code.
-    """
-    if block is None:
-        yield
-        return
-    handles = []
-    for j, layer in enumerate(layers):
-
-        def hook(module, args, kwargs, output, j=j):
-            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            replaced = block(j, x, output[0])
-            return output if replaced is None else (replaced, *output[1:])
-
-        handles.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _expand(tokens: torch.Tensor, batch: int) -> torch.Tensor:
-    if tokens.dim() == 2:
-        return tokens.unsqueeze(0).expand(batch, -1, -1)
-    if tokens.shape[0] != batch:
-        raise ValueError(f"per-sequence prompts for {tokens.shape[0]} sequences given to a batch of {batch}")
-    return tokens
-
-
-def _replace(hidden: torch.Tensor, tokens: torch.Tensor | None, start: int) -> torch.Tensor:
-    """Replace ``hidden[:, start:start+N]`` by fresh prompt tokens (deep prompting), keeping the rest."""
-    if tokens is None:
-        return hidden
-    tokens = _expand(tokens, hidden.shape[0]).to(hidden.dtype)
-    n = tokens.shape[1]
-    return torch.cat([hidden[:, :start], tokens, hidden[:, start + n :]], dim=1)
 
 
 register_backbone(["clip"], CLIPBackbone)

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from vlprompt.backbones.towers import TransformersTwoTowers
+from vlprompt.backbones.towers import TransformersTwoTowers, block_hooks, expand_tokens, replace_tokens
 from vlprompt.backbones.base import (
     CLASS_POSITIONS,
     IMAGE_PROMPTS_END,
@@ -52,7 +52,6 @@ from vlprompt.backbones.base import (
     TransientPrompts,
     register_backbone,
 )
-from vlprompt.backbones.clip import _block_hooks, _expand, _replace
 
 SIGLIP_INFO = FamilyInfo(
     kind=KIND_DUAL_ENCODER,
@@ -229,14 +228,14 @@ class SiglipBackbone(TransformersTwoTowers):
         start = self.text_prefix_tokens
         hidden = token_embeds
         if n:
-            first = _expand(prompts.tokens[0], hidden.shape[0]).to(hidden.dtype)
+            first = expand_tokens(prompts.tokens[0], hidden.shape[0]).to(hidden.dtype)
             hidden = torch.cat([hidden[:, :start], first, hidden[:, start:]], dim=1)
         hidden = self._fill_context(hidden, filled)
         hidden = hidden + text_model.embeddings.position_embedding.weight[: self.context_length].to(hidden.dtype)
-        with _block_hooks(text_model.encoder.layers, block):
+        with block_hooks(text_model.encoder.layers, block):
             for j, layer in enumerate(text_model.encoder.layers):
                 if j > 0 and n:
-                    hidden = _replace(hidden, prompts.at(j), start=start)
+                    hidden = replace_tokens(hidden, prompts.at(j), start=start)
                 hidden = layer(hidden, None)  # no mask: SigLIP attends to its padding, as trained
         return text_model.head(text_model.final_layer_norm(hidden[:, -1]))
 
@@ -278,7 +277,7 @@ class SiglipBackbone(TransformersTwoTowers):
         n = _num_prompts(prompts, self.vision_width, self.vision_layers, "image")
         start = 0 if position == IMAGE_PROMPTS_FRONT else hidden.shape[1]
         if n:
-            first = _expand(prompts.tokens[0], hidden.shape[0]).to(hidden.dtype)
+            first = expand_tokens(prompts.tokens[0], hidden.shape[0]).to(hidden.dtype)
             hidden = torch.cat([hidden[:, :start], first, hidden[:, start:]], dim=1)
         hidden = self._run_image_layers(hidden, prompts if n else None, start, block, transient)
         if n:
@@ -293,10 +292,10 @@ class SiglipBackbone(TransformersTwoTowers):
     def _run_image_layers(self, hidden: torch.Tensor, prompts: DeepPrompts | None, start: int,
                           block: BlockAdapter | None, transient: TransientPrompts | None) -> torch.Tensor:  # fmt: skip
         layers = self.model.vision_model.encoder.layers
-        with _block_hooks(layers, block):
+        with block_hooks(layers, block):
             for j, layer in enumerate(layers):
                 if j > 0 and prompts is not None:
-                    hidden = _replace(hidden, prompts.at(j), start=start)
+                    hidden = replace_tokens(hidden, prompts.at(j), start=start)
                 extra = transient.tokens(j, hidden) if transient is not None else None
                 if extra is None:
                     hidden = layer(hidden, None)

@@ -11,7 +11,7 @@ from vlprompt.backbones import load_backbone
 from vlprompt.data import DatasetError, DatasetSplits, ImageDataset, build_transform, few_shot, load_dataset, subsample_classes
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.trainer import TrainConfig, Trainer, check_precision, make_accelerator, seed_everything
-from vlprompt.methods import METHODS, canonical_method_name, get_prompt_model, make_config, method_task
+from vlprompt.methods import METHODS, canonical_method_name, get_prompt_model, make_config, method_class, method_task
 from vlprompt.specs import DatasetSpec, SpecError
 from vlprompt.tasks import Task, task_class
 from vlprompt.tasks.classification import transform_config  # noqa: F401 - part of this module's API
@@ -72,6 +72,17 @@ def check_method_fits_dataset(method: str, dataset: str) -> str:
     return task
 
 
+def check_backbone_kind(method: str, backbone) -> None:
+    """Refuse a method written for another kind of model (a CLIP method on a detector), naming both."""
+    wanted = method_class(method).backbone_kind
+    if wanted != backbone.kind:
+        raise DatasetError(
+            f"method {canonical_method_name(method)!r} works on {wanted.replace('_', ' ')} models, but "
+            f"{backbone.name_or_path or backbone.family!r} is a {backbone.kind.replace('_', ' ')} model; see "
+            "`vlprompt methods` for the pairs that work."
+        )
+
+
 def load_task_data(task: str, data: DataOptions, shots: bool = True):
     """The splits of ``data`` for ``task`` (few-shot sampled when ``shots`` and ``data.shots`` are set)."""
     if not shots:
@@ -90,6 +101,7 @@ def train(options: RunOptions, resume: bool = False, overwrite: bool = False, pr
     task_name = check_method_fits_dataset(name, options.data.dataset)
     splits = load_task_data(task_name, options.data)  # a dataset error before the model loads
     backbone = load_backbone(options.model)
+    check_backbone_kind(name, backbone)
     task = make_task(task_name, splits, backbone, options.train.augment, few_shot=options.data.shots is not None)
     seed_everything(options.train.seed)  # prompt initialisation is part of the seeded run
     method_config = make_config(name, options.method_options, backbone)
@@ -97,7 +109,7 @@ def train(options: RunOptions, resume: bool = False, overwrite: bool = False, pr
     run_info = {
         "model": options.model,
         "method": name,
-        "method_options": method_config.to_dict(),
+        "method_options": method.config.to_dict(),  # as the method resolved them (e.g. n_ctx of an init phrase)
         "data": asdict(options.data),
         **task.run_info(),
     }
@@ -127,6 +139,7 @@ def evaluate_checkpoint(
                            f"{task_class(task_name).dataset_forms}.")  # fmt: skip
     splits = load_task_data(task_name, data, shots=False)
     backbone = ckpt.recorded_backbone(run_dir, model)
+    ckpt.check_backbone(saved.get("backbone", {}), backbone)  # another architecture: say which, before any work
     task = make_task(task_name, splits, backbone, augment=False)
     method = ckpt.load_prompt(run_dir, backbone, task.classnames, task.template)
     accelerator = make_accelerator(precision)

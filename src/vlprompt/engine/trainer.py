@@ -189,6 +189,12 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def task_class_name(name: str) -> str:
+    from vlprompt.tasks import task_class
+
+    return task_class(name).__name__
+
+
 # ---------------------------------------------------------------------------------------------- training
 class Trainer:
     """Trains any method on any task into a run folder (see the module docstring)."""
@@ -212,6 +218,11 @@ class Trainer:
     # ---------------------------------------------------------------- public
     def fit(self, method, task, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         """Train ``method`` on ``task``, evaluate it, save it; returns the final metrics."""
+        if method.task != task.name:
+            raise TrainingError(f"{method.registered_name!r} is a {method.task} method but the task is {task.name}; "
+                                f"train it on a {method.task} task ({task_class_name(method.task)}).")  # fmt: skip
+        self.history = []  # a Trainer may fit several runs; each run folder gets its own history
+        task.configure(self.config)  # augmentation and loader workers follow the run's options
         task.check_before_training(method)
         self._prepare_run_dir(resume, overwrite)
         seed_everything(self.config.seed)
@@ -297,7 +308,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         start_epoch = self._load_resume_state(method, optimizer, scheduler) if resume else 0
         params = list(method.prompt_parameters().values())
-        task.prepare_training(method, self.accelerator, cfg.eval_batch_size)
+        task.prepare_training(method, self.accelerator, cfg.eval_batch_size)  # after configure(): cfg.augment
         step = 0
         for epoch in range(start_epoch, cfg.epochs):
             seed_everything(cfg.seed * 1000 + epoch)  # augmentation draws: identical after a resume

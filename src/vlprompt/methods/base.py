@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vlprompt.backbones.base import Backbone, DeepPrompts, UnsupportedBackboneError
+from vlprompt.backbones.base import Backbone, DeepPrompts, DualEncoderBackbone, UnsupportedBackboneError
 from vlprompt.tasks.batches import ClassificationBatch, StepOutput
 
 
@@ -66,6 +66,27 @@ class MethodConfig:
         elif unknown:
             raise MethodConfigError(f"{cls.__name__} has no option(s) {unknown}; its options are {sorted(known)}.")
         return cls(**values)
+
+
+ALL_LAYERS = "all"  # a depth that means every layer of the tower it prompts, whatever the backbone's depth
+
+
+def resolve_depths(config: MethodConfig, backbone: DualEncoderBackbone) -> None:
+    """Resolve the config's prompt depths (fields declared with ``opt(..., tower=...)``) against ``backbone`` in
+    place: ``"all"`` becomes the tower's layer count; a depth beyond it is refused, naming the limit."""
+    prefix = f"{config.method_name}." if config.method_name else ""
+    for f in dataclasses.fields(config):
+        tower = f.metadata.get("tower")
+        if tower is None:
+            continue
+        limit = backbone.layers(tower)
+        value = getattr(config, f.name)
+        if value == ALL_LAYERS:
+            setattr(config, f.name, limit)
+        elif value > limit:
+            where = {"both": "shallower tower", "text": "text tower", "image": "image tower"}[tower]
+            raise MethodConfigError(f"{prefix}{f.name}={value} exceeds the {limit} layers of the {where} of this "
+                                    f"{backbone.family} backbone; use at most {limit} (or 'all')")  # fmt: skip
 
 
 def check_template(template: str) -> None:
@@ -134,6 +155,8 @@ class PromptMethod(nn.Module):
         if not classnames:
             raise ValueError("a method needs at least one class name")
         check_template(template)
+        if isinstance(backbone, DualEncoderBackbone):
+            resolve_depths(config, backbone)
         self.backbone = backbone
         self.config = config
         self.classnames: list[str] = list(classnames)

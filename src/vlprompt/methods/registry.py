@@ -12,10 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlprompt.backbones.base import Backbone
-from vlprompt.methods.base import MethodConfig, MethodConfigError, PromptMethod
-
-# A depth that means every layer of the tower it prompts, whatever the backbone's depth (J = L).
-ALL_LAYERS = "all"
+from vlprompt.methods.base import ALL_LAYERS, MethodConfig, MethodConfigError, PromptMethod, resolve_depths
 
 
 @dataclass(frozen=True)
@@ -81,36 +78,30 @@ def depth_fields(config_class: type[MethodConfig]) -> dict[str, str]:
 def make_config(name: str, options: dict[str, Any] | None = None, backbone: Backbone | None = None) -> MethodConfig:
     """The validated config of a registered method: its defaults, preset defaults, then ``options``.
 
-    Depths are resolved against ``backbone``: ``"all"`` becomes the tower's layer count, default depths deeper than
-    the backbone (ViT-B's 12, MaPLe's 9, ...) are capped to it so presets run on smaller models, and a depth the
-    user asks for explicitly is never changed (too deep is an error naming the limit).
+    Default depths are resolved against ``backbone``: ``"all"`` becomes the tower's layer count, and defaults deeper
+    than the backbone (ViT-B's 12, MaPLe's 9, ...) are capped to it so presets run on smaller models. A depth the
+    user asks for is never changed: the method resolves ``"all"`` and refuses one that is too deep, naming the limit.
     """
     spec = METHODS[canonical_method_name(name)]
     config_class = spec.method_class.config_class
     options = dict(options or {})
     values = {**spec.defaults, **options}
     own_defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
-    prefix = config_class.method_name or canonical_method_name(name)
     for key, tower in depth_fields(config_class).items():
+        if key in options:
+            continue  # the user's own depth: resolved and checked below
+        value = values.get(key, own_defaults[key])
         if backbone is None:
-            if values.get(key, own_defaults[key]) == ALL_LAYERS and key not in options:
+            if value == ALL_LAYERS:
                 values[key] = own_defaults[key]  # no backbone to count layers on: the config's own default
             continue
         limit = backbone.layers(tower)
-        value = values.get(key, own_defaults[key])
-        if value == ALL_LAYERS:
+        if value == ALL_LAYERS or (isinstance(value, int) and not isinstance(value, bool) and value > limit):
             values[key] = limit
-        elif isinstance(value, int) and not isinstance(value, bool) and value > limit:
-            if key in options:
-                raise MethodConfigError(f"{prefix}.{key}={value} exceeds the {limit} layers of the "
-                                        f"{_tower_words(tower)} of this {backbone.family} backbone; use at most "
-                                        f"{limit} (or 'all')")  # fmt: skip
-            values[key] = limit
-    return config_class.from_dict(values)
-
-
-def _tower_words(tower: str) -> str:
-    return {"both": "shallower tower", "text": "text tower", "image": "image tower"}[tower]
+    config = config_class.from_dict(values)
+    if backbone is not None and backbone.kind == spec.method_class.backbone_kind and depth_fields(config_class):
+        resolve_depths(config, backbone)  # the user's "all" becomes a count; too deep is refused here, early
+    return config
 
 
 def get_prompt_model(
@@ -139,8 +130,6 @@ def get_prompt_model(
         config = make_config(canonical, config, backbone)
     elif not isinstance(config, cls.config_class):
         raise MethodConfigError(f"{type(config).__name__} is not a config for method {name!r}")
-    else:
-        config = make_config(canonical, config.to_dict(), backbone)  # depths checked against this backbone
     method = cls(backbone, config, classnames) if template is None else cls(backbone, config, classnames, template)
     method.registered_name = canonical
     return method

@@ -71,6 +71,14 @@ class Task(ABC):
     def run_info(self) -> dict[str, Any]:
         """What the run folder records about the data (name, sizes)."""
 
+    augment: bool = True
+    num_workers: int = 0
+
+    def configure(self, config) -> None:
+        """Take the run's data options (``TrainConfig``): training augmentation and loader worker processes."""
+        self.augment = config.augment
+        self.num_workers = config.num_workers
+
     def check_before_training(self, method) -> None:
         """Refuse, before anything is written, data this method cannot train or be scored on."""
 

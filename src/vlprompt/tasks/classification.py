@@ -80,9 +80,8 @@ class ClassificationTask(Task):
     def __init__(self, splits: DatasetSplits, backbone, augment: bool = True, few_shot: bool = False) -> None:
         self.splits = splits
         self.augment = augment
-        tcfg = transform_config(backbone)
-        eval_tf = build_transform(tcfg, train=False)
-        self.train_set: Dataset = ImageDataset(splits.train, build_transform(tcfg, train=True, augment=augment))
+        self._transforms = transform_config(backbone)
+        eval_tf = build_transform(self._transforms, train=False)
         self.train_eval = ImageDataset(splits.train, eval_tf)  # no augmentation: feature caching, linear probe
         self.val = ImageDataset(splits.val, eval_tf) if splits.val else None
         self.test = ImageDataset(splits.test, eval_tf) if splits.test else None
@@ -126,8 +125,13 @@ class ClassificationTask(Task):
                 self._text_feats = method.text_features().detach()
         self._cached_images = "image" in towers and not self.augment
         if self._cached_images:
-            loader = DataLoader(self.train_eval, batch_size=eval_batch_size, shuffle=False)
+            loader = self._eval_loader(self.train_eval, eval_batch_size)
             self._image_cache = TensorDataset(*image_features_of(method, loader, accelerator))
+
+    @property
+    def train_set(self) -> Dataset:
+        """Training images, augmented (random resized crop + flip) when ``augment`` is on."""
+        return ImageDataset(self.splits.train, build_transform(self._transforms, train=True, augment=self.augment))
 
     def train_dataset(self) -> Dataset:
         return self._image_cache if self._cached_images else self.train_set
@@ -162,7 +166,7 @@ class ClassificationTask(Task):
 
     # ----------------------------------------------------------------- evaluation
     def _eval_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
 
     def validate(self, method, accelerator, batch_size: int) -> dict[str, float]:
         if self.val is None or not len(self.val):

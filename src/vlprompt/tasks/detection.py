@@ -46,7 +46,7 @@ def load_detection_splits(data) -> DetectionSplits:
 @torch.no_grad()
 def evaluate_detection(
     method, images: Sequence[DetectionImage], category_ids: Sequence[int], categories: Sequence[str],
-    accelerator=None, batch_size: int = 8,
+    accelerator=None, batch_size: int = 8, num_workers: int = 0,
 ) -> dict[str, Any]:
     """COCO box AP of ``method`` on ``images`` (pycocotools), plus the number of images."""
     if not images:
@@ -54,7 +54,8 @@ def evaluate_detection(
     was_training = method.training
     method.eval()
     dataset = DetectionDataset(images, method.backbone.image_config, augment=False)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection,
+                        num_workers=num_workers)
     device = method.backbone.device
     detections: list[dict] = []
     start = 0
@@ -122,7 +123,8 @@ class DetectionTask(Task):
 
     def _evaluate(self, method, images, accelerator, batch_size: int) -> dict[str, Any]:
         s = self.splits
-        return evaluate_detection(method, images, s.category_ids, s.categories, accelerator, batch_size)
+        return evaluate_detection(method, images, s.category_ids, s.categories, accelerator, batch_size,
+                                  self.num_workers)
 
     def validate(self, method, accelerator, batch_size: int) -> dict[str, float]:
         if not self.splits.val:
