@@ -12,7 +12,7 @@ from torch import nn
 import vlprompt
 from vlprompt.backbones import BACKBONES, load_backbone
 from vlprompt.backbones.base import SITE_JOINT_SPACE
-from vlprompt.cli import unsupported_reason
+from vlprompt.methods.registry import unsupported_reason
 from vlprompt.engine.trainer import TrainConfig, make_accelerator, prepare_training, run_training_step
 from vlprompt.methods import METHODS, ClassificationMethod, MethodConfig, get_prompt_model
 from vlprompt.options import opt

@@ -12,7 +12,7 @@ import torch
 
 import vlprompt
 from vlprompt.backbones import BACKBONES, load_backbone
-from vlprompt.cli import unsupported_reason
+from vlprompt.methods.registry import unsupported_reason
 from vlprompt.methods import METHODS
 
 # One recipe for all (AdamW, lr 0.01, 15 epochs of 8 shots); measured with tests/test_siglip_learning.py itself.

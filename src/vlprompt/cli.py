@@ -208,22 +208,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def unsupported_reason(method_class, family) -> str:
-    """Why a method cannot run on a backbone family ("" when it can): another kind of model, or missing sites
-    (with the family's own reason for a site where it declares one)."""
-    info = family.info
-    if method_class.backbone_kind != info.kind:
-        return f"a {method_class.backbone_kind.replace('_', ' ')} method"
-    missing = sorted(method_class.required_sites - info.sites)
-    if not missing:
-        return ""
-    reasons = [info.missing[site] for site in missing if site in info.missing]
-    return f"needs {missing}" + (f": {'; '.join(reasons)}" if reasons else "")
-
-
 def _method_rows(backbone, names: Sequence[str], num_classes: int, overrides: dict[str, Any]):
     from vlprompt.backbones import UnsupportedBackboneError
     from vlprompt.methods import METHODS, get_prompt_model, make_config
+    from vlprompt.methods.registry import unsupported_reason
 
     classnames = [f"class {i}" for i in range(num_classes)]
     total = backbone.num_parameters()
@@ -262,6 +250,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from vlprompt.backbones import BACKBONES, load_backbone
     from vlprompt.methods import METHODS
+    from vlprompt.methods.registry import unsupported_reason
 
     families = sorted(BACKBONES)
     print("method x backbone (yes = the family's adapter offers every site the method needs)")

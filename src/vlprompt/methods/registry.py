@@ -70,6 +70,19 @@ def is_detection_method(name: str) -> bool:
     return method_task(name) == "detection"
 
 
+def unsupported_reason(method_class: type[PromptMethod], family: type[Backbone]) -> str:
+    """Why a method cannot run on a backbone family ("" when it can): another kind of model, or missing sites
+    (with the family's own reason for a site where it declares one)."""
+    info = family.info
+    if method_class.backbone_kind != info.kind:
+        return f"a {method_class.backbone_kind.replace('_', ' ')} method"
+    missing = sorted(method_class.required_sites - info.sites)
+    if not missing:
+        return ""
+    reasons = [info.missing[site] for site in missing if site in info.missing]
+    return f"needs {missing}" + (f": {'; '.join(reasons)}" if reasons else "")
+
+
 def depth_fields(config_class: type[MethodConfig]) -> dict[str, str]:
     """Config fields that are prompt depths, with the tower whose layer count bounds each (declared by ``opt``)."""
     return {f.name: f.metadata["tower"] for f in dataclasses.fields(config_class) if "tower" in f.metadata}
