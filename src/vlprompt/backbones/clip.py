@@ -5,14 +5,19 @@ any layer's input without copying or patching transformers' code.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vlprompt.backbones.towers import TransformersTwoTowers, block_hooks, expand_tokens, replace_tokens
+from vlprompt.backbones.towers import (
+    TransformersTwoTowers,
+    block_hooks,
+    expand_tokens,
+    load_tokenizer,
+    load_weights,
+    replace_tokens,
+)
 from vlprompt.backbones.base import (
     CLASS_POSITIONS,
     IMAGE_PROMPTS_END,
@@ -24,11 +29,10 @@ from vlprompt.backbones.base import (
     SITE_LINEAR_PROJECTIONS,
     SITE_TEXT_SEQUENCE,
     SITE_TRANSIENT_IMAGE,
-    BackboneLoadError,
+    BackboneLoadError,  # noqa: F401 - importable from here as in 0.1.0
     BlockAdapter,
     ClassPrompts,
     DeepPrompts,
-    DualEncoderBackbone,
     FamilyInfo,
     TokenizedText,
     TransientPrompts,
@@ -76,30 +80,11 @@ class CLIPBackbone(TransformersTwoTowers):
     # ------------------------------------------------------------------ loading / identity
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **model_kwargs) -> "CLIPBackbone":
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        from transformers import CLIPImageProcessor, CLIPModel
 
         path = str(name_or_path)
-        try:
-            model = CLIPModel.from_pretrained(path, **model_kwargs)
-        except OSError as err:
-            raise BackboneLoadError(
-                f"could not load CLIP weights from {path!r}: {err}. A model folder needs config.json and "
-                "model.safetensors (or pytorch_model.bin), as written by save_pretrained."
-            ) from err
-        no_tokenizer = (
-            f"CLIP model at {path!r} has no usable tokenizer. Save the tokenizer beside the weights: "
-            f"tokenizer.save_pretrained({path!r})."
-        )
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError, TypeError) as err:
-            raise BackboneLoadError(f"{no_tokenizer} ({err})") from err
-        if len(tokenizer) < 3 or len(tokenizer) > model.config.text_config.vocab_size:
-            # transformers builds an empty tokenizer when a folder has none: every text would embed the same.
-            raise BackboneLoadError(
-                f"{no_tokenizer} (found {len(tokenizer)} tokens for a {model.config.text_config.vocab_size}-token "
-                "embedding table)"
-            )
+        model = load_weights(CLIPModel, path, "CLIP", **model_kwargs)
+        tokenizer = load_tokenizer(path, model, "CLIP")
         try:
             processor = CLIPImageProcessor.from_pretrained(path)
         except OSError:
@@ -110,25 +95,7 @@ class CLIPBackbone(TransformersTwoTowers):
     def identity(self) -> dict:
         """Name plus a hash of the architecture config: enough to refuse a prompt trained on another backbone."""
         cfg = self.model.config.to_dict()
-        arch = {k: cfg[k] for k in ("projection_dim",) if k in cfg}
-        for tower in ("text_config", "vision_config"):
-            sub = cfg.get(tower, {})
-            arch[tower] = {
-                k: sub.get(k)
-                for k in (
-                    "hidden_size",
-                    "intermediate_size",
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "vocab_size",
-                    "max_position_embeddings",
-                    "image_size",
-                    "patch_size",
-                )
-                if k in sub
-            }
-        digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
-        return {"family": self.family, "name_or_path": self.name_or_path, "config_hash": digest, "arch": arch}
+        return self.architecture_identity({k: cfg[k] for k in ("projection_dim",) if k in cfg})
 
     # ------------------------------------------------------------------ dimensions
     @property

@@ -22,8 +22,6 @@ tokenizer) and load through :class:`SiglipBackbone`. Its NaFlex checkpoints (``S
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +29,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from vlprompt.backbones.towers import TransformersTwoTowers, block_hooks, expand_tokens, replace_tokens
+from vlprompt.backbones.towers import (
+    TransformersTwoTowers,
+    block_hooks,
+    expand_tokens,
+    load_tokenizer,
+    load_weights,
+    replace_tokens,
+)
 from vlprompt.backbones.base import (
     CLASS_POSITIONS,
     IMAGE_PROMPTS_END,
@@ -46,7 +51,6 @@ from vlprompt.backbones.base import (
     BackboneLoadError,
     BlockAdapter,
     DeepPrompts,
-    DualEncoderBackbone,
     FamilyInfo,
     TokenizedText,
     TransientPrompts,
@@ -68,18 +72,6 @@ SIGLIP_INFO = FamilyInfo(
 )
 
 # Config fields that fix the architecture (and so which prompts fit it): hashed into ``identity``.
-_ARCH_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "vocab_size",
-    "max_position_embeddings",
-    "projection_size",
-    "image_size",
-    "patch_size",
-    "num_patches",
-)
 
 
 class SiglipBackbone(TransformersTwoTowers):
@@ -120,34 +112,11 @@ class SiglipBackbone(TransformersTwoTowers):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **model_kwargs: Any) -> "SiglipBackbone":
         import transformers
-        from transformers import AutoTokenizer
 
         path = str(name_or_path)
         local = {"local_files_only": True} if Path(path).is_dir() else {}  # a folder never reaches the hub
-        model_class = getattr(transformers, cls.model_class_name)
-        try:
-            model = model_class.from_pretrained(path, **{**local, **model_kwargs})
-        except OSError as err:
-            raise BackboneLoadError(
-                f"could not load {cls.family} weights from {path!r}: {err}. A model folder needs config.json and "
-                "model.safetensors (or pytorch_model.bin), as written by save_pretrained."
-            ) from err
-        no_tokenizer = (
-            f"{cls.family} model at {path!r} has no usable tokenizer. Save the tokenizer beside the weights: "
-            f"tokenizer.save_pretrained({path!r})."
-        )
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **local)
-        except ImportError as err:  # SigLIP's own tokenizer is SentencePiece (spiece.model), an optional package
-            raise BackboneLoadError(f"the tokenizer of {path!r} needs a package that is not installed: {err} "
-                                    "(for SigLIP's spiece.model: pip install sentencepiece)") from err  # fmt: skip
-        except (OSError, ValueError, TypeError) as err:
-            raise BackboneLoadError(f"{no_tokenizer} ({err})") from err
-        vocab_size = model.config.text_config.vocab_size
-        if len(tokenizer) < 3 or len(tokenizer) > vocab_size:
-            # transformers builds an empty tokenizer when a folder has none: every text would embed the same.
-            raise BackboneLoadError(f"{no_tokenizer} (found {len(tokenizer)} tokens for a {vocab_size}-token "
-                                    "embedding table)")  # fmt: skip
+        model = load_weights(getattr(transformers, cls.model_class_name), path, cls.family, **{**local, **model_kwargs})
+        tokenizer = load_tokenizer(path, model, cls.family, **local)
         return cls(model, tokenizer, cls._load_image_processor(path, local, model), name_or_path=path)
 
     @classmethod
@@ -162,13 +131,7 @@ class SiglipBackbone(TransformersTwoTowers):
     @property
     def identity(self) -> dict[str, Any]:
         """Name plus a hash of the architecture config: enough to refuse a prompt trained on another backbone."""
-        cfg = self.model.config.to_dict()
-        arch: dict[str, Any] = {"model_type": cfg.get("model_type")}
-        for tower in ("text_config", "vision_config"):
-            sub = cfg.get(tower, {})
-            arch[tower] = {k: sub[k] for k in _ARCH_FIELDS if k in sub}
-        digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
-        return {"family": self.family, "name_or_path": self.name_or_path, "config_hash": digest, "arch": arch}
+        return self.architecture_identity({"model_type": self.model.config.model_type})
 
     # ------------------------------------------------------------------ dimensions
     @property

@@ -5,12 +5,51 @@ Family adapters subclass :class:`TransformersTwoTowers` for these and implement 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
-from vlprompt.backbones.base import BlockAdapter, DualEncoderBackbone
+from vlprompt.backbones.base import BackboneLoadError, BlockAdapter, DualEncoderBackbone
+
+# The tower config fields that make an architecture: a prompt trained on one refuses another that differs in them.
+ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+               "max_position_embeddings", "projection_size", "image_size", "patch_size", "num_patches")
+
+
+def load_weights(model_class: Any, path: str, family: str, **kwargs: Any) -> nn.Module:
+    """``model_class.from_pretrained(path)``, its failure one line naming what a model folder needs."""
+    try:
+        return model_class.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise BackboneLoadError(
+            f"could not load {family} weights from {path!r}: {err}. A model folder needs config.json and "
+            "model.safetensors (or pytorch_model.bin), as written by save_pretrained."
+        ) from err
+
+
+def load_tokenizer(path: str, model: nn.Module, family: str, **kwargs: Any) -> Any:
+    """The folder's tokenizer, refused when missing or empty (transformers builds an empty one when a folder has
+    none, and every text would then embed the same)."""
+    from transformers import AutoTokenizer
+
+    no_tokenizer = (f"{family} model at {path!r} has no usable tokenizer. Save the tokenizer beside the weights: "
+                    f"tokenizer.save_pretrained({path!r}).")  # fmt: skip
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except ImportError as err:  # e.g. SigLIP's own tokenizer is SentencePiece (spiece.model), an optional package
+        raise BackboneLoadError(f"the tokenizer of {path!r} needs a package that is not installed: {err} "
+                                "(for SigLIP's spiece.model: pip install sentencepiece)") from err  # fmt: skip
+    except (OSError, ValueError, TypeError) as err:
+        raise BackboneLoadError(f"{no_tokenizer} ({err})") from err
+    vocab_size = model.config.text_config.vocab_size
+    if len(tokenizer) < 3 or len(tokenizer) > vocab_size:
+        raise BackboneLoadError(f"{no_tokenizer} (found {len(tokenizer)} tokens for a {vocab_size}-token "
+                                "embedding table)")  # fmt: skip
+    return tokenizer
 
 
 class TransformersTwoTowers(DualEncoderBackbone):
@@ -47,6 +86,16 @@ class TransformersTwoTowers(DualEncoderBackbone):
     @property
     def device(self) -> torch.device:
         return self.model.logit_scale.device
+
+    def architecture_identity(self, top: dict[str, Any]) -> dict[str, Any]:
+        """``identity`` from ``top`` (family-specific fields) plus both towers' architecture fields, hashed."""
+        cfg = self.model.config.to_dict()
+        arch = dict(top)
+        for tower in ("text_config", "vision_config"):
+            sub = cfg.get(tower, {})
+            arch[tower] = {k: sub[k] for k in ARCH_FIELDS if k in sub}
+        digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+        return {"family": self.family, "name_or_path": self.name_or_path, "config_hash": digest, "arch": arch}
 
     def attention_blocks(self, tower: str) -> list[nn.Module]:
         """The self-attention module of every layer of ``tower`` ("text" or "image"), for block-site methods."""

@@ -5,7 +5,7 @@ log-spaced sweep, as in CLIP's and CoOp's linear-probe baseline.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,7 @@ from torch import nn
 from typing import Literal
 
 from vlprompt.backbones.base import SITE_IMAGE_SEQUENCE, DeepPrompts
-from vlprompt.methods.base import ClassificationMethod, MethodConfig, require
+from vlprompt.methods.base import ClassificationMethod, MethodConfig
 from vlprompt.options import opt
 from vlprompt.methods.registry import register_method
 

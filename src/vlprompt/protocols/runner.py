@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.api import DataOptions, RunOptions, evaluate_checkpoint, train
-from vlprompt.engine.trainer import PRECISIONS, TrainConfig
+from vlprompt.engine.trainer import TrainConfig
 from vlprompt.methods import canonical_method_name
 from vlprompt.options import OptionError, check_options, opt
 
