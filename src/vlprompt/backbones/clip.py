@@ -297,18 +297,7 @@ class CLIPBackbone(TransformersTwoTowers):
             first = expand_tokens(prompts.tokens[0], hidden.shape[0]).to(hidden.dtype)
             hidden = torch.cat([hidden[:, :start], first, hidden[:, start:]], dim=1)
         hidden = vision.pre_layrnorm(hidden)
-        with block_hooks(vision.encoder.layers, block):
-            for j, layer in enumerate(vision.encoder.layers):
-                if j > 0 and n:
-                    hidden = replace_tokens(hidden, prompts.at(j), start=start)
-                extra = transient.tokens(j, hidden) if transient is not None else None
-                if extra is None:
-                    hidden = layer(hidden, None)
-                    continue
-                length = hidden.shape[1]
-                out = layer(torch.cat([hidden, extra.to(hidden.dtype)], dim=1), None)
-                transient.outputs(j, out[:, length:])
-                hidden = out[:, :length]
+        hidden = self.run_image_layers(hidden, prompts if n else None, start, block, transient)
         pooled = vision.post_layernorm(hidden[:, 0])
         return self.model.visual_projection(pooled)
 

@@ -242,7 +242,7 @@ class SiglipBackbone(TransformersTwoTowers):
         if n:
             first = expand_tokens(prompts.tokens[0], hidden.shape[0]).to(hidden.dtype)
             hidden = torch.cat([hidden[:, :start], first, hidden[:, start:]], dim=1)
-        hidden = self._run_image_layers(hidden, prompts if n else None, start, block, transient)
+        hidden = self.run_image_layers(hidden, prompts if n else None, start, block, transient)
         if n:
             hidden = torch.cat([hidden[:, :start], hidden[:, start + n :]], dim=1)
         return vision.head(vision.post_layernorm(hidden))
@@ -251,23 +251,6 @@ class SiglipBackbone(TransformersTwoTowers):
         """Patch embeddings plus position embeddings ``(B, P, width)``, as the model's own embedding module makes."""
         embeddings = self.model.vision_model.embeddings
         return embeddings(pixel_values.to(embeddings.patch_embedding.weight.dtype))
-
-    def _run_image_layers(self, hidden: torch.Tensor, prompts: DeepPrompts | None, start: int,
-                          block: BlockAdapter | None, transient: TransientPrompts | None) -> torch.Tensor:  # fmt: skip
-        layers = self.model.vision_model.encoder.layers
-        with block_hooks(layers, block):
-            for j, layer in enumerate(layers):
-                if j > 0 and prompts is not None:
-                    hidden = replace_tokens(hidden, prompts.at(j), start=start)
-                extra = transient.tokens(j, hidden) if transient is not None else None
-                if extra is None:
-                    hidden = layer(hidden, None)
-                    continue
-                length = hidden.shape[1]
-                out = layer(torch.cat([hidden, extra.to(hidden.dtype)], dim=1), None)
-                transient.outputs(j, out[:, length:])
-                hidden = out[:, :length]
-        return hidden
 
 
 class Siglip2Backbone(SiglipBackbone):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlprompt.backbones.base import BackboneLoadError, BlockAdapter, DualEncoderBackbone
+from vlprompt.backbones.base import BackboneLoadError, BlockAdapter, DeepPrompts, DualEncoderBackbone, TransientPrompts
 
 # The tower config fields that make an architecture: a prompt trained on one refuses another that differs in them.
 ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -96,6 +96,25 @@ class TransformersTwoTowers(DualEncoderBackbone):
             arch[tower] = {k: sub[k] for k in ARCH_FIELDS if k in sub}
         digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
         return {"family": self.family, "name_or_path": self.name_or_path, "config_hash": digest, "arch": arch}
+
+    def run_image_layers(self, hidden: torch.Tensor, prompts: DeepPrompts | None, start: int,
+                         block: BlockAdapter | None, transient: TransientPrompts | None) -> torch.Tensor:  # fmt: skip
+        """The image tower's layers over ``hidden``: deep prompts replace positions ``start..`` from layer 1 on,
+        ``block`` changes each attention output, ``transient`` tokens join one layer and leave with its outputs."""
+        layers = self.model.vision_model.encoder.layers
+        with block_hooks(layers, block):
+            for j, layer in enumerate(layers):
+                if j > 0 and prompts is not None:
+                    hidden = replace_tokens(hidden, prompts.at(j), start=start)
+                extra = transient.tokens(j, hidden) if transient is not None else None
+                if extra is None:
+                    hidden = layer(hidden, None)
+                    continue
+                length = hidden.shape[1]
+                out = layer(torch.cat([hidden, extra.to(hidden.dtype)], dim=1), None)
+                transient.outputs(j, out[:, length:])
+                hidden = out[:, :length]
+        return hidden
 
     def attention_blocks(self, tower: str) -> list[nn.Module]:
         """The self-attention module of every layer of ``tower`` ("text" or "image"), for block-site methods."""
