@@ -136,9 +136,18 @@ def random_siglip_backbone(preset: str, seed: int = 0) -> SiglipBackbone:
 
 def save_random_siglip(out_dir: str | Path, preset: str = "siglip-tiny", seed: int = 0) -> Path:
     """Write a random SigLIP with its tokenizer and image processor, as a hub folder would be."""
+    from transformers.utils import logging as hf_logging
+
     out = Path(out_dir)
     model = random_siglip_model(preset, seed)
-    model.save_pretrained(out)
+    # Saving compares the config with a default SigLIP config, whose text token ids are CLIP's (49406/49407) and
+    # outside SigLIP's own 32k vocabulary; transformers then warns about that default, not about this model.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model.save_pretrained(out)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     siglip_tokenizer(model.config.text_config.max_position_embeddings).save_pretrained(out)
     if SIGLIP_PRESETS[preset]["model_type"] == "siglip2":
         from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
