@@ -245,3 +245,42 @@ def make_imagefolder(
                 _class_images(folder, cname, c, len(classes), count, start, image_size, 0, "color", ".png")
             start += count
     return path
+
+
+def name_colours_as_the_model_sees_them(model_dir: Path, root: Path, n_colours: int,
+                                        per_split: Sequence[int]) -> Path:  # fmt: skip
+    """A colour set named so that a model pretrained on bare EuroSAT-like class names (``vlprompt.demo``) knows it:
+    each colour gets the bare class name whose text feature the colour's images are closest to (greedy one-to-one).
+    Zero-shot with EuroSAT's template ("a centered satellite photo of {}.") is then poor: the gap a prompt closes.
+    Returns the data root holding that ``eurosat`` set."""
+    import torch
+    import torch.nn.functional as F
+
+    from vlprompt.backbones import load_backbone
+    from vlprompt.data.synthetic import EUROSAT_CLASSES
+    from vlprompt.engine.api import DataOptions, load_splits
+    from vlprompt.tasks import ClassificationTask
+
+    backbone = load_backbone(str(model_dir))
+    probe_root = root / "probe"
+    make_split_json_dataset(probe_root, "eurosat", [f"colour{c}" for c in range(n_colours)], (1, 0, 3), 32, seed=7)
+    probe = load_splits(DataOptions(dataset="eurosat", root=str(probe_root)))
+    test_set = ClassificationTask(probe, backbone, augment=False).test
+    with torch.no_grad():
+        images = torch.stack([test_set[i][0] for i in range(len(test_set))])
+        labels = torch.tensor([s.label for s in probe.test])
+        feats = F.normalize(backbone.encode_image(images), dim=-1)
+        colours = F.normalize(torch.stack([feats[labels == c].mean(0) for c in range(n_colours)]), dim=-1)
+        names = F.normalize(backbone.encode_texts(EUROSAT_CLASSES), dim=-1)
+    similarity = colours @ names.t()
+    chosen: dict[int, int] = {}
+    while len(chosen) < n_colours:  # greedy one-to-one matching, best pairs first
+        masked = similarity.clone()
+        masked[list(chosen)] = -2.0
+        masked[:, list(chosen.values())] = -2.0
+        flat = int(masked.argmax())
+        chosen[flat // masked.shape[1]] = flat % masked.shape[1]
+    classnames = [EUROSAT_CLASSES[chosen[c]] for c in range(n_colours)]
+    data_root = root / "data"
+    make_split_json_dataset(data_root, "eurosat", classnames, per_split, image_size=32)
+    return data_root

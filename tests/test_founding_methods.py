@@ -607,39 +607,13 @@ def knowing_world(tmp_path_factory):
     knowledge is right: each colour gets the bare class name whose text feature the colour's images are closest to.
     Zero-shot with EuroSAT's template ("a centered satellite photo of {}.") is then poor: the gap to close.
     Returns (model folder, data root)."""
-    from data_fixtures import make_split_json_dataset
+    from data_fixtures import name_colours_as_the_model_sees_them
 
-    from vlprompt.data.synthetic import EUROSAT_CLASSES
     from vlprompt.demo import pretrain_tiny_clip
-    from vlprompt.engine.api import DataOptions, load_splits
-    from vlprompt.tasks import ClassificationTask
 
     root = tmp_path_factory.mktemp("founding_e2e")
     model_dir = pretrain_tiny_clip(root / "model", root / "work", steps=E2E_PRETRAIN_STEPS)
-    backbone = load_backbone(str(model_dir))
-
-    probe_root = root / "probe"
-    make_split_json_dataset(probe_root, "eurosat", [f"colour{c}" for c in range(E2E_COLOURS)], (1, 0, 3), 32, seed=7)
-    probe = load_splits(DataOptions(dataset="eurosat", root=str(probe_root)))
-    test_set = ClassificationTask(probe, backbone, augment=False).test
-    with torch.no_grad():
-        images = torch.stack([test_set[i][0] for i in range(len(test_set))])
-        labels = torch.tensor([s.label for s in probe.test])
-        feats = F.normalize(backbone.encode_image(images), dim=-1)
-        colours = F.normalize(torch.stack([feats[labels == c].mean(0) for c in range(E2E_COLOURS)]), dim=-1)
-        names = F.normalize(backbone.encode_texts(EUROSAT_CLASSES), dim=-1)
-    similarity = colours @ names.t()
-    chosen: dict[int, int] = {}
-    while len(chosen) < E2E_COLOURS:  # greedy one-to-one matching, best pairs first
-        masked = similarity.clone()
-        masked[list(chosen)] = -2.0
-        masked[:, list(chosen.values())] = -2.0
-        flat = int(masked.argmax())
-        chosen[flat // masked.shape[1]] = flat % masked.shape[1]
-    classnames = [EUROSAT_CLASSES[chosen[c]] for c in range(E2E_COLOURS)]
-    data_root = root / "data"
-    make_split_json_dataset(data_root, "eurosat", classnames, E2E_PER_SPLIT, image_size=32)
-    return model_dir, data_root
+    return model_dir, name_colours_as_the_model_sees_them(model_dir, root, E2E_COLOURS, E2E_PER_SPLIT)
 
 
 def _train(knowing_world, tmp_path, method, method_options=None, template=None, **train_options):

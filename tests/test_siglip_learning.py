@@ -1,66 +1,71 @@
-"""On the tiny SigLIP, the classification methods it supports train with SigLIP's own sigmoid loss and beat
-zero-shot on an easy task (three solid-colour classes; the random tiny SigLIP's zero-shot is at chance).
+"""On the tiny SigLIP, every classification method it supports trains with SigLIP's own sigmoid loss and beats
+zero-shot on an easy task.
 
-UPT is the exception, measured here: its one shared network makes both towers' prompts, and under the sigmoid loss
-on this random model (whose class text features start at cosine ~0.998 to each other) it collapses to one class in
-every recipe tried (AdamW 0.001-0.1, SGD 0.002-2, 10-30 epochs); with softmax cross-entropy the same run reaches
-66.7%, and on CLIP it learns (tests/test_truncation.py, tests/test_matrix.py). The test below pins that finding so a
-change to it is noticed; docs/methods.md states it.
+The easy task is the CLIP founding tests' (tests/test_founding_methods.py) in SigLIP form: a tiny SigLIP pretrained
+with its sigmoid loss on bare EuroSAT-like class names of generated images (``vlprompt.demo.pretrain_tiny_model``,
+from SigLIP's published initial temperature and bias), and colours named as that model sees them. Zero-shot with the
+dataset's own template ("a centered satellite photo of {}.") falls short of what the model knows; each method must
+beat it. Recipes: AdamW, 15 epochs of 20 images, the learning rate per method (as papers tune per method).
 """
 import pytest
 import torch
 
 import vlprompt
-from vlprompt.backbones import BACKBONES, load_backbone
-from vlprompt.methods.registry import unsupported_reason
+from vlprompt.backbones import BACKBONES
 from vlprompt.methods import METHODS
+from vlprompt.methods.registry import unsupported_reason
 
-# One recipe for all (AdamW, lr 0.01, 15 epochs of 8 shots); measured with tests/test_siglip_learning.py itself.
-RECIPE = dict(epochs=15, batch_size=8, lr=0.01, optimizer="adamw", warmup_epochs=0)
+PRETRAIN_STEPS = 150
+COLOURS, PER_SPLIT = 5, (4, 2, 6)  # classes; train / val / test images per class
+LEARNING_RATES = {"linear_probe": 0.01, "coop": 0.03, "vpt_shallow": 0.03, "vpt_deep": 0.01, "ivlp": 0.03,
+                  "deep_prompt": 0.01, "cocoop": 0.01, "maple": 0.03, "upt": 0.01, "dpt": 0.001, "apt": 0.01}
 SUPPORTED = [name for name, spec in METHODS.items()
-             if not unsupported_reason(spec.method_class, BACKBONES["siglip"]) and name not in ("zeroshot", "upt")]
+             if not unsupported_reason(spec.method_class, BACKBONES["siglip"]) and name != "zeroshot"]
 
 
 @pytest.fixture(scope="module")
-def easy_task(tmp_path_factory):
-    from data_fixtures import make_split_json_dataset
+def knowing_siglip(tmp_path_factory):
+    from data_fixtures import name_colours_as_the_model_sees_them
 
-    root = tmp_path_factory.mktemp("siglip_easy")
-    make_split_json_dataset(root, "eurosat", classnames=("AnnualCrop", "Forest", "Highway"), per_split=(8, 2, 10),
-                            image_size=32)  # fmt: skip
-    splits = vlprompt.load_splits(vlprompt.DataOptions("eurosat", root=str(root)))
-    backbone = load_backbone("random:siglip-tiny")
+    from vlprompt.backbones import load_backbone
+    from vlprompt.demo import pretrain_tiny_model
+
+    root = tmp_path_factory.mktemp("siglip_e2e")
+    model_dir = pretrain_tiny_model(root / "model", root / "work", steps=PRETRAIN_STEPS, preset="siglip-tiny")
+    data_root = name_colours_as_the_model_sees_them(model_dir, root, COLOURS, PER_SPLIT)
+    backbone = load_backbone(str(model_dir))
+    splits = vlprompt.load_splits(vlprompt.DataOptions("eurosat", root=str(data_root)))
     return backbone, splits, vlprompt.ClassificationTask(splits, backbone, augment=False), root
 
 
-def accuracy(name: str, easy_task, recipe: dict) -> float:
-    backbone, splits, task, root = easy_task
+def accuracy(knowing_siglip, name: str, lr: float = 0.01, template: str | None = None) -> float:
+    backbone, splits, task, root = knowing_siglip
     torch.manual_seed(0)
-    method = vlprompt.get_prompt_model(backbone, name, splits.classnames, splits.template)
-    trainer = vlprompt.Trainer(vlprompt.TrainConfig(**recipe), root / name, progress=False, log=lambda _: None)
-    return trainer.fit(method, task, overwrite=True)["accuracy"]
+    method = vlprompt.get_prompt_model(backbone, name, splits.classnames, template or splits.template)
+    config = vlprompt.TrainConfig(epochs=15, batch_size=8, lr=lr, optimizer="adamw", warmup_epochs=0, augment=False)
+    folder = root / (name if template is None else f"{name}-{len(template)}")
+    return vlprompt.Trainer(config, folder, progress=False, log=lambda _: None).fit(method, task)["accuracy"]
 
 
 @pytest.fixture(scope="module")
-def zero_shot(easy_task) -> float:
-    return accuracy("zeroshot", easy_task, RECIPE)
+def zero_shot(knowing_siglip) -> float:
+    return accuracy(knowing_siglip, "zeroshot")
 
 
-def test_every_supported_method_but_upt_is_covered():
-    every = {name for name, spec in METHODS.items() if not unsupported_reason(spec.method_class, BACKBONES["siglip"])}
-    assert every - set(SUPPORTED) == {"zeroshot", "upt"} and "sdpt" not in every
+def test_the_pretrained_siglip_knows_the_names_but_not_the_template(knowing_siglip, zero_shot):
+    assert knowing_siglip[0].info.scoring == "sigmoid"
+    bare = accuracy(knowing_siglip, "zeroshot", template="{}")  # the pretraining's bare names
+    print(f"zero-shot: bare names {bare:.1f}%, the dataset's template {zero_shot:.1f}%")
+    assert bare >= zero_shot + 20.0
+    assert zero_shot <= 80.0
+
+
+def test_every_supported_method_has_a_recipe():
+    assert set(SUPPORTED) == set(LEARNING_RATES) and "sdpt" not in SUPPORTED
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
-def test_trains_and_beats_zero_shot(name, easy_task, zero_shot):
-    assert zero_shot < 50.0  # chance on three classes: the task is learnt, not known
-    assert accuracy(name, easy_task, RECIPE) > zero_shot
-
-
-def test_upt_collapses_under_the_sigmoid_loss_but_learns_with_cross_entropy(easy_task, zero_shot, monkeypatch):
-    import dataclasses
-
-    assert accuracy("upt", easy_task, RECIPE) == zero_shot
-    backbone = easy_task[0]
-    monkeypatch.setattr(type(backbone), "info", dataclasses.replace(type(backbone).info, scoring="softmax"))
-    assert accuracy("upt", easy_task, RECIPE) > zero_shot
+def test_trains_with_the_sigmoid_loss_and_beats_zero_shot(name, knowing_siglip, zero_shot):
+    tuned = accuracy(knowing_siglip, name, LEARNING_RATES[name])
+    print(f"{name}: test accuracy {tuned:.1f}% (zero-shot {zero_shot:.1f}%)")  # shown with pytest -s
+    assert tuned > zero_shot

@@ -7,10 +7,10 @@ in the run. ``pretrain_tiny_clip`` (a seconds-long stand-in model on a generated
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vlprompt.backbones import load_backbone
 from vlprompt.backbones.presets import save_random_clip
@@ -21,8 +21,24 @@ from vlprompt.engine.trainer import seed_everything
 
 def pretrain_tiny_clip(out_dir: Path, work_dir: Path, steps: int = 100, seed: int = 0) -> Path:
     """Contrastively pretrain a tiny CLIP on bare class names of generated images, and save it as a model folder."""
+    return pretrain_tiny_model(out_dir, work_dir, steps, seed, preset="tiny")
+
+
+# SigLIP's published initialisation of its learned temperature and bias (t' = log 10, b = -10): transformers starts a
+# random SigLIP at temperature 1 and bias 0, where its sigmoid loss barely separates classes.
+SIGMOID_INIT = {"logit_scale": math.log(10.0), "logit_bias": -10.0}
+
+
+def pretrain_tiny_model(out_dir: Path, work_dir: Path, steps: int = 100, seed: int = 0, preset: str = "tiny") -> Path:
+    """Pretrain a tiny dual encoder (CLIP ``tiny`` or SigLIP ``siglip-tiny``) on bare class names of generated images
+    with its family's own loss (softmax cross-entropy or sigmoid), and save it as a model folder."""
     seed_everything(seed)
-    save_random_clip(out_dir, "tiny", seed=seed)
+    if preset.startswith("siglip"):
+        from vlprompt.backbones.siglip_presets import save_random_siglip
+
+        save_random_siglip(out_dir, preset, seed)
+    else:
+        save_random_clip(out_dir, preset, seed=seed)
     backbone = load_backbone(str(out_dir))
     pool_root = make_synthetic_eurosat(work_dir / "pretrain_pool", per_split=(40, 0, 0), seed=seed + 1)
     pool = load_dataset("eurosat", pool_root)
@@ -30,15 +46,18 @@ def pretrain_tiny_clip(out_dir: Path, work_dir: Path, steps: int = 100, seed: in
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor([s.label for s in pool.train])
     model = backbone.model
+    if backbone.info.scoring == "sigmoid":
+        with torch.no_grad():
+            model.logit_scale.fill_(SIGMOID_INIT["logit_scale"])
+            model.logit_bias.fill_(SIGMOID_INIT["logit_bias"])
     model.requires_grad_(True)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, len(images), (32,), generator=generator)
-        img = F.normalize(backbone.encode_image(images[idx]), dim=-1)
-        txt = F.normalize(backbone.encode_texts(list(pool.classnames)), dim=-1)
-        loss = F.cross_entropy(model.logit_scale.exp() * img @ txt.t(), labels[idx])
+        logits = backbone.score(backbone.encode_image(images[idx]), backbone.encode_texts(list(pool.classnames)))
+        loss = backbone.loss(logits, labels[idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
