@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from vlprompt.fileio import temp_file_beside
 
 from .datasets import DatasetSplits, Sample
 from .errors import DatasetError
@@ -142,7 +143,7 @@ def _write_cache(
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write to a temp file in the same folder, then os.replace: concurrent runs (seeds in parallel) and
         # interrupted runs never leave a half-written cache that a later run would read.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        fd, tmp = temp_file_beside(path, suffix=".tmp")
     except OSError as err:  # e.g. a read-only dataset mount: the split is seeded, the cache only pins it to disk
         warnings.warn(
             f"few-shot split cache not written ({err}); the sampled split is used without it. Set a writable "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vlprompt
+from vlprompt.fileio import temp_file_beside, user_file_mode
 
 PROMPT_FILE = "prompt.safetensors"
 CONFIG_FILE = "prompt_config.json"
@@ -33,7 +33,7 @@ class CheckpointError(ValueError):
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -50,10 +50,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, user_file_mode())  # safetensors writes a fresh private file: give it the user's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

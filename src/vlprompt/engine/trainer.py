@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vlprompt.engine import checkpoint as ckpt
+from vlprompt.fileio import FolderBusyError, exclusive_folder
 from vlprompt.options import OptionError, check_options, opt
 from vlprompt.tasks.batches import StepOutput
 
@@ -224,6 +226,19 @@ class Trainer:
         self.history = []  # a Trainer may fit several runs; each run folder gets its own history
         task.configure(self.config)  # augmentation and loader workers follow the run's options
         task.check_before_training(method)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise TrainingError(f"the output {self.run_dir} is a file, not a folder: pass a folder path as --output.")
+        with ExitStack() as stack:
+            try:  # one writer per run folder; the lock goes with the process if it dies
+                stack.enter_context(exclusive_folder(self.run_dir))
+            except FolderBusyError as err:
+                raise TrainingError(str(err)) from None
+            except OSError as err:  # e.g. a read-only parent folder or a full disk
+                raise TrainingError(f"cannot write the run folder {self.run_dir}: {err.strerror or err}; choose a "
+                                    "writable --output.") from None
+            return self._fit_locked(method, task, resume, overwrite)
+
+    def _fit_locked(self, method, task, resume: bool, overwrite: bool) -> dict[str, Any]:
         self._prepare_run_dir(resume, overwrite)
         seed_everything(self.config.seed)
         method = method.to(self.accelerator.device)

@@ -1,0 +1,89 @@
+"""Run folders: one writer at a time (the lock goes with a dead process), the user's file modes, clear faults."""
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import vlprompt
+from vlprompt.fileio import FolderBusyError, exclusive_folder
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path):
+    with exclusive_folder(tmp_path / "run"):
+        with pytest.raises(FolderBusyError, match=rf"is being written by vlprompt process {os.getpid()}; wait"):
+            with exclusive_folder(tmp_path / "run"):
+                pass
+    with exclusive_folder(tmp_path / "run"):  # released after the first writer
+        pass
+
+
+def test_a_run_folder_locked_by_a_killed_process_is_free_again(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from vlprompt.fileio import exclusive_folder
+        with exclusive_folder(__import__("pathlib").Path({str(tmp_path / "run")!r})):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderBusyError, match=rf"vlprompt process {child.pid}"):
+            with exclusive_folder(tmp_path / "run"):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+    with exclusive_folder(tmp_path / "run"):
+        pass
+
+
+def test_training_into_a_folder_another_run_writes_is_refused_and_loses_nothing(engine_run_options, tiny_model_dir,
+                                                                              engine_data_root, tmp_path):  # fmt: skip
+    options = engine_run_options(tiny_model_dir, engine_data_root, tmp_path / "run", epochs=1)
+    with exclusive_folder(tmp_path / "run"):
+        with pytest.raises(vlprompt.TrainingError, match="is being written by vlprompt process"):
+            vlprompt.train(options, progress=False, log=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".vlprompt.lock"]
+    vlprompt.train(options, progress=False, log=lambda _: None)  # the same folder once it is free
+    assert (tmp_path / "run" / "prompt.safetensors").exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_run_files_get_the_users_file_mode(umask, mode, engine_run_options, tiny_model_dir, engine_data_root,
+                                           tmp_path):  # fmt: skip
+    previous = os.umask(umask)
+    try:
+        options = engine_run_options(tiny_model_dir, engine_data_root, tmp_path / "run", epochs=1)
+        vlprompt.train(options, progress=False, log=lambda _: None)
+    finally:
+        os.umask(previous)
+    for name in ("prompt.safetensors", "prompt_config.json", "metrics.jsonl", "results.json", "run_config.json"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == mode, name
+
+
+def test_an_output_that_is_a_file_or_unwritable_is_named(engine_run_options, tiny_model_dir, engine_data_root,
+                                                          tmp_path):  # fmt: skip
+    (tmp_path / "a_file").write_text("mine")
+    options = engine_run_options(tiny_model_dir, engine_data_root, tmp_path / "a_file", epochs=1)
+    with pytest.raises(vlprompt.TrainingError, match=r"a_file is a file, not a folder: pass a folder path"):
+        vlprompt.train(options, progress=False, log=lambda _: None)
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("errno_, cause", [(13, "Permission denied"), (28, "No space left on device")])
+def test_a_run_folder_that_cannot_be_written_names_the_cause(errno_, cause, monkeypatch, engine_run_options,
+                                                             tiny_model_dir, engine_data_root, tmp_path):  # fmt: skip
+    from vlprompt.engine import trainer
+
+    def refused(folder):  # what the OS answers for a read-only parent or a full disk (root may write anywhere)
+        raise OSError(errno_, cause, str(folder))
+
+    monkeypatch.setattr(trainer, "exclusive_folder", refused)
+    options = engine_run_options(tiny_model_dir, engine_data_root, tmp_path / "run", epochs=1)
+    with pytest.raises(vlprompt.TrainingError, match=rf"cannot write the run folder .*run: {cause}; choose a "
+                                                     "writable --output"):  # fmt: skip
+        vlprompt.train(options, progress=False, log=lambda _: None)
