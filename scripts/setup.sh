@@ -15,7 +15,8 @@ fi
 python -m pip install --quiet --upgrade pip 2>/dev/null || true
 # shellcheck disable=SC2086
 python -m pip install --quiet ${VLPROMPT_TORCH:-torch==2.13.0}
-python -m pip install --quiet -e '.[dev]'
+# Every other dependency at the tested version (constraints.txt; the supported ranges are in pyproject.toml).
+python -m pip install --quiet -c constraints.txt -e '.[dev]'
 # OpenAI's CLIP BPE vocabulary (used to build the real CLIP tokenizer offline); --no-deps: its own dependencies
 # (torchvision among them) are not needed and do not install beside this torch.
-python -m pip install --quiet --no-deps clip-anytorch==2.6.0
+python -m pip install --quiet --no-deps -c constraints.txt clip-anytorch
