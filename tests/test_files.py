@@ -87,3 +87,19 @@ def test_a_run_folder_that_cannot_be_written_names_the_cause(errno_, cause, monk
     with pytest.raises(vlprompt.TrainingError, match=rf"cannot write the run folder .*run: {cause}; choose a "
                                                      "writable --output"):  # fmt: skip
         vlprompt.train(options, progress=False, log=lambda _: None)
+
+
+def test_shots_above_what_a_class_has_warn_on_every_run_and_the_run_records_the_counts_used(
+        engine_run_options, tiny_model_dir, engine_data_root, tmp_path):  # fmt: skip
+    import json
+
+    from vlprompt.engine.api import DataOptions
+
+    for run in ("first", "cached"):  # the second run reads the few-shot cache the first one wrote
+        options = engine_run_options(tiny_model_dir, engine_data_root, tmp_path / run, epochs=1)
+        options.data = DataOptions(dataset="eurosat", root=str(engine_data_root), shots=9,
+                                   cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        with pytest.warns(UserWarning, match=r"3 of 3 classes have fewer than 9 training images .*'AnnualCrop': 4"):
+            vlprompt.train(options, progress=False, log=lambda _: None)
+        recorded = json.loads((tmp_path / run / "run_config.json").read_text())
+        assert recorded["data"]["shots"] == 9 and recorded["train_images_per_class"] == {"min": 4, "max": 4}

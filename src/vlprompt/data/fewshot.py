@@ -47,7 +47,20 @@ def few_shot(
         if path is not None:
             _write_cache(path, splits, shots, seed, *picked)
     train, val = picked
+    _warn_short_classes(splits, shots)  # on every run, a cached split's too: the run uses fewer than asked
     return DatasetSplits(splits.name, list(splits.classnames), splits.template, train, val, list(splits.test))
+
+
+def _warn_short_classes(splits: DatasetSplits, shots: int) -> None:
+    n = len(splits.classnames)
+    short = [(splits.classnames[c], len(g)) for c, g in enumerate(_by_class(splits.train, n)) if len(g) < shots]
+    if short:
+        examples = ", ".join(f"{name!r}: {k}" for name, k in short[:5])
+        warnings.warn(
+            f"{splits.name}: {len(short)} of {n} classes have fewer than {shots} training images ({examples}"
+            f"{', ...' if len(short) > 5 else ''}); using all of their images (the run records the counts used).",
+            stacklevel=3,
+        )
 
 
 def few_shot_cache_path(cache_dir: str | Path, name: str, shots: int, seed: int) -> Path:
@@ -78,14 +91,6 @@ def _sample(splits: DatasetSplits, shots: int, seed: int) -> tuple[list[Sample],
     rng = random.Random(seed)
     n = len(splits.classnames)
     train_groups = _by_class(splits.train, n)
-    short = [(splits.classnames[c], len(g)) for c, g in enumerate(train_groups) if len(g) < shots]
-    if short:
-        examples = ", ".join(f"{name!r}: {k}" for name, k in short[:5])
-        warnings.warn(
-            f"{splits.name}: {len(short)} of {n} classes have fewer than {shots} training images ({examples}"
-            f"{', ...' if len(short) > 5 else ''}); using all of their images.",
-            stacklevel=3,
-        )
     train_picks = [_pick(rng, g, shots) for g in train_groups]
     if splits.val:
         val_pools = _by_class(splits.val, n)

@@ -294,7 +294,7 @@ class Trainer:
         differences = [
             f"{key}: {stored.get(key)!r} there, {current.get(key)!r} now"
             for key in sorted(set(self.run_info) | set(stored) - {"train"})
-            if stored.get(key) != current.get(key)
+            if key in stored and stored.get(key) != current.get(key)  # a key a later version added is no change
         ]
         if stored.get("train", {}).get("seed") != current["train"]["seed"]:
             differences.append(f"train.seed: {stored.get('train', {}).get('seed')!r} there, "

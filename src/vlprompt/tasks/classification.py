@@ -106,7 +106,11 @@ class ClassificationTask(Task):
         return self.splits.template
 
     def run_info(self) -> dict[str, Any]:
-        return {"dataset_name": self.splits.name, "num_train": len(self.splits.train)}
+        per_class = torch.bincount(torch.tensor([s.label for s in self.splits.train], dtype=torch.long),
+                                   minlength=len(self.splits.classnames)).tolist()  # fmt: skip
+        # What the run trained on, which --shots above a class's image count does not say.
+        return {"dataset_name": self.splits.name, "num_train": len(self.splits.train),
+                "train_images_per_class": {"min": min(per_class), "max": max(per_class)}}
 
     def check_before_training(self, method) -> None:
         if not self.splits.train and (method.num_trainable() > 0 or method.fits_features):
