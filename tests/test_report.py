@@ -41,3 +41,11 @@ def test_domain_sources_get_a_table_each_and_odd_names_plot(tmp_path):
     fewshot = [_row("coop", "imagefolder:/data/pets", 1, 70.0, shots=k) for k in (1, 2)]
     write_report(fewshot, tmp_path)
     assert (tmp_path / "fewshot_imagefolder_data_pets.png").is_file()
+
+
+def test_a_one_seed_report_shows_no_spread_and_says_so():
+    one = markdown_report([_row(m, "d1", 1, acc) for m, acc in (("a", 40.0), ("b", 80.0))])
+    assert "±" not in one and "one seed" in one
+    assert "| a | 40.0 |" in one.splitlines()
+    two = markdown_report([_row("a", "d1", seed, acc) for seed, acc in ((1, 40.0), (2, 60.0))])
+    assert "| a | 50.0 ± 14.1 |" in two.splitlines() and "mean ± std over seeds" in two

@@ -21,8 +21,13 @@ def _group(rows: list[Row], *keys: str) -> dict[tuple, list[Row]]:
     return groups
 
 
-def _fmt(mean: float, std: float) -> str:
-    return f"{mean:.1f} ± {std:.1f}"
+def _fmt(mean: float, std: float, one_seed: bool = False) -> str:
+    # One seed has no spread to report: "± 0.0" would read as a measured zero.
+    return f"{mean:.1f}" if one_seed else f"{mean:.1f} ± {std:.1f}"
+
+
+def _spread_words(one_seed: bool) -> str:
+    return "one seed" if one_seed else "mean ± std over seeds"
 
 
 def _ordered(values, preferred: list[str] | None = None) -> list:
@@ -97,19 +102,20 @@ def cost_cells(rows: list[Row]) -> dict[str, tuple[str, float]]:
 
 def markdown_report(rows: list[Row], methods: list[str] | None = None, title: str = "Bench results") -> str:
     methods = _ordered((r["method"] for r in rows), methods)
+    one_seed = len({r["seed"] for r in rows}) == 1
     lines = [f"# {title}", ""]
     fewshot = [r for r in rows if r["protocol"] == "fewshot"]
     if fewshot:
         cells = fewshot_cells(rows)
         avg = fewshot_average(rows)
         shots = sorted({k for (_, _, k) in cells})
-        lines += ["## Few-shot: test accuracy (%), mean ± std over seeds, averaged over datasets", ""]
+        lines += [f"## Few-shot: test accuracy (%), {_spread_words(one_seed)}, averaged over datasets", ""]
         lines += ["| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
                   "|---|" + "---:|" * len(shots)]
         run_methods = {r["method"] for r in fewshot}
         for m in methods:
             if m in run_methods:  # "-": not every dataset has a result for every seed (an unfinished bench)
-                lines.append(f"| {m} | " + " | ".join(_fmt(*avg[(m, k)]) if (m, k) in avg else "-" for k in shots)
+                lines.append(f"| {m} | " + " | ".join(_fmt(*avg[(m, k)], one_seed) if (m, k) in avg else "-" for k in shots)
                              + " |")
         lines.append("")
         datasets = _ordered(r["eval_dataset"] for r in fewshot)
@@ -119,7 +125,7 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
         for m in methods:
             if any((d, m, top) in cells for d in datasets):
                 lines.append(f"| {m} | " + " | ".join(
-                    _fmt(*cells[(d, m, top)]) if (d, m, top) in cells else "-" for d in datasets) + " |")
+                    _fmt(*cells[(d, m, top)], one_seed) if (d, m, top) in cells else "-" for d in datasets) + " |")
         lines.append("")
     b2n = base2novel_cells(rows)
     if b2n:
@@ -150,13 +156,13 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
         for source in _ordered(r["train_dataset"] for r in part):  # one table per source dataset
             of_source = [r for r in part if r["train_dataset"] == source]
             targets = _ordered(r["eval_dataset"] for r in of_source)
-            lines += [f"## {heading}: trained on {source}, test accuracy (%) mean ± std over seeds", "",
+            lines += [f"## {heading}: trained on {source}, test accuracy (%) {_spread_words(one_seed)}", "",
                       "| method | " + " | ".join(targets) + " |", "|---|" + "---:|" * len(targets)]
             groups = _group(of_source, "method", "eval_dataset")
             for m in methods:
                 if any((m, t) in groups for t in targets):
                     lines.append(f"| {m} | " + " | ".join(
-                        _fmt(*mean_std([r["accuracy"] for r in groups[(m, t)]])) if (m, t) in groups else "-"
+                        _fmt(*mean_std([r["accuracy"] for r in groups[(m, t)]]), one_seed) if (m, t) in groups else "-"
                         for t in targets) + " |")
             lines.append("")
     costs = cost_cells(rows)
