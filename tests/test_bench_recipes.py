@@ -238,3 +238,19 @@ def test_report_records_the_command_that_ran_and_report_only_keeps_it(tiny_model
     assert first == "Command: `vlprompt " + " ".join(str(a) for a in args) + "`"
     assert _cli(*args, "--report-only")[0] == 0
     assert first in Path(out_dir, "results.md").read_text().splitlines()
+
+
+def test_a_bench_rerun_with_fewer_methods_keeps_the_earlier_rows_in_results_and_report(tiny_model_dir,
+                                                                                     engine_data_root, tmp_path):
+    data_root = shutil.copytree(engine_data_root, tmp_path / "data")
+    out_dir = tmp_path / "bench"
+    common = ["bench", "--datasets", "eurosat", "--data-root", data_root, "--model", tiny_model_dir, "--shots", "1",
+              "--seeds", "1", "--output", out_dir, "--set", "default_train.batch_size=4",
+              "--set", "default_train.epochs=1"]
+    code, _, err = _cli(*common, "--methods", "zeroshot", "coop")
+    assert code == 0, err
+    code, out, err = _cli(*common, "--methods", "zeroshot")
+    assert code == 0, err
+    methods = [line.split(",")[4] for line in (out_dir / "results.csv").read_text().splitlines()[1:]]
+    assert sorted(methods) == ["coop", "zeroshot"]
+    assert "| coop |" in (out_dir / "results.md").read_text()

@@ -382,10 +382,27 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
             _run_parallel(config, pending, finished)
     finally:  # a failed or interrupted bench still tables every run that finished
         rows = [row for i in sorted(rows_by_job) for row in rows_by_job[i]]  # plan order, however runs finished
+        rows = with_earlier_rows(results_csv_path(config), rows)
         write_csv(results_csv_path(config), rows)
     if done:
         log(f"{done} of {len(jobs)} runs were already finished and were reused")
     return rows
+
+
+ROW_KEY = ("protocol", "train_dataset", "eval_dataset", "subset", "method", "shots", "seed", "precision")
+
+
+def with_earlier_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` followed by the rows of an earlier results.csv that this bench did not produce (a rerun with fewer
+    methods, datasets or seeds): the folder's table keeps every finished run."""
+    if not path.exists():
+        return rows
+
+    def key(row: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(str(row.get(k, "fp32" if k == "precision" else "")) for k in ROW_KEY)
+
+    current = {key(row) for row in rows}
+    return rows + [row for row in read_csv(path) if key(row) not in current]
 
 
 def check_jobs(config: BenchConfig, jobs: Sequence[Job]) -> None:
