@@ -191,6 +191,10 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def _epoch_mean(values: list[torch.Tensor]) -> float:
+    return float(torch.stack([v.float() for v in values]).mean())
+
+
 def task_class_name(name: str) -> str:
     from vlprompt.tasks import task_class
 
@@ -333,7 +337,7 @@ class Trainer:
             epoch_start = time.perf_counter()
             loader = self._loader(task.train_dataset(), cfg.batch_size, True, epoch, task.collate_fn)
             loader = self.accelerator.prepare(loader)
-            terms: dict[str, list[float]] = {}
+            terms: dict[str, list[torch.Tensor]] = {}  # detached; read once per epoch, not synced every step
             logs: dict[str, list[float]] = {}
             for step, raw in enumerate(self._progress(loader, epoch)):
                 batch = task.make_batch(raw)
@@ -341,9 +345,9 @@ class Trainer:
                     output = run_training_step(step_module, optimizer, batch, self.accelerator, params, cfg.grad_clip)
                 except NonFiniteLoss as err:
                     raise TrainingError(self._divergence_message(f"loss became {err}", epoch, step)) from None
-                terms.setdefault("loss", []).append(float(output.loss.detach()))
+                terms.setdefault("loss", []).append(output.loss.detach())
                 for name, value in output.losses.items():
-                    terms.setdefault(f"loss_{name}", []).append(float(value.detach()))
+                    terms.setdefault(f"loss_{name}", []).append(value.detach())
                 for name, value in output.logs.items():
                     logs.setdefault(name, []).append(value)
                 task.record_step(output, batch)
@@ -353,9 +357,9 @@ class Trainer:
                 # resume point, or every --resume would fail the same way.
                 raise TrainingError(self._divergence_message("the prompt parameters became non-finite", epoch, step))
             record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                                      "train_loss": float(np.mean(terms["loss"]))}  # fmt: skip
+                                      "train_loss": _epoch_mean(terms["loss"])}  # fmt: skip
             if len(terms) > 2:  # several named terms: each one's mean too
-                record.update({k: float(np.mean(v)) for k, v in terms.items() if k != "loss"})
+                record.update({k: _epoch_mean(v) for k, v in terms.items() if k != "loss"})
             record.update({k: float(np.mean(v)) for k, v in logs.items()})
             record.update(task.epoch_metrics())
             record["epoch_time_s"] = time.perf_counter() - epoch_start
