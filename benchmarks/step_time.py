@@ -15,7 +15,18 @@ Usage::
 
     python benchmarks/step_time.py                                   # random:vit-b-16, writes docs/benchmarks/
     python benchmarks/step_time.py --model random:tiny --steps 2 --warmup 0 --coop-classes 50 --coop-batch 4 \\
-        --out /tmp/step_time.md                                      # smoke run (seconds)
+        --out /tmp/step_time.md                                      # smoke run (every method: minutes)
+    python benchmarks/step_time.py --model random:tiny --method coop --precisions fp32 --steps 1 --warmup 0 \\
+        --coop-classes 0 --compile none --out /tmp/step_time.md    # quick smoke run (U and CoOp; tests/test_speed.py)
+    python benchmarks/step_time.py --batch-size 256 --precisions bf16 --method coop --method vpt_deep \\
+        --method maple --coop-classes 0 --steps 10 --warmup 3 --compile default   # GPU: compiled towers
+
+Every record also has images/s, the FLOPs of one eager pass counted by ``torch.utils.flop_counter.FlopCounterMode``
+(matmul, convolution, attention; forward + backward), the achieved FLOP/s and its fraction of the device's peak for
+the precision (``vlprompt.engine.speed.device_peak``: NVIDIA datasheet figures, dense; on a CPU fp32 from
+/proc/cpuinfo and a stated FLOPs-per-cycle assumption; no fraction where the peak is unknown). ``--compile MODE``
+compiles the towers' encoder layers (``vlprompt.engine.speed.compile_towers``); the warm-up steps, which compile,
+are not timed with the steps but reported as ``warmup_s``.
 
 Writes ``--out`` (markdown) and ``--json`` (default: ``--out`` with ``.json``): one key per method with
 ``fp32_over_U``, ``bf16_over_U`` (each precision's step over the same precision's U), ``peak_mb`` (fp32 process peak)
@@ -68,15 +79,20 @@ def class_names(n: int) -> list[str]:
 class _Setup:
     """Backbone, accelerator and memory baseline of one measurement process."""
 
-    def __init__(self, model: str, precision: str, threads: int | None, seed: int, reset_peak: bool) -> None:
+    def __init__(self, model: str, precision: str, threads: int | None, seed: int, reset_peak: bool,
+                 tf32: bool = False) -> None:
         import torch
 
         from vlprompt.backbones import load_backbone
+        from vlprompt.engine import speed
         from vlprompt.engine.trainer import make_accelerator
 
         self.h = _helpers()
         if threads is not None:
             torch.set_num_threads(threads)
+        self.tf32 = tf32
+        if tf32:
+            speed.set_tf32(True)  # explicit option only: TF32 changes fp32 matmul numerics
         torch.manual_seed(seed)
         self.accelerator = make_accelerator(precision)
         self.device = self.accelerator.device
@@ -130,7 +146,49 @@ class _Setup:
         record["other_cpu_use"] = self.h.other_cpu_use(self.counters, self.h.cpu_counters(), record["measure_s"])
         record["threads"] = torch.get_num_threads()
         record["device"] = str(self.device)
+        record["tf32"] = self.tf32
         return record
+
+    def throughput(self, record: dict[str, Any], flops_per_step: int | None) -> None:
+        """Images per second of the median step, counted FLOPs, achieved FLOP/s and the fraction of the device's
+        peak for the record's precision (None where the peak is unknown)."""
+        from vlprompt.engine import speed
+
+        peak = speed.device_peak(self.device, record["precision"], torch_threads(), tf32=self.tf32)
+        record["peak_flops_per_s"] = peak.flops_per_s
+        record["peak_source"] = peak.source
+        record["images_per_s"] = record["batch_size"] / record["step_s"] if record.get("step_s") else None
+        record["flops_per_step"] = flops_per_step
+        record["flops_per_image"] = None if flops_per_step is None else flops_per_step / record["batch_size"]
+        achieved = None if flops_per_step is None or not record.get("step_s") else flops_per_step / record["step_s"]
+        record["achieved_flops_per_s"] = achieved
+        record["peak_fraction"] = None if achieved is None or not peak.flops_per_s else achieved / peak.flops_per_s
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _compile_warmup(s: "_Setup", make, step, warmup: int, compile_mode: str, record: dict[str, Any]) -> int:
+    """Run the warm-up steps, not timed with the steps (at least 1 when compiled; 3 with modes that may record CUDA
+    graphs: a warm-up run, the recording, one replay), and record their summed time (inputs made by ``make`` outside
+    it) as the compile warm-up. Returns the warm-up count used."""
+    if compile_mode != "none":
+        warmup = max(warmup, 3 if compile_mode in ("reduce-overhead", "max-autotune") else 1)
+    total = 0.0
+    for _ in range(warmup):
+        inputs = make()
+        s.sync()
+        t = time.perf_counter()
+        step(inputs)
+        s.sync()
+        total += time.perf_counter() - t
+    record["warmup_s"] = total
+    record["compile"] = compile_mode
+    record["warmup"] = warmup
+    return warmup
 
 
 def _summarise(record: dict[str, Any], times: list[float]) -> None:
@@ -140,48 +198,71 @@ def _summarise(record: dict[str, Any], times: list[float]) -> None:
 
 
 def measure_u(model: str, precision: str = "fp32", *, batch_size: int = 8, num_classes: int = 10, steps: int = 3,
-              warmup: int = 1, threads: int | None = None, seed: int = 0, reset_peak: bool = False) -> dict[str, Any]:
-    """U: frozen image-tower forward + activation-only backward (input requires grad), under autocast."""
+              warmup: int = 1, threads: int | None = None, seed: int = 0, reset_peak: bool = False,
+              compile: str = "none", tf32: bool = False, flops: bool = True) -> dict[str, Any]:
+    """U: frozen image-tower forward + activation-only backward (input requires grad), under autocast.
+
+    ``flops``: count one eager U pass's FLOPs first (untimed). ``compile``: a :func:`vlprompt.engine.speed.
+    compile_towers` mode for the image tower; the warm-up steps (which compile) are timed apart as ``warmup_s``."""
     import torch
     import torch.nn.functional as F
 
-    s = _Setup(model, precision, threads, seed, reset_peak)
+    from vlprompt.engine import speed
+
+    s = _Setup(model, precision, threads, seed, reset_peak, tf32)
     backbone, accelerator = s.backbone, s.accelerator
     with torch.no_grad(), accelerator.autocast():
         text = F.normalize(backbone.encode_texts([f"a photo of a {c}." for c in class_names(num_classes)]).float(), -1)
-    times = []
-    for i in range(warmup + steps):
-        pixels, labels = s.batch(batch_size, num_classes)
+
+    def one_pass(inputs) -> None:
+        pixels, labels = inputs
         pixels.requires_grad_(True)
-        s.sync()
-        t = time.perf_counter()
         with accelerator.autocast():
             feats = F.normalize(backbone.encode_image(pixels).float(), dim=-1)
             loss = F.cross_entropy(backbone.logit_scale.float() * feats @ text.t(), labels)
         accelerator.backward(loss)
         loss.item()
-        s.sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
         assert pixels.grad is not None  # the backward really ran through the whole tower
+
     record = {"kind": "U", "model": model, "precision": precision, "batch_size": batch_size,
               "num_classes": num_classes, "steps": steps, "warmup": warmup}
+    def make():
+        return s.batch(batch_size, num_classes)
+
+    flops_per_step = speed.count_flops(lambda: one_pass(make()))[1] if flops else None  # eager, untimed
+    speed.compile_towers(backbone, None if compile == "none" else compile, towers=("image",))
+    _compile_warmup(s, make, one_pass, warmup, compile, record)
+    times = []
+    for _ in range(steps):
+        inputs = make()
+        s.sync()
+        t = time.perf_counter()
+        one_pass(inputs)
+        s.sync()
+        times.append(time.perf_counter() - t)
     _summarise(record, times)
+    s.throughput(record, flops_per_step)
     return s.finish(record)
 
 
 def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch_size: int = 8,
                  num_classes: int = 10, steps: int = 3, warmup: int = 1, threads: int | None = None, seed: int = 0,
-                 reset_peak: bool = False) -> dict[str, Any]:
-    """One method's engine training step (see the module docstring), timed ``steps`` times after ``warmup``."""
+                 reset_peak: bool = False, compile: str = "none", tf32: bool = False,
+                 flops: bool = True) -> dict[str, Any]:
+    """One method's engine training step (see the module docstring), timed ``steps`` times after ``warmup``.
+
+    ``flops``: count one eager step's FLOPs first (untimed; it is a real step). ``compile``: a
+    :func:`vlprompt.engine.speed.compile_towers` mode for both towers; the warm-up steps (which compile) are timed
+    apart as ``warmup_s``."""
     import torch
 
+    from vlprompt.engine import speed
     from vlprompt.engine.trainer import TrainConfig, prepare_training
     from vlprompt.methods import canonical_method_name, get_prompt_model
     from vlprompt.tasks.batches import ClassificationBatch
 
     name = canonical_method_name(method_name)
-    s = _Setup(model, precision, threads, seed, reset_peak)
+    s = _Setup(model, precision, threads, seed, reset_peak, tf32)
     accelerator = s.accelerator
     names = class_names(num_classes)
     method = get_prompt_model(s.backbone, name, names).to(s.device)
@@ -209,29 +290,39 @@ def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch
     method.on_epoch_start(0)
     method.train()
 
-    def timed_steps(cached_images: bool) -> list[float]:
+    def make_batch(cached_images: bool):
+        pixels, labels = s.batch(batch_size, num_classes)
+        if cached_images:
+            with torch.no_grad(), accelerator.autocast():
+                return ClassificationBatch(labels, image_feats=method.backbone.encode_image(pixels).detach(),
+                                           text_feats=text_feats)  # fmt: skip
+        return ClassificationBatch(labels, pixel_values=pixels, text_feats=text_feats)
+
+    def one_step(batch) -> None:
+        speed.begin_step(method)  # CUDA-graph trees (reduce-overhead): a new step starts
+        trainer_step(step_module, optimizer, batch, accelerator, params, name)
+
+    def timed_steps(cached_images: bool, n_warmup: int) -> list[float]:
         """Trainer steps on fresh batches; ``cached_images``: from the frozen tower's features (--no-augment mode)."""
         times = []
-        for i in range(warmup + steps):
-            pixels, labels = s.batch(batch_size, num_classes)
-            batch = ClassificationBatch(labels, pixel_values=pixels, text_feats=text_feats)
-            if cached_images:
-                with torch.no_grad(), accelerator.autocast():
-                    batch = ClassificationBatch(labels, image_feats=method.backbone.encode_image(pixels).detach(),
-                                                text_feats=text_feats)  # fmt: skip
+        for i in range(n_warmup + steps):
+            batch = make_batch(cached_images)
             s.sync()
             t = time.perf_counter()
-            trainer_step(step_module, optimizer, batch, accelerator, params, name)
+            one_step(batch)
             s.sync()
-            if i >= warmup:
+            if i >= n_warmup:
                 times.append(time.perf_counter() - t)
         return times
 
-    times = timed_steps(cached_images=False)
+    flops_per_step = speed.count_flops(lambda: one_step(make_batch(False)))[1] if flops else None  # eager, untimed
+    speed.compile_towers(method, None if compile == "none" else compile)
+    _compile_warmup(s, lambda: make_batch(False), one_step, warmup, compile, record)
+    times = timed_steps(cached_images=False, n_warmup=0)
     if not method.modifies_image:
         # The engine's other mode (--no-augment): image features of the frozen tower are computed once per image
         # and every step starts from them.
-        cached_times = timed_steps(cached_images=True)
+        cached_times = timed_steps(cached_images=True, n_warmup=record["warmup"])
         record["cached_image_step_s"] = statistics.median(cached_times)
         record["cached_image_times_s"] = cached_times
     record["kind"] = "sgd"
@@ -239,6 +330,7 @@ def measure_step(model: str, method_name: str, precision: str = "fp32", *, batch
         "text tower per image (batch x classes sequences)" if record["conditions_text_on_image"]
         else "text tower every step")
     _summarise(record, times)
+    s.throughput(record, flops_per_step)
     return s.finish(record)
 
 
@@ -285,6 +377,9 @@ def summarise(u: dict[str, dict], steps: dict[str, dict[str, dict]], coop_large:
                 entry[f"{precision}_cached_image_over_U"] = r["cached_image_step_s"] / u[precision]["step_s"]
             entry[f"{precision}_peak_mb"] = r.get("peak_mb")
             entry[f"{precision}_extra_peak_mb"] = r.get("extra_peak_mb")
+            entry[f"{precision}_images_per_s"] = r.get("images_per_s")
+            entry[f"{precision}_flops_per_image"] = r.get("flops_per_image")
+            entry[f"{precision}_peak_fraction"] = r.get("peak_fraction")
         first = next(iter(by_precision.values()))
         entry["peak_mb"] = by_precision.get("fp32", first).get("peak_mb")
         fp32, bf16 = by_precision.get("fp32", {}), by_precision.get("bf16", {})
@@ -409,6 +504,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         row += f" {loads} | {notes} |"
         lines.append(row)
     lines.append("")
+    lines += render_throughput(result)
     if large:
         first = next(iter(large.values()))
         lines += [
@@ -430,6 +526,63 @@ def render_markdown(result: dict[str, Any]) -> str:
                              f"{_mb(r['extra_peak_mb'])} | {_load(r)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _flops(x: float | None) -> str:
+    if x is None:
+        return "—"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} "
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def render_throughput(result: dict[str, Any]) -> list[str]:
+    """The images/s and FLOP table (U and every SGD method, each precision), with the peaks and their sources."""
+    meta, u = result["_meta"], result["_U"]
+    records = [("U", p, r) for p, r in u.items()]
+    records += [(m, p, r) for m, e in result.items() if not m.startswith("_") for p, r in e["records"].items()
+                if r.get("kind") == "sgd" and "error" not in r]
+    if not any(r.get("images_per_s") for _, _, r in records):
+        return []
+    mode = meta.get("compile", "none")
+    lines = [
+        "## Throughput and FLOPs",
+        "",
+        "*images/s* = batch / median step. *FLOPs / image*: the matrix multiplies, convolutions and attention of one "
+        "eager pass (forward and backward, the optimiser not included), counted by "
+        "`torch.utils.flop_counter.FlopCounterMode` (attention counted as full, causal masks not discounted; the CPU "
+        "attention kernel counted with the same formula), divided by the batch. *achieved* = counted FLOPs per step "
+        "/ median step time. *of peak* = achieved / the device's peak for the precision (— where no peak is known).",
+        "",
+        f"- compile: `{mode}`" + ("" if mode == "none" else
+                                  " (regional: every encoder layer of the towers, `vlprompt.engine.speed.compile_towers`;"
+                                  " the warm-up steps, which compile, are excluded from the step times and given "
+                                  "below as *warm-up*)") + (f"; TF32 for fp32 matmuls: {'on' if meta.get('tf32') else 'off'}"),
+    ]
+    for p, peak in (meta.get("peaks") or {}).items():
+        lines.append(f"- peak {p}: " + (_flops(peak["flops_per_s"]) + "FLOP/s" if peak.get("flops_per_s") else
+                                        "unknown (no fraction given)") + f"; source: {peak['source']}")
+    lines += [
+        "",
+        "| what | precision | images/s | FLOPs / image | achieved FLOP/s | of peak | warm-up |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for what, p, r in records:
+        if "error" in r:
+            lines.append(f"| {what} | {p} | error | | | | |")
+            continue
+        ips = r.get("images_per_s")
+        warm = r.get("warmup_s")
+        lines.append(f"| {what} | {p} | {'—' if ips is None else f'{ips:,.1f}'} | {_flops(r.get('flops_per_image'))}"
+                     f"FLOP | {_flops(r.get('achieved_flops_per_s'))}FLOP/s | {_pct(r.get('peak_fraction'))} | "
+                     f"{_t(warm)} ({r.get('warmup', '?')} steps) |")
+    lines.append("")
+    return lines
 
 
 def cpu_bf16_flags() -> list[str] | None:
@@ -462,7 +615,24 @@ def collect_meta(args, wall_s: float) -> dict[str, Any]:
         "threads": args.threads, "model": args.model, "batch_size": args.batch_size, "num_classes": args.num_classes,
         "steps": args.steps, "warmup": args.warmup, "precisions": args.precisions,
         "coop_classes": args.coop_classes, "coop_batch": args.coop_batch, "wall_s": wall_s,
+        "compile": args.compile, "tf32": args.tf32, "flops_counted": not args.no_flops,
+        "flops_note": "FlopCounterMode: matmul, convolution, attention (fwd + bwd) of one eager pass per record",
+        "peaks": device_peaks(args),
     }
+
+
+def device_peaks(args) -> dict[str, dict[str, Any]]:
+    """Peak FLOP rate and its source per measured precision, for the device the workers use."""
+    import torch
+
+    from vlprompt.engine import speed
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for p in dict.fromkeys([*args.precisions, *(args.coop_precisions or [])]):
+        peak = speed.device_peak(device, p, args.threads, tf32=args.tf32)
+        out[p] = {"flops_per_s": peak.flops_per_s, "source": peak.source}
+    return out
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -485,6 +655,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--json", type=Path, default=None, help="default: --out with .json")
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement process")
+    p.add_argument("--compile", default="none", choices=["none", "default", "max-autotune", "reduce-overhead"],
+                   help="regional torch.compile of the towers' encoder layers (vlprompt.engine.speed.compile_towers); "
+                        "reduce-overhead = CUDA graphs, CUDA only")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls on CUDA (changes fp32 numerics)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra eager step per record)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -496,12 +671,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return _worker(args.worker, args.result)
+    import torch
+
     from vlprompt.backbones import RANDOM_PREFIX, CLIPBackbone
     from vlprompt.backbones.presets import PRESETS, save_random_clip
     from vlprompt.methods import METHODS, canonical_method_name
 
+    if args.compile == "reduce-overhead" and not torch.cuda.is_available():
+        print("step_time.py: --compile reduce-overhead records CUDA graphs and needs a CUDA GPU; on this machine use "
+              "--compile default (or max-autotune)", file=sys.stderr)
+        return 2
+
     methods = [canonical_method_name(m) for m in args.method] if args.method else [
-        n for n, spec in METHODS.items() if spec.method_class.required_sites <= CLIPBackbone.sites
+        n for n, spec in METHODS.items() if spec.method_class.required_sites <= CLIPBackbone.info.sites
     ]
     start = time.perf_counter()
     worker_model, saved = args.model, None
@@ -511,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
         save_random_clip(saved.name, args.model[len(RANDOM_PREFIX):], seed=0)  # = load_backbone(args.model)'s weights
         worker_model = saved.name
     common = dict(model=worker_model, batch_size=args.batch_size, num_classes=args.num_classes, steps=args.steps,
-                  warmup=args.warmup, threads=args.threads, seed=args.seed)
+                  warmup=args.warmup, threads=args.threads, seed=args.seed, compile=args.compile, tf32=args.tf32,
+                  flops=not args.no_flops)
 
     def run(label: str, spec: dict[str, Any]) -> dict[str, Any]:
         print(f"[step_time] {label} ...", file=sys.stderr, flush=True)
@@ -521,7 +704,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[step_time]   FAILED: {r['error']}", file=sys.stderr, flush=True)
         else:
             step = _t(r.get("step_s")) if r.get("step_s") is not None else r.get("kind")
-            print(f"[step_time]   {step}, peak {_mb(r.get('peak_mb'))} MiB, other CPU use {_load(r)} "
+            rate = ""
+            if r.get("images_per_s"):
+                rate = (f", {r['images_per_s']:,.1f} images/s, {_flops(r.get('flops_per_image'))}FLOP/image, "
+                        f"{_flops(r.get('achieved_flops_per_s'))}FLOP/s = {_pct(r.get('peak_fraction'))} of peak, "
+                        f"warm-up {_t(r.get('warmup_s'))}")
+            print(f"[step_time]   {step}{rate}, peak {_mb(r.get('peak_mb'))} MiB, other CPU use {_load(r)} "
                   f"({r['wall_s']:.0f} s)", file=sys.stderr, flush=True)
         return r
 

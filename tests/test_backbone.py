@@ -389,3 +389,19 @@ def test_a_local_model_folder_is_recorded_absolute(tiny_model_dir, monkeypatch):
     monkeypatch.chdir(tiny_model_dir.parent)
     backbone = load_backbone(f"./{tiny_model_dir.name}")
     assert backbone.identity["name_or_path"] == str(tiny_model_dir.resolve())
+
+
+def test_loaded_models_keep_transformers_own_layers_not_hub_kernels(tiny_model_dir):
+    """transformers 5 (with the ``kernels`` package it requires) would swap layers for kernels downloaded from the Hub
+    the first time a model trains on a GPU: offline that fails every training run (seen on an H200), online it runs
+    untested code. A loaded backbone must have kernels off."""
+    from transformers.utils import is_kernels_available
+
+    from vlprompt.backbones import load_backbone
+
+    if not is_kernels_available():
+        pytest.skip("the kernels package is not installed: transformers cannot switch to hub kernels")
+    backbone = load_backbone(str(tiny_model_dir))
+    assert backbone.model.use_kernels is False
+    backbone.model.train()
+    assert backbone.model.use_kernels is False

@@ -5,7 +5,9 @@ The easy task is the CLIP founding tests' (tests/test_founding_methods.py) in Si
 with its sigmoid loss on bare EuroSAT-like class names of generated images (``vlprompt.demo.pretrain_tiny_model``,
 from SigLIP's published initial temperature and bias), and colours named as that model sees them. Zero-shot with the
 dataset's own template ("a centered satellite photo of {}.") falls short of what the model knows; each method must
-beat it. Recipes: AdamW, 15 epochs of 20 images, the learning rate per method (as papers tune per method).
+beat it. Recipes: AdamW, 30 epochs of 20 images, the learning rate per method (as papers tune per method). At 15
+epochs IVLP, MaPLe and APT ended at or below zero-shot for some data orders (run seeds 1-3); at 30 each beat it for
+all three seeds.
 """
 import pytest
 import torch
@@ -16,9 +18,13 @@ from vlprompt.methods import METHODS
 from vlprompt.methods.registry import unsupported_reason
 
 PRETRAIN_STEPS = 150
+EPOCHS = 30
 COLOURS, PER_SPLIT = 5, (4, 2, 6)  # classes; train / val / test images per class
 LEARNING_RATES = {"linear_probe": 0.01, "coop": 0.03, "vpt_shallow": 0.03, "vpt_deep": 0.01, "ivlp": 0.03,
                   "deep_prompt": 0.01, "cocoop": 0.01, "maple": 0.03, "upt": 0.01, "dpt": 0.001, "apt": 0.01}
+# Shallow VPT's default 8 tokens in the first layer plateau at zero-shot accuracy on this tiny SigLIP (60% on train,
+# val and test at lr 0.01 to 0.3 and seeds 1-3, measured once the data order became per-run seeded); 16 tokens learn.
+METHOD_OPTIONS = {"vpt_shallow": {"n_tokens": 16}}
 SUPPORTED = [name for name, spec in METHODS.items()
              if not unsupported_reason(spec.method_class, BACKBONES["siglip"]) and name != "zeroshot"]
 
@@ -41,8 +47,9 @@ def knowing_siglip(tmp_path_factory):
 def accuracy(knowing_siglip, name: str, lr: float = 0.01, template: str | None = None) -> float:
     backbone, splits, task, root = knowing_siglip
     torch.manual_seed(0)
-    method = vlprompt.get_prompt_model(backbone, name, splits.classnames, template or splits.template)
-    config = vlprompt.TrainConfig(epochs=15, batch_size=8, lr=lr, optimizer="adamw", warmup_epochs=0, augment=False)
+    method_config = vlprompt.make_config(name, METHOD_OPTIONS.get(name, {}), backbone)
+    method = vlprompt.get_prompt_model(backbone, name, splits.classnames, template or splits.template, method_config)
+    config = vlprompt.TrainConfig(epochs=EPOCHS, batch_size=8, lr=lr, optimizer="adamw", warmup_epochs=0, augment=False)
     folder = root / (name if template is None else f"{name}-{len(template)}")
     return vlprompt.Trainer(config, folder, progress=False, log=lambda _: None).fit(method, task)["accuracy"]
 

@@ -162,10 +162,17 @@ def resolved_tree(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from vlprompt.engine.api import train
 
+    from vlprompt.engine.distributed import launched_rank, launched_world_size
+
     options = build_run_options(resolved_tree(args))
-    print(f"training {options.method} on {options.data.dataset} with {options.model} -> {options.output}")
+    speak = launched_rank() == 0  # a job of several processes (torchrun, accelerate launch) reports once
+    processes = launched_world_size()
+    if speak:
+        print(f"training {options.method} on {options.data.dataset} with {options.model} -> {options.output}"
+              + (f" ({processes} processes, global batch {options.train.batch_size})" if processes > 1 else ""))
     result = train(options, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    print(json.dumps({"output": options.output, **result}))
+    if speak:
+        print(json.dumps({"output": options.output, **result}))
     return 0
 
 

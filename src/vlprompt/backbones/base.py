@@ -503,3 +503,15 @@ class FusionDetectorBackbone(Backbone):
     @abstractmethod
     def category_scores(self, logits: torch.Tensor, prompt: nn.Module) -> torch.Tensor:
         """Per-category scores ``(B, Q, C)`` from the detector's token logits."""
+
+
+def without_hub_kernels(model_kwargs: dict) -> dict:
+    """``from_pretrained`` keyword arguments that keep transformers' own layers: with the ``kernels`` package
+    installed (transformers 5 requires it), ``from_pretrained`` would otherwise switch a model's layers to kernels
+    downloaded from the Hugging Face Hub the first time it is put in training mode on a GPU, failing offline and
+    running code vlprompt never tested. A caller's explicit ``use_kernels`` wins."""
+    from transformers.utils import is_kernels_available
+
+    if is_kernels_available():
+        return {"use_kernels": False, **model_kwargs}
+    return dict(model_kwargs)

@@ -38,6 +38,7 @@ from vlprompt.backbones.base import (
     FusionDetectorBackbone,
     FusionTokens,
     register_backbone,
+    without_hub_kernels,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -165,7 +166,7 @@ class GroundingDinoBackbone(FusionDetectorBackbone):
         try:
             model_type = AutoConfig.from_pretrained(path).model_type
             model_class = getattr(transformers, DETECTOR_CLASSES[model_type])
-            model = model_class.from_pretrained(path, **model_kwargs)
+            model = model_class.from_pretrained(path, **without_hub_kernels(model_kwargs))
         except (OSError, KeyError) as err:
             raise BackboneLoadError(
                 f"could not load a Grounding DINO detector from {path!r}: {err}. A model folder needs config.json "

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlprompt.backbones.base import BackboneLoadError, BlockAdapter, DeepPrompts, DualEncoderBackbone, TransientPrompts
+from vlprompt.backbones.base import (BackboneLoadError, BlockAdapter, DeepPrompts, DualEncoderBackbone, TransientPrompts,
+                                     without_hub_kernels)
 
 # The tower config fields that make an architecture: a prompt trained on one refuses another that differs in them.
 ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -23,7 +24,7 @@ ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_att
 def load_weights(model_class: Any, path: str, family: str, **kwargs: Any) -> nn.Module:
     """``model_class.from_pretrained(path)``, its failure one line naming what a model folder needs."""
     try:
-        return model_class.from_pretrained(path, **kwargs)
+        return model_class.from_pretrained(path, **without_hub_kernels(kwargs))
     except OSError as err:
         raise BackboneLoadError(
             f"could not load {family} weights from {path!r}: {err}. A model folder needs config.json and "

@@ -682,18 +682,43 @@ def subsample_classes(splits: DatasetSplits, which: str) -> DatasetSplits:
 
 # ---------------------------------------------------------------------------------------- torch dataset
 class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    """Samples -> (transformed image tensor, label). Images are opened lazily, one per item."""
+    """Samples -> (transformed image tensor, label). Images are opened lazily, one per item, unless ``decoded``
+    holds them already (:func:`decode_images`: the transform then runs from memory)."""
 
-    def __init__(self, samples: list[Sample], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, samples: list[Sample], transform: Callable[[Image.Image], torch.Tensor],
+                 decoded: Sequence[Image.Image] | None = None) -> None:  # fmt: skip
+        if decoded is not None and len(decoded) != len(samples):
+            raise ValueError(f"{len(decoded)} decoded images for {len(samples)} samples")
         self.samples = samples
         self.transform = transform
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[i]
-        return self.transform(open_image(sample.path)), sample.label
+        image = self.decoded[i] if self.decoded is not None else open_image(sample.path)
+        return self.transform(image), sample.label
+
+
+def decoded_size_bytes(samples: Sequence[Sample]) -> int:
+    """The memory the samples' images take decoded as RGB, from their headers (no pixel is decoded)."""
+    total = 0
+    for sample in samples:
+        try:
+            with Image.open(sample.path) as im:
+                width, height = im.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # open_image names the bad file when it is read
+        total += width * height * 3
+    return total
+
+
+def decode_images(samples: Sequence[Sample]) -> list[Image.Image]:
+    """Every sample's image, decoded (RGB, full resolution: augmentation from memory crops what it would crop from
+    the file)."""
+    return [open_image(sample.path) for sample in samples]
 
 
 def open_image(path: Path) -> Image.Image:

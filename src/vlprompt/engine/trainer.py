@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vlprompt.engine import checkpoint as ckpt
+from vlprompt.engine import distributed, speed
 from vlprompt.fileio import FolderBusyError, exclusive_folder
 from vlprompt.options import OptionError, check_options, opt
 from vlprompt.tasks.batches import StepOutput
@@ -60,9 +62,16 @@ class TrainConfig:
     grad_clip: float | None = opt(None, gt=0)  # max gradient norm; None = no clipping
     augment: bool = True  # random resized crop + flip on training images
     eval_batch_size: int = opt(64, min=1)
-    num_workers: int = opt(0, min=0)
+    num_workers: int = opt(0, min=0)  # loader worker processes per training process (0: load in the training loop)
+    # Decode the training images once and augment from memory: None (auto) does so for a few-shot set whose decoded
+    # images fit in image_cache_gib; True always; False never.
+    cache_images: bool | None = None
+    image_cache_gib: float = opt(4.0, gt=0)
     seed: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # torch.compile of the towers' repeated blocks (engine/speed.py): "none", "default", "max-autotune" or
+    # "reduce-overhead" (CUDA graphs, GPU only). Changes float rounding only.
+    compile: Literal["none", "default", "max-autotune", "reduce-overhead"] = "none"
     validate_every: int = opt(1, min=1)  # epochs
 
     def __post_init__(self) -> None:
@@ -110,7 +119,10 @@ def make_accelerator(precision: str = "fp32"):
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") not in (None, mixed):
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed)
+    # Without cpu=True, accelerate joins processes started by torchrun only when it finds a GPU backend: CPU
+    # processes would each train the whole job alone.
+    cpu_job = not torch.cuda.is_available() and distributed.launched_world_size() > 1
+    return Accelerator(mixed_precision=mixed, cpu=cpu_job)
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
@@ -128,9 +140,12 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
 
 def build_optimizer(method, config: TrainConfig) -> torch.optim.Optimizer:
     params = method.param_groups(config.lr) or list(method.prompt_parameters().values())
+    # One fused kernel for the whole update on a GPU (a step of small prompts is launch-bound there).
+    fused = {"fused": True} if all(p.is_cuda for p in method.prompt_parameters().values()) else {}
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               **fused)  # fmt: skip
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
 
 
 # ---------------------------------------------------------------------------------------------- the step
@@ -154,28 +169,44 @@ class TrainingStepModule(nn.Module):
 
 
 def prepare_training(method, config: TrainConfig, accelerator):
-    """The step module and optimiser, prepared by ``accelerator``: what :func:`run_training_step` takes."""
-    optimizer = build_optimizer(method, config)
-    step_module, optimizer = accelerator.prepare(TrainingStepModule(method), optimizer)
-    return step_module, optimizer
+    """The step module and optimiser (prepared by ``accelerator``: mixed-precision loss scaling): what
+    :func:`run_training_step` takes. The module is not wrapped in DistributedDataParallel: the trainer sums the
+    prompt gradients itself (``distributed.sum_gradients``), weighting each process by its share of the batch,
+    and a frozen backbone's buffers need no broadcast every step."""
+    optimizer = accelerator.prepare(build_optimizer(method, config))
+    return TrainingStepModule(method), optimizer
 
 
 def run_training_step(step_module, optimizer, batch, accelerator, params: list[torch.Tensor],
-                      grad_clip: float | None = None) -> StepOutput:  # fmt: skip
+                      grad_clip: float | None = None, share: float = 1.0) -> StepOutput | None:  # fmt: skip
     """One optimisation step: the method's loss terms under autocast, a finite-loss check, backward, optional
-    gradient clipping, the optimiser step. Raises :class:`NonFiniteLoss` on a non-finite loss."""
-    try:
-        with accelerator.autocast():
-            output = step_module(batch)
-            loss = output.loss
-    except ValueError as err:  # e.g. the detector's matcher refuses non-finite boxes before any loss exists
-        if NAN_WORD.search(str(err)) or not all(torch.isfinite(p).all() for p in params):
-            raise NonFiniteLoss("nan") from err
-        raise
-    if not torch.isfinite(loss):
+    gradient clipping, the optimiser step. Raises :class:`NonFiniteLoss` on a non-finite loss.
+
+    In a job of several processes ``batch`` is this process's slice of the global batch (``None``: an empty
+    slice) and ``share`` its fraction of the global batch: the gradients summed over processes are then those of
+    the global batch's mean loss, and every process sees the same loss check."""
+    output = None
+    speed.begin_step(step_module.method)  # CUDA graphs of the previous step may be overwritten from here on
+    if batch is not None:
+        try:
+            with accelerator.autocast():
+                output = step_module(batch)
+                loss = output.loss
+        except ValueError as err:  # e.g. the detector's matcher refuses non-finite boxes before any loss exists
+            if NAN_WORD.search(str(err)) or not all(torch.isfinite(p).all() for p in params):
+                raise NonFiniteLoss("nan") from err
+            raise
+    several = distributed.world_size() > 1
+    if not several and not torch.isfinite(loss):
         raise NonFiniteLoss(str(loss.item()))
     optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
+    if output is not None:
+        accelerator.backward(loss if share == 1.0 else loss * share)
+    if several:
+        local = loss.detach().float() * share if output is not None else torch.zeros((), device=accelerator.device)
+        global_loss = distributed.sum_gradients(params, local.reshape(1))
+        if not torch.isfinite(global_loss).all():  # one process's NaN reaches every process through the sum
+            raise NonFiniteLoss(str(global_loss.item()))
     if grad_clip is not None:
         accelerator.clip_grad_norm_(params, grad_clip)
     optimizer.step()
@@ -191,8 +222,30 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def _epoch_mean(values: list[torch.Tensor]) -> float:
-    return float(torch.stack([v.float() for v in values]).mean())
+def _silent(message: str) -> None:
+    """The log of a process other than the main one."""
+
+
+def send_to_device(raw: Any, device: torch.device) -> Any:
+    from accelerate.utils import send_to_device as accelerate_send
+
+    return accelerate_send(raw, device, non_blocking=device.type == "cuda")
+
+
+def _named_terms(output: StepOutput | None) -> dict[str, torch.Tensor]:
+    """The loss and, when a method names several, each term (``loss_<name>``); nothing for an empty slice."""
+    if output is None:
+        return {}
+    return {"loss": output.loss, **{f"loss_{name}": value for name, value in output.losses.items()}}
+
+
+def _epoch_means(terms: dict[str, list[torch.Tensor]], steps: int, device: torch.device) -> dict[str, float]:
+    """Per-step values summed over processes (each already weighted by its share), averaged over the epoch."""
+    names = sorted(set().union(*distributed.gather_objects(sorted(terms))))  # a process may have had only empty slices
+    zeros = torch.zeros(steps, device=device)
+    per_step = torch.stack([torch.stack(terms[name]) if name in terms else zeros for name in names])  # (terms, steps)
+    totals = distributed.sum_over_processes(per_step).mean(dim=1).tolist()
+    return dict(zip(names, totals))
 
 
 def task_class_name(name: str) -> str:
@@ -219,33 +272,48 @@ class Trainer:
         self.progress = progress
         self.log = log
         self.accelerator = make_accelerator(config.precision)
+        if config.compile == "reduce-overhead" and self.accelerator.device.type != "cuda":
+            raise TrainingError("train.compile=reduce-overhead records CUDA graphs and needs a GPU (this run is on "
+                                f"{self.accelerator.device.type}); use train.compile=default or none.")
         self.history: list[dict[str, Any]] = []
+        if not self.accelerator.is_main_process:  # one job, one voice: only the main process logs
+            self.log = _silent
 
     # ---------------------------------------------------------------- public
     def fit(self, method, task, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-        """Train ``method`` on ``task``, evaluate it, save it; returns the final metrics."""
+        """Train ``method`` on ``task``, evaluate it, save it; returns the final metrics.
+
+        In a job of several processes every process calls ``fit``; only the main one locks and writes the run
+        folder, and all return the same metrics."""
         if method.task != task.name:
             raise TrainingError(f"{method.registered_name!r} is a {method.task} method but the task is {task.name}; "
                                 f"train it on a {method.task} task ({task_class_name(method.task)}).")  # fmt: skip
         self.history = []  # a Trainer may fit several runs; each run folder gets its own history
         task.configure(self.config)  # augmentation and loader workers follow the run's options
         task.check_before_training(method)
+        with ExitStack() as stack:
+            distributed.run_on_main(lambda: self._claim_run_dir(stack, resume, overwrite), (Exception,))
+            final = self._fit_locked(method, task, resume)
+            distributed.barrier()  # every process returns once the run folder is complete
+            return final
+
+    def _claim_run_dir(self, stack: ExitStack, resume: bool, overwrite: bool) -> None:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise TrainingError(f"the output {self.run_dir} is a file, not a folder: pass a folder path as --output.")
-        with ExitStack() as stack:
-            try:  # one writer per run folder; the lock goes with the process if it dies
-                stack.enter_context(exclusive_folder(self.run_dir))
-            except FolderBusyError as err:
-                raise TrainingError(str(err)) from None
-            except OSError as err:  # e.g. a read-only parent folder or a full disk
-                raise TrainingError(f"cannot write the run folder {self.run_dir}: {err.strerror or err}; choose a "
-                                    "writable --output.") from None
-            return self._fit_locked(method, task, resume, overwrite)
-
-    def _fit_locked(self, method, task, resume: bool, overwrite: bool) -> dict[str, Any]:
+        try:  # one writer per run folder; the lock goes with the process if it dies
+            stack.enter_context(exclusive_folder(self.run_dir))
+        except FolderBusyError as err:
+            raise TrainingError(str(err)) from None
+        except OSError as err:  # e.g. a read-only parent folder or a full disk
+            raise TrainingError(f"cannot write the run folder {self.run_dir}: {err.strerror or err}; choose a "
+                                "writable --output.") from None
         self._prepare_run_dir(resume, overwrite)
+
+    def _fit_locked(self, method, task, resume: bool) -> dict[str, Any]:
         seed_everything(self.config.seed)
         method = method.to(self.accelerator.device)
+        if self.config.compile != "none" and not method.fits_features and method.num_trainable():
+            speed.compile_towers(method, self.config.compile)
         if method.fits_features:
             record = {"epoch": 1, **task.fit_features(method, self.accelerator, self.config.eval_batch_size)}
             return self._finish(method, task, record)
@@ -271,9 +339,9 @@ class Trainer:
             for suffix in ("", ".tmp", ".old"):
                 shutil.rmtree(self.run_dir / (ckpt.RESUME_DIR + suffix), ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_json(
-            self.run_dir / ckpt.RUN_CONFIG_FILE, {"train": asdict(self.config), **self.run_info}
-        )
+        # "processes" is how the run was launched, not what it trains: a resume may use another number.
+        ckpt.atomic_write_json(self.run_dir / ckpt.RUN_CONFIG_FILE,
+                               {"train": asdict(self.config), **self.run_info, "processes": distributed.world_size()})
 
     def _divergence_message(self, what: str, epoch: int, step: int) -> str:
         cfg = self.config
@@ -297,7 +365,7 @@ class Trainer:
         current = json.loads(json.dumps({"train": asdict(self.config), **self.run_info}))
         differences = [
             f"{key}: {stored.get(key)!r} there, {current.get(key)!r} now"
-            for key in sorted(set(self.run_info) | set(stored) - {"train"})
+            for key in sorted(set(self.run_info) | set(stored) - {"train", "processes"})
             if key in stored and stored.get(key) != current.get(key)  # a key a later version added is no change
         ]
         if stored.get("train", {}).get("seed") != current["train"]["seed"]:
@@ -314,52 +382,66 @@ class Trainer:
         lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history)
         ckpt.atomic_write_bytes(self.run_dir / ckpt.METRICS_FILE, lines.encode())
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool, epoch: int = 0, collate_fn=None) -> DataLoader:
-        generator = torch.Generator()
-        generator.manual_seed(self.config.seed * 1000 + epoch)  # per-epoch order is the same after a resume
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.config.num_workers,
-                          generator=generator, drop_last=False, collate_fn=collate_fn)  # fmt: skip
+    def _train_loader(self, task, batches: distributed.GlobalBatches) -> DataLoader:
+        """This process's slices of the global batches, images read with per-image seeded augmentation; workers
+        (``num_workers``) stay alive across epochs and batches land in pinned memory when a GPU takes them."""
+        workers = self.config.num_workers
+        return DataLoader(distributed.ItemSeeded(task.train_dataset()), batch_sampler=batches,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=self.accelerator.device.type == "cuda",
+                          collate_fn=distributed.EmptyAwareCollate(task.collate_fn))  # fmt: skip
 
     # ---------------------------------------------------------------- gradient steps
     def _fit_steps(self, method, task, resume: bool) -> dict[str, Any]:
         cfg = self.config
+        device = self.accelerator.device
         step_module, optimizer = prepare_training(method, cfg, self.accelerator)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         start_epoch = self._load_resume_state(method, optimizer, scheduler) if resume else 0
         params = list(method.prompt_parameters().values())
         task.prepare_training(method, self.accelerator, cfg.eval_batch_size)  # after configure(): cfg.augment
+        batches = distributed.GlobalBatches(len(task.train_dataset()), cfg.batch_size, cfg.seed)
+        loader = self._train_loader(task, batches)
         step = 0
         for epoch in range(start_epoch, cfg.epochs):
-            seed_everything(cfg.seed * 1000 + epoch)  # augmentation draws: identical after a resume
+            seed_everything(cfg.seed * 1000 + epoch)  # draws of the method itself (e.g. dropout): same after a resume
             method.on_epoch_start(epoch)
             method.train()
             task.start_epoch()
             epoch_start = time.perf_counter()
-            loader = self._loader(task.train_dataset(), cfg.batch_size, True, epoch, task.collate_fn)
-            loader = self.accelerator.prepare(loader)
-            terms: dict[str, list[torch.Tensor]] = {}  # detached; read once per epoch, not synced every step
+            batches.set_epoch(epoch)
+            shares = batches.shares()
+            # Detached, weighted by this process's share of each batch, summed over processes at the epoch's end:
+            # the epoch's mean of the global batches' losses, read once, not synced every step.
+            terms: dict[str, list[torch.Tensor]] = {}
             logs: dict[str, list[float]] = {}
             for step, raw in enumerate(self._progress(loader, epoch)):
-                batch = task.make_batch(raw)
+                batch = None if raw is None else task.make_batch(send_to_device(raw, device))
                 try:
-                    output = run_training_step(step_module, optimizer, batch, self.accelerator, params, cfg.grad_clip)
+                    output = run_training_step(step_module, optimizer, batch, self.accelerator, params, cfg.grad_clip,
+                                               share=shares[step])  # fmt: skip
                 except NonFiniteLoss as err:
                     raise TrainingError(self._divergence_message(f"loss became {err}", epoch, step)) from None
-                terms.setdefault("loss", []).append(output.loss.detach())
-                for name, value in output.losses.items():
-                    terms.setdefault(f"loss_{name}", []).append(value.detach())
-                for name, value in output.logs.items():
-                    logs.setdefault(name, []).append(value)
-                task.record_step(output, batch)
+                zero = torch.zeros((), device=device)
+                for name, value in _named_terms(output).items():
+                    terms.setdefault(name, [zero] * step).append(value.detach().float() * shares[step])
+                for name in terms:  # a term this process's (empty) slice did not produce
+                    if len(terms[name]) == step:
+                        terms[name].append(zero)
+                if output is not None:
+                    for name, value in output.logs.items():
+                        logs.setdefault(name, []).append(value)
+                    task.record_step(output, batch)
             scheduler.step()
             if not all(torch.isfinite(p).all() for p in params):
                 # The epoch's last step is not followed by a loss check; a diverged prompt must not become the
                 # resume point, or every --resume would fail the same way.
                 raise TrainingError(self._divergence_message("the prompt parameters became non-finite", epoch, step))
+            means = _epoch_means(terms, len(shares), device)
             record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                                      "train_loss": _epoch_mean(terms["loss"])}  # fmt: skip
-            if len(terms) > 2:  # several named terms: each one's mean too
-                record.update({k: _epoch_mean(v) for k, v in terms.items() if k != "loss"})
+                                      "train_loss": means["loss"]}  # fmt: skip
+            if len(means) > 2:  # several named terms: each one's mean too
+                record.update({k: v for k, v in means.items() if k != "loss"})
             record.update({k: float(np.mean(v)) for k, v in logs.items()})
             record.update(task.epoch_metrics())
             record["epoch_time_s"] = time.perf_counter() - epoch_start
@@ -367,7 +449,8 @@ class Trainer:
                 record.update(task.validate(method, self.accelerator, cfg.eval_batch_size))
             self.history.append(record)
             self._save_resume_state(method, optimizer, scheduler, epoch + 1)
-            self._write_metrics()
+            if self.accelerator.is_main_process:
+                self._write_metrics()
             self.log(f"epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f}" + "".join(
                 f" {k.replace('_', ' ')} {record[k]:.2f}" for k in record
                 if k.startswith(("train_acc", "val_"))))  # fmt: skip

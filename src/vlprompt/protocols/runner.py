@@ -8,6 +8,10 @@ by :mod:`vlprompt.protocols.report`.
 ``precision`` (fp32, bf16, fp16 on a GPU) applies to every run's training and evaluation. Runs of another precision
 than fp32 get their own folders (``..._seed1_bf16``) and result files (``results_bf16.csv``), so one output folder
 can hold the same bench in several precisions without mixing them.
+
+Two ways to use several processes (docs/scaling.md): ``--workers N`` trains N independent runs at once, each in
+its own process (on a GPU machine worker k uses GPU k mod the number of GPUs); a bench started by ``torchrun`` or
+``accelerate launch`` trains every run with all the job's processes, and only the main process writes files.
 """
 from __future__ import annotations
 
@@ -237,9 +241,17 @@ def run_job(config: BenchConfig, job: Job) -> list[dict[str, Any]]:
     train_time = time.perf_counter() - start
     rows = _evaluate_job(config, job, run_dir, job.evals, train_time)
     settings = job_settings(options, [dataset for dataset, _ in job.evals])
-    ckpt.atomic_write_json(run_dir / "result.json", {"job": asdict(job), "settings": settings,
-                                                     "rows": rows})
+    if writes_files():
+        ckpt.atomic_write_json(run_dir / "result.json", {"job": asdict(job), "settings": settings,
+                                                         "rows": rows})  # fmt: skip
     return rows
+
+
+def writes_files() -> bool:
+    """False in the processes of a distributed bench other than the main one: they train and evaluate, not write."""
+    from vlprompt.engine.distributed import launched_rank
+
+    return launched_rank() == 0
 
 
 def _evaluate_job(config: BenchConfig, job: Job, run_dir: Path, evals: Sequence[tuple[str, str]],
@@ -282,7 +294,8 @@ def _reuse_job(config: BenchConfig, job: Job, stored: dict[str, Any], result_fil
         datasets = list(dict.fromkeys(r["eval_dataset"] for r in rows))
         settings = {**stored["settings"], "data": {**stored["settings"].get("data", {}),
                                                    **_toy_fingerprints(datasets)}} if stored.get("settings") else None
-        ckpt.atomic_write_json(result_file, {**stored, "job": asdict(job), "settings": settings, "rows": rows})
+        if writes_files():
+            ckpt.atomic_write_json(result_file, {**stored, "job": asdict(job), "settings": settings, "rows": rows})
         log(f"{job.key}: evaluated the finished run on {len(missing)} new target(s): "
             + ", ".join(f"{d}[{sub}]" for d, sub in missing))
     wanted = set(job.evals)
@@ -290,7 +303,8 @@ def _reuse_job(config: BenchConfig, job: Job, stored: dict[str, Any], result_fil
 
 
 # Training options that cannot change a run's result (how evaluation is batched, data loading workers).
-_RESULT_NEUTRAL = ("eval_batch_size", "num_workers", "validate_every")
+# (compile changes float rounding only)
+_RESULT_NEUTRAL = ("eval_batch_size", "num_workers", "validate_every", "cache_images", "image_cache_gib", "compile")
 
 
 def job_settings(options: RunOptions, eval_datasets: Sequence[str] = ()) -> dict[str, Any]:
@@ -350,10 +364,19 @@ def _check_reusable(config: BenchConfig, job: Job, stored: dict[str, Any], resul
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every planned job not already finished; rewrite results.csv from all finished jobs."""
+    from vlprompt.engine.distributed import launched_world_size
+
+    if config.workers > 1 and launched_world_size() > 1:
+        raise ValueError(f"--workers {config.workers} in a bench started with {launched_world_size()} processes: "
+                         "either launch one process and spread runs with --workers, or launch several processes "
+                         "(torchrun) and train each run with all of them (--workers 1).")
+    if not writes_files():
+        log = _silent
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     suffix = precision_suffix(config.precision)
-    ckpt.atomic_write_json(output / f"bench_config{suffix}.json", _config_json(config))
+    if writes_files():
+        ckpt.atomic_write_json(output / f"bench_config{suffix}.json", _config_json(config))
     jobs = plan_jobs(config)
     check_jobs(config, jobs)
     rows_by_job: dict[int, list[dict[str, Any]]] = {}
@@ -383,7 +406,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
     finally:  # a failed or interrupted bench still tables every run that finished
         rows = [row for i in sorted(rows_by_job) for row in rows_by_job[i]]  # plan order, however runs finished
         rows = with_earlier_rows(results_csv_path(config), rows)
-        write_csv(results_csv_path(config), rows)
+        if writes_files():
+            write_csv(results_csv_path(config), rows)
     if done:
         log(f"{done} of {len(jobs)} runs were already finished and were reused")
     return rows
@@ -436,6 +460,7 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
     from transformers.utils import logging as hf_logging
 
     threads = config.threads_per_worker or max(1, torch.get_num_threads() // config.workers)
+    gpus = visible_gpus()
     # a spawned worker starts with transformers' default logging: give it the caller's (the CLI quiets it)
     hf_state = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
     # Procedural datasets are written on first use: write each once here, not racing in several workers.
@@ -445,8 +470,9 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
         load_dataset(name, config.data_root)
     # spawn, not fork: a forked child inherits the parent's OpenMP thread pool state, which can deadlock torch
     context = multiprocessing.get_context("spawn")
+    started = context.Value("i", 0)  # workers number themselves in start order: worker k takes GPU k mod #GPUs
     with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
-                             initargs=(threads, *hf_state)) as pool:
+                             initargs=(threads, *hf_state, started, gpus)) as pool:
         futures = {pool.submit(_timed_job, config, job): (i, job) for i, job in pending}
         remaining = set(futures)
         while remaining:
@@ -461,8 +487,35 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
                 finished(i, job, job_rows, seconds)
 
 
-def _init_worker(threads: int, hf_verbosity: int, hf_progress_bars: bool) -> None:
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (none without CUDA)."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [entry.strip() for entry in listed.split(",") if entry.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _silent(message: str) -> None:
+    """The log of a distributed bench's processes other than the main one."""
+
+
+def _init_worker(threads: int, hf_verbosity: int, hf_progress_bars: bool, started=None,
+                 gpus: Sequence[str] = ()) -> None:  # fmt: skip
+    import os
     import warnings
+
+    if started is not None:
+        with started.get_lock():
+            index = started.value
+            started.value += 1
+        if gpus:  # before this worker touches CUDA: it then sees one GPU, its own
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
 
     import torch
     from transformers.utils import logging as hf_logging

@@ -73,11 +73,16 @@ class Task(ABC):
 
     augment: bool = True
     num_workers: int = 0
+    cache_images: bool | None = None
+    image_cache_gib: float = 4.0
 
     def configure(self, config) -> None:
-        """Take the run's data options (``TrainConfig``): training augmentation and loader worker processes."""
+        """Take the run's data options (``TrainConfig``): training augmentation, loader worker processes, the
+        decoded-image cache."""
         self.augment = config.augment
         self.num_workers = config.num_workers
+        self.cache_images = config.cache_images
+        self.image_cache_gib = config.image_cache_gib
 
     def check_before_training(self, method) -> None:
         """Refuse, before anything is written, data this method cannot train or be scored on."""

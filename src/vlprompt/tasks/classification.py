@@ -13,6 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from vlprompt.data import DatasetError, DatasetSplits, ImageDataset, build_transform
+from vlprompt.data.datasets import decode_images, decoded_size_bytes
+from vlprompt.engine import distributed
 from vlprompt.tasks.base import Task, autocast_of, device_of, register_task
 from vlprompt.tasks.batches import ClassificationBatch, StepOutput
 
@@ -31,14 +33,18 @@ def transform_config(backbone):
 
 @torch.no_grad()
 def image_features_of(method, loader: Iterable, accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image features and labels of a whole loader (frozen or prompted image tower, no gradient)."""
+    """Image features and labels of a whole loader (frozen or prompted image tower, no gradient). In a job of
+    several processes ``loader`` reads this process's block (``distributed.shard``) and the blocks are gathered:
+    every process gets all features, in the dataset's order."""
     feats, labels = [], []
     device = device_of(method, accelerator)
     for pixels, y in loader:
         with autocast_of(accelerator):
             feats.append(method.image_features(pixels.to(device)).float().cpu())
         labels.append(y.cpu())
-    return torch.cat(feats), torch.cat(labels)
+    local_feats = torch.cat(feats) if feats else None  # None: an empty block (fewer images than processes)
+    local_labels = torch.cat(labels) if labels else None
+    return distributed.gather_blocks(local_feats), distributed.gather_blocks(local_labels)
 
 
 @torch.no_grad()
@@ -65,6 +71,11 @@ def evaluate(method, loader: Iterable, accelerator=None, num_classes: int | None
         per_class_total += torch.bincount(labels, minlength=n_classes).float()
         per_class_correct += torch.bincount(labels[pred == labels], minlength=n_classes).float()
     method.train(was_training)
+    # A job of several processes evaluates one block each (``distributed.shard``): the counts add up.
+    counts = distributed.sum_over_processes(torch.cat([torch.tensor([correct, total], dtype=torch.float64),
+                                                       per_class_correct.double(), per_class_total.double()]))
+    correct, total = int(counts[0]), int(counts[1])
+    per_class_correct, per_class_total = counts[2:2 + n_classes].float(), counts[2 + n_classes:].float()
     if total == 0:
         raise ValueError("evaluation split is empty")
     per_class = (per_class_correct / per_class_total.clamp(min=1)).tolist()
@@ -86,8 +97,10 @@ class ClassificationTask(Task):
         self.val = ImageDataset(splits.val, eval_tf) if splits.val else None
         self.test = ImageDataset(splits.test, eval_tf) if splits.test else None
         self._eval_tf = eval_tf
+        self.few_shot = few_shot
         self._text_feats: torch.Tensor | None = None
         self._cached_images = False
+        self._decoded: list | None = None
         self._correct = self._seen = 0
 
     @classmethod
@@ -131,11 +144,22 @@ class ClassificationTask(Task):
         if self._cached_images:
             loader = self._eval_loader(self.train_eval, eval_batch_size)
             self._image_cache = TensorDataset(*image_features_of(method, loader, accelerator))
+        self._decoded = None
+        if not self._cached_images and self._should_decode_once():
+            self._decoded = decode_images(self.splits.train)
+
+    def _should_decode_once(self) -> bool:
+        """Whether the training images are decoded once for the run (``TrainConfig.cache_images``)."""
+        if self.cache_images is not None:
+            return self.cache_images
+        budget = self.image_cache_gib * 2**30
+        return self.few_shot and decoded_size_bytes(self.splits.train) <= budget
 
     @property
     def train_set(self) -> Dataset:
         """Training images, augmented (random resized crop + flip) when ``augment`` is on."""
-        return ImageDataset(self.splits.train, build_transform(self._transforms, train=True, augment=self.augment))
+        return ImageDataset(self.splits.train, build_transform(self._transforms, train=True, augment=self.augment),
+                            decoded=self._decoded)
 
     def train_dataset(self) -> Dataset:
         return self._image_cache if self._cached_images else self.train_set
@@ -155,7 +179,9 @@ class ClassificationTask(Task):
             self._seen += len(batch)
 
     def epoch_metrics(self) -> dict[str, float]:
-        return {"train_accuracy": 100.0 * self._correct / max(self._seen, 1)} if self._seen else {}
+        correct, seen = distributed.sum_over_processes(torch.tensor([self._correct, self._seen],
+                                                                    dtype=torch.float64)).tolist()  # fmt: skip
+        return {"train_accuracy": 100.0 * correct / seen} if seen else {}
 
     # ----------------------------------------------------------------- fitted methods (linear probe)
     def fit_features(self, method, accelerator, eval_batch_size: int) -> dict[str, Any]:
@@ -170,7 +196,9 @@ class ClassificationTask(Task):
 
     # ----------------------------------------------------------------- evaluation
     def _eval_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        """This process's block of ``dataset`` (all of it in a single process), in order."""
+        return DataLoader(distributed.shard(dataset), batch_size=batch_size, shuffle=False,
+                          num_workers=self.num_workers)
 
     def validate(self, method, accelerator, batch_size: int) -> dict[str, float]:
         if self.val is None or not len(self.val):

@@ -24,6 +24,7 @@ from vlprompt.data.coco import (
     load_detection_dataset,
 )
 from vlprompt.data.errors import DatasetError
+from vlprompt.engine import distributed
 from vlprompt.tasks.base import Task, autocast_of, register_task
 from vlprompt.tasks.batches import DetectionBatch
 
@@ -48,12 +49,14 @@ def evaluate_detection(
     method, images: Sequence[DetectionImage], category_ids: Sequence[int], categories: Sequence[str],
     accelerator=None, batch_size: int = 8, num_workers: int = 0,
 ) -> dict[str, Any]:
-    """COCO box AP of ``method`` on ``images`` (pycocotools), plus the number of images."""
+    """COCO box AP of ``method`` on ``images`` (pycocotools), plus the number of images. In a job of several
+    processes each scores its block of the images and the detections are gathered before AP is computed."""
     if not images:
         raise DatasetError("the evaluation split is empty")
     was_training = method.training
     method.eval()
-    dataset = DetectionDataset(images, method.backbone.image_config, augment=False)
+    mine = [images[i] for i in distributed.block_of(len(images))]
+    dataset = DetectionDataset(mine, method.backbone.image_config, augment=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection,
                         num_workers=num_workers)
     device = method.backbone.device
@@ -63,9 +66,10 @@ def evaluate_detection(
         with autocast_of(accelerator):
             scores, boxes = method.predict(pixels.to(device), mask.to(device))
         for i in range(pixels.shape[0]):
-            detections += detections_from_scores(images[start + i], scores[i].float().cpu(), boxes[i].float().cpu(),
+            detections += detections_from_scores(mine[start + i], scores[i].float().cpu(), boxes[i].float().cpu(),
                                                  category_ids)
         start += pixels.shape[0]
+    detections = [d for part in distributed.gather_objects(detections) for d in part]
     method.train(was_training)
     result = coco_map(coco_ground_truth(images, category_ids, categories), detections)
     return {**result, "n": len(images)}
