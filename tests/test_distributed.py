@@ -80,9 +80,14 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 
 CASES = {
     # batch 5 of 12 images: slices of 2 and 3, then 1 and 1
-    "coop": dict(method="coop", method_options={"n_ctx": 2}, batch_size=5),
+    "coop": dict(method="coop", method_options={"n_ctx": 2}, batch_size=5, augment=True),
     # batch 11 of 12 images: the second step's batch has one image, so one process's slice is empty
-    "vpt_deep": dict(method="vpt_deep", method_options={"n_tokens": 2}, batch_size=11),
+    "vpt_deep": dict(method="vpt_deep", method_options={"n_tokens": 2}, batch_size=11, augment=True),
+    # no augmentation: CoOp trains on image features computed once, each process a block, then gathered
+    "coop_cached_features": dict(method="coop", method_options={"n_ctx": 2}, batch_size=5, augment=False),
+    # fitted on gathered features; the main process's fit is broadcast
+    "linear_probe": dict(method="linear_probe", method_options={"c_values": [0.1, 10.0], "max_iter": 50},
+                         batch_size=4, augment=False),
 }
 
 
@@ -92,7 +97,7 @@ def test_two_processes_end_with_the_prompt_and_metrics_of_one(case, tiny_model_d
     spec = dict(CASES[case])
     make = lambda output: engine_run_options(tiny_model_dir, engine_data_root, output,  # noqa: E731
                                              method=spec["method"], method_options=spec["method_options"],
-                                             batch_size=spec["batch_size"], augment=True, epochs=2)
+                                             batch_size=spec["batch_size"], augment=spec["augment"], epochs=2)
     single = tmp_path / "single"
     expected = train(make(single), progress=False, log=quiet)
 
@@ -103,7 +108,8 @@ def test_two_processes_end_with_the_prompt_and_metrics_of_one(case, tiny_model_d
     main, other = reports
     assert main["written"] and not other["written"]  # the run folder is written by the main process only
     assert json.loads((tmp_path / "two" / "run_config.json").read_text())["processes"] == 2
-    assert proc.stdout.count("epoch 2/2") <= 1  # one job, one voice
+    epochs_logged = proc.stdout.count("epoch 2/2 loss")
+    assert epochs_logged == (0 if case == "linear_probe" else 1)  # one job, one voice
 
 
 def test_a_job_on_a_run_folder_another_process_writes_is_refused_in_every_process(
@@ -165,3 +171,67 @@ def test_cuda_graphs_without_a_gpu_are_refused_with_the_fix(tmp_path):
     with pytest.raises(TrainingError, match="needs a GPU.*train.compile=default"):
         Trainer(TrainConfig(compile="reduce-overhead"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_detection_on_two_processes_ends_like_one(tmp_path):
+    """The detector's loss is normalised by the batch's target boxes: each process weights its slice by its share
+    of them (``DetectionTask.loss_weight``), with transformers' own cross-process box averaging kept out."""
+    from vlprompt.backbones.grounding_dino_presets import save_random_grounding_dino
+    from vlprompt.data.coco import write_toy_detection
+    from vlprompt.engine.api import DataOptions, RunOptions, TrainConfig
+
+    detector = save_random_grounding_dino(tmp_path / "gdino", "grounding-dino-micro")
+    coco = write_toy_detection(tmp_path / "coco", 8, 4, 6, size=64, seed=0)  # one image size: the same padding
+
+    def make(output):
+        return RunOptions(model=str(detector), method="sdpt_native", method_options={},
+                          data=DataOptions(dataset=f"coco:{coco}", shots=2),
+                          train=TrainConfig(epochs=2, batch_size=3, optimizer="adamw", lr=0.01, warmup_epochs=0),
+                          output=str(output))  # fmt: skip
+
+    expected = train(make(tmp_path / "single"), progress=False, log=quiet)
+    proc, reports = launch(make(tmp_path / "two"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["result"] for r in reports] == [reports[0]["result"]] * 2
+    ours, theirs = load_file(tmp_path / "two" / "prompt.safetensors"), load_file(tmp_path / "single" / "prompt.safetensors")
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-4, rtol=1e-4, msg=name)
+    for got, want in zip(metrics(tmp_path / "two"), metrics(tmp_path / "single"), strict=True):
+        if "train_loss" in want:
+            assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+    assert reports[0]["result"]["mAP"] == pytest.approx(expected["mAP"], abs=0.5)
+
+
+def test_an_error_in_one_process_stops_every_process_at_that_step(tiny_model_dir, engine_data_root,
+                                                                   engine_run_options, tmp_path):  # fmt: skip
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(engine_data_root, data)
+    split = json.loads((data / "eurosat" / "split_zhou_EuroSAT.json").read_text())
+    corrupt = data / "eurosat" / "2750" / split["train"][0][0]
+    corrupt.write_bytes(b"not an image")  # read by one process only: a batch of 12 is cut into two slices of 6
+    proc, reports = launch(engine_run_options(tiny_model_dir, data, tmp_path / "run", batch_size=12, augment=True),
+                           tmp_path)  # fmt: skip
+    assert proc.returncode != 0
+    errors = sorted(report["error"] for report in reports)
+    assert len(errors) == 2, proc.stderr[-2000:]  # neither waited for the other
+    assert any(corrupt.name in e and "corrupt" in e for e in errors)
+    assert any("other process(es) of this job failed" in e and "epoch 1, step 1" in e for e in errors)
+
+
+def test_the_cli_under_torchrun_trains_once_and_reports_once(tiny_model_dir, engine_data_root, tmp_path):
+    """docs/scaling.md's command form: ``torchrun --nproc_per_node N -m vlprompt.cli train ...``."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "vlprompt.cli", "train", "--model", str(tiny_model_dir),
+           "--method", "coop", "--dataset", "eurosat", "--data-root", str(engine_data_root), "--epochs", "1",
+           "--batch-size", "4", "--output", str(tmp_path / "run"), "--quiet"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("training coop") for line in lines) == 1
+    assert "(2 processes, global batch 4)" in proc.stdout
+    reports = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(reports) == 1 and reports[0]["output"] == str(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["processes"] == 2

@@ -195,7 +195,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.run_dir, data, split=args.split, model=tree.get("model"), batch_size=args.batch_size,
         precision=tree.get("train", {}).get("precision") or "fp32",
     )
-    print(json.dumps({"run": str(args.run_dir), **result}))
+    from vlprompt.engine.distributed import launched_rank
+
+    if launched_rank() == 0:  # an evaluation started with several processes (sharded) reports once
+        print(json.dumps({"run": str(args.run_dir), **result}))
     return 0
 
 
@@ -340,9 +343,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     fp32_csv = Path(config.output) / "results.csv"
     if config.precision != "fp32" and fp32_csv.exists():
         reference = read_csv(fp32_csv)
-    path = write_report(rows, config.output, config.methods, command=command, precision=config.precision,
-                        reference_rows=reference)
-    print(path.read_text())
+    from vlprompt.protocols.runner import writes_files
+
+    if writes_files():  # the main process of a bench started with several processes
+        path = write_report(rows, config.output, config.methods, command=command, precision=config.precision,
+                            reference_rows=reference)
+        print(path.read_text())
     return 0
 
 

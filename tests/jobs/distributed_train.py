@@ -44,6 +44,7 @@ def main() -> None:
     def log(message: str) -> None:
         if crash_after is not None and message.startswith(f"epoch {crash_after}/"):
             raise Crash(message)
+        print(message, flush=True)  # the trainer logs in the main process only
 
     report: dict = {"rank": rank, "written": written}
     try:

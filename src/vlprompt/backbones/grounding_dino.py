@@ -23,7 +23,7 @@ import json
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,28 @@ from vlprompt.backbones.base import (
     register_backbone,
     without_hub_kernels,
 )
+
+@contextmanager
+def loss_of_this_process_only() -> Iterator[None]:
+    """Within a job of several processes, make transformers' detection loss normalise by this process's own target
+    boxes. Left alone, it averages the box count over the processes inside the forward pass (an all-reduce that a
+    process with an empty slice never reaches, and a normaliser that scales the summed gradient by the number of
+    processes); vlprompt's trainer weights each process's loss by its share of the global batch's boxes instead
+    (``DetectionTask.loss_weight``). A no-op in a single process."""
+    from vlprompt.engine.distributed import world_size
+
+    if world_size() == 1:
+        yield
+        return
+    from transformers.loss import loss_for_object_detection
+
+    available = loss_for_object_detection.is_accelerate_available
+    loss_for_object_detection.is_accelerate_available = lambda: False
+    try:
+        yield
+    finally:
+        loss_for_object_detection.is_accelerate_available = available
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -374,6 +396,8 @@ class GroundingDinoBackbone(FusionDetectorBackbone):
                 stack.enter_context(self._context_hook(text.context_index.to(device), context))
             if fusion is not None:
                 stack.enter_context(self._fusion_hooks(fusion))
+            if labels is not None:
+                stack.enter_context(loss_of_this_process_only())
             return self.model(
                 pixel_values=pixel_values.to(dtype), input_ids=input_ids, attention_mask=attention_mask,
                 pixel_mask=pixel_mask, labels=labels, **kwargs,

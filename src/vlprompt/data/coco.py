@@ -301,6 +301,28 @@ def _positive(image: DetectionImage) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- tensors
+def target_boxes(item: DetectionImage, width: int, height: int) -> tuple[list[int], torch.Tensor]:
+    """The annotation rows a training target keeps and their boxes as normalised (cx, cy, w, h): crowd boxes left
+    out, corners clipped to the image (clamping centre and size separately would shift a box that overhangs),
+    boxes with nothing left inside dropped."""
+    rows = [i for i, crowd in enumerate(item.crowd) if not crowd]
+    boxes = torch.tensor([item.boxes[i] for i in rows], dtype=torch.float32).reshape(-1, 4)
+    x0 = (boxes[:, 0] / width).clamp(0, 1)
+    y0 = (boxes[:, 1] / height).clamp(0, 1)
+    x1 = ((boxes[:, 0] + boxes[:, 2]) / width).clamp(0, 1)
+    y1 = ((boxes[:, 1] + boxes[:, 3]) / height).clamp(0, 1)
+    keep = (x1 > x0) & (y1 > y0)
+    kept_rows = [r for r, kept in zip(rows, keep.tolist()) if kept]
+    return kept_rows, torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=1)[keep]
+
+
+def target_box_count(item: DetectionImage) -> int:
+    """How many boxes the image's training target holds (:func:`target_boxes`), from its annotation alone."""
+    if item.width and item.height:
+        return len(target_boxes(item, item.width, item.height)[0])
+    return sum(1 for box, crowd in zip(item.boxes, item.crowd) if not crowd and box[2] > 0 and box[3] > 0)
+
+
 class DetectionDataset(torch.utils.data.Dataset):
     """``(pixels (3, H, W), target)``: DETR-style resize (shortest edge, capped longest edge), normalised; target
     ``class_labels`` and ``boxes`` (normalised cx, cy, w, h; crowd boxes left out), plus ``image_id``.
@@ -337,17 +359,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         mean = torch.tensor(self.config.mean).view(3, 1, 1)
         std = torch.tensor(self.config.std).view(3, 1, 1)
         pixels = (pixels - mean) / std
-        rows = [i for i, crowd in enumerate(item.crowd) if not crowd]
-        boxes = torch.tensor([item.boxes[i] for i in rows], dtype=torch.float32).reshape(-1, 4)
-        # Clip the corners to the image (clamping centre and size separately would shift a box that overhangs),
-        # then drop boxes with nothing left inside.
-        x0 = (boxes[:, 0] / width).clamp(0, 1)
-        y0 = (boxes[:, 1] / height).clamp(0, 1)
-        x1 = ((boxes[:, 0] + boxes[:, 2]) / width).clamp(0, 1)
-        y1 = ((boxes[:, 1] + boxes[:, 3]) / height).clamp(0, 1)
-        keep = (x1 > x0) & (y1 > y0)
-        rows = [r for r, kept in zip(rows, keep.tolist()) if kept]
-        cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=1)[keep]
+        rows, cxcywh = target_boxes(item, width, height)
         if self.augment and float(torch.rand(())) < 0.5:
             pixels = pixels.flip(-1)
             if len(rows):

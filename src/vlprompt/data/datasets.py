@@ -703,7 +703,8 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def decoded_size_bytes(samples: Sequence[Sample]) -> int:
-    """The memory the samples' images take decoded as RGB, from their headers (no pixel is decoded)."""
+    """The memory the samples' images take decoded as RGB, from their headers (no pixel is decoded): PIL keeps an
+    RGB pixel in 4 bytes."""
     total = 0
     for sample in samples:
         try:
@@ -711,7 +712,7 @@ def decoded_size_bytes(samples: Sequence[Sample]) -> int:
                 width, height = im.size
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue  # open_image names the bad file when it is read
-        total += width * height * 3
+        total += width * height * 4
     return total
 
 

@@ -106,10 +106,16 @@ def _square(fields: Mapping[str, int]) -> int | None:
 
 
 def pil_to_tensor(img: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """RGB PIL image -> normalised float CHW tensor (`mean`/`std` shaped (3, 1, 1))."""
-    arr = np.array(img.convert("RGB"), dtype=np.uint8)  # a copy: torch needs a writable buffer
-    x = torch.from_numpy(arr).permute(2, 0, 1).contiguous().float().div_(255.0)
-    return x.sub_(mean).div_(std)
+    """RGB PIL image -> normalised float CHW tensor (`mean`/`std` shaped (3, 1, 1)).
+
+    The arithmetic runs in numpy: the same float32 operations in the same order (so the same values), without
+    torch's intra-op thread pool, whose hand-offs made these small per-image operations 5x slower in a training
+    process whose other core was busy (docs/benchmarks/data_path.md)."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
+    x = np.ascontiguousarray(arr) / np.float32(255.0)
+    x -= mean.numpy()
+    x /= std.numpy()
+    return torch.from_numpy(x)
 
 
 class _Base:

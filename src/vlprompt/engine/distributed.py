@@ -157,7 +157,7 @@ class ItemSeeded(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: a GPU's draws are the method's
             return self.dataset[index]
 
 
@@ -182,9 +182,10 @@ class GlobalBatches(Sampler[list[tuple[int, int]]]):
         order = torch.randperm(self.n, generator=generator).tolist()
         return [order[start:start + self.batch_size] for start in range(0, self.n, self.batch_size)]
 
-    def shares(self) -> list[float]:
-        """This process's fraction of each global batch of the epoch (its weight in the summed gradient)."""
-        return [len(self._slice(batch)) / len(batch) for batch in self.global_batches()]
+    def shares(self, weight: Callable[[Sequence[int]], float] = len) -> list[float]:
+        """This process's weight in each global batch's summed gradient: its slice's loss normaliser over the
+        batch's (``weight`` of a list of indices: the number of images, or of target boxes for detection)."""
+        return [weight(self._slice(batch)) / weight(batch) for batch in self.global_batches()]
 
     def _slice(self, batch: Sequence[int]) -> Sequence[int]:
         size = len(batch)

@@ -177,26 +177,42 @@ def prepare_training(method, config: TrainConfig, accelerator):
     return TrainingStepModule(method), optimizer
 
 
+class OtherProcessFailed(RuntimeError):
+    """Another process of the job failed in this step; its own error is in its log."""
+
+
 def run_training_step(step_module, optimizer, batch, accelerator, params: list[torch.Tensor],
-                      grad_clip: float | None = None, share: float = 1.0) -> StepOutput | None:  # fmt: skip
+                      grad_clip: float | None = None, share: float = 1.0,
+                      failure: BaseException | None = None) -> StepOutput | None:  # fmt: skip
     """One optimisation step: the method's loss terms under autocast, a finite-loss check, backward, optional
     gradient clipping, the optimiser step. Raises :class:`NonFiniteLoss` on a non-finite loss.
 
     In a job of several processes ``batch`` is this process's slice of the global batch (``None``: an empty
-    slice) and ``share`` its fraction of the global batch: the gradients summed over processes are then those of
-    the global batch's mean loss, and every process sees the same loss check."""
+    slice), ``share`` its weight (its fraction of the global batch's loss normaliser: images, or boxes for
+    detection) and ``failure`` an error this process met while loading the slice. The gradients summed over
+    processes are then those of the global batch's loss, and every process takes the same decision: a non-finite
+    loss or an error in any process stops all of them at this step, none waits for the others forever."""
+    several = distributed.world_size() > 1
+    if failure is not None and not several:
+        raise failure
     output = None
     speed.begin_step(step_module.method)  # CUDA graphs of the previous step may be overwritten from here on
-    if batch is not None:
+    if batch is not None and failure is None:
         try:
             with accelerator.autocast():
                 output = step_module(batch)
                 loss = output.loss
         except ValueError as err:  # e.g. the detector's matcher refuses non-finite boxes before any loss exists
             if NAN_WORD.search(str(err)) or not all(torch.isfinite(p).all() for p in params):
-                raise NonFiniteLoss("nan") from err
-            raise
-    several = distributed.world_size() > 1
+                failure = NonFiniteLoss("nan")
+            else:
+                failure = err
+            if not several:
+                raise failure from err
+        except Exception as err:  # shared below, so the other processes stop too
+            if not several:
+                raise
+            failure, output = err, None
     if not several and not torch.isfinite(loss):
         raise NonFiniteLoss(str(loss.item()))
     optimizer.zero_grad(set_to_none=True)
@@ -204,9 +220,14 @@ def run_training_step(step_module, optimizer, batch, accelerator, params: list[t
         accelerator.backward(loss if share == 1.0 else loss * share)
     if several:
         local = loss.detach().float() * share if output is not None else torch.zeros((), device=accelerator.device)
-        global_loss = distributed.sum_gradients(params, local.reshape(1))
-        if not torch.isfinite(global_loss).all():  # one process's NaN reaches every process through the sum
-            raise NonFiniteLoss(str(global_loss.item()))
+        failed = torch.tensor(0.0 if failure is None else 1.0, device=local.device)
+        global_loss, failures = distributed.sum_gradients(params, torch.stack([local, failed])).tolist()
+        if failure is not None:
+            raise failure
+        if failures:
+            raise OtherProcessFailed(f"{int(failures)} other process(es) of this job failed in this step")
+        if not math.isfinite(global_loss):  # one process's NaN reaches every process through the sum
+            raise NonFiniteLoss(str(global_loss))
     if grad_clip is not None:
         accelerator.clip_grad_norm_(params, grad_clip)
     optimizer.step()
@@ -291,11 +312,20 @@ class Trainer:
         self.history = []  # a Trainer may fit several runs; each run folder gets its own history
         task.configure(self.config)  # augmentation and loader workers follow the run's options
         task.check_before_training(method)
+        self._check_compilable(method)
         with ExitStack() as stack:
             distributed.run_on_main(lambda: self._claim_run_dir(stack, resume, overwrite), (Exception,))
             final = self._fit_locked(method, task, resume)
             distributed.barrier()  # every process returns once the run folder is complete
             return final
+
+    def _check_compilable(self, method) -> None:
+        if self.config.compile == "none" or method.fits_features or not method.num_trainable():
+            return
+        try:
+            speed.tower_layers(method.backbone, "image")
+        except ValueError as err:
+            raise TrainingError(f"train.compile={self.config.compile}: {err}; use train.compile=none.") from None
 
     def _claim_run_dir(self, stack: ExitStack, resume: bool, overwrite: bool) -> None:
         if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -316,6 +346,10 @@ class Trainer:
             speed.compile_towers(method, self.config.compile)
         if method.fits_features:
             record = {"epoch": 1, **task.fit_features(method, self.accelerator, self.config.eval_batch_size)}
+            # Every process fitted the same features; the main one's fit is the run's, bit for bit, everywhere.
+            if distributed.world_size() > 1:
+                method.load_prompt_state_dict(distributed.broadcast_from_main(
+                    {k: v.cpu() for k, v in method.prompt_state_dict().items()}))  # fmt: skip
             return self._finish(method, task, record)
         if method.num_trainable() == 0:  # zero-shot, or zero-size prompts: nothing to train, evaluate only
             return self._finish(method, task, {"epoch": 0})
@@ -400,7 +434,12 @@ class Trainer:
         start_epoch = self._load_resume_state(method, optimizer, scheduler) if resume else 0
         params = list(method.prompt_parameters().values())
         task.prepare_training(method, self.accelerator, cfg.eval_batch_size)  # after configure(): cfg.augment
-        batches = distributed.GlobalBatches(len(task.train_dataset()), cfg.batch_size, cfg.seed)
+        n_train, processes = len(task.train_dataset()), distributed.world_size()
+        if min(cfg.batch_size, n_train) < processes:
+            raise TrainingError(f"{processes} processes but a step has only {min(cfg.batch_size, n_train)} training "
+                                f"images (--batch-size {cfg.batch_size}, {n_train} images): every process needs at "
+                                "least one; raise --batch-size or start fewer processes.")  # fmt: skip
+        batches = distributed.GlobalBatches(n_train, cfg.batch_size, cfg.seed)
         loader = self._train_loader(task, batches)
         step = 0
         for epoch in range(start_epoch, cfg.epochs):
@@ -410,39 +449,50 @@ class Trainer:
             task.start_epoch()
             epoch_start = time.perf_counter()
             batches.set_epoch(epoch)
-            shares = batches.shares()
+            shares = batches.shares(task.loss_weight)
             # Detached, weighted by this process's share of each batch, summed over processes at the epoch's end:
             # the epoch's mean of the global batches' losses, read once, not synced every step.
-            terms: dict[str, list[torch.Tensor]] = {}
-            logs: dict[str, list[float]] = {}
-            for step, raw in enumerate(self._progress(loader, epoch)):
-                batch = None if raw is None else task.make_batch(send_to_device(raw, device))
+            terms: dict[str, list[torch.Tensor]] = {}  # loss terms, then "log:<name>" for logged scalars
+            batches_of_epoch = iter(loader)
+            for step in self._progress(range(len(shares)), epoch):
+                batch, failure = None, None
+                try:  # a loading error (e.g. a corrupt image) is shared with the other processes in the step
+                    raw = next(batches_of_epoch)
+                    if raw is not None:
+                        batch = task.make_batch(send_to_device(raw, device))
+                except Exception as err:  # noqa: BLE001 - re-raised by run_training_step
+                    failure = err
                 try:
                     output = run_training_step(step_module, optimizer, batch, self.accelerator, params, cfg.grad_clip,
-                                               share=shares[step])  # fmt: skip
+                                               share=shares[step], failure=failure)  # fmt: skip
                 except NonFiniteLoss as err:
                     raise TrainingError(self._divergence_message(f"loss became {err}", epoch, step)) from None
+                except OtherProcessFailed as err:
+                    raise TrainingError(f"{err} (epoch {epoch + 1}, step {step + 1}); its error is in its output. "
+                                        f"The state after the last finished epoch is kept in "
+                                        f"{self.run_dir / ckpt.RESUME_DIR}.") from None  # fmt: skip
+                values = _named_terms(output)
+                if output is not None:
+                    values.update({f"log:{name}": torch.tensor(float(v)) for name, v in output.logs.items()})
+                    task.record_step(output, batch)
                 zero = torch.zeros((), device=device)
-                for name, value in _named_terms(output).items():
-                    terms.setdefault(name, [zero] * step).append(value.detach().float() * shares[step])
+                for name, value in values.items():
+                    terms.setdefault(name, [zero] * step).append(value.detach().float().to(device) * shares[step])
                 for name in terms:  # a term this process's (empty) slice did not produce
                     if len(terms[name]) == step:
                         terms[name].append(zero)
-                if output is not None:
-                    for name, value in output.logs.items():
-                        logs.setdefault(name, []).append(value)
-                    task.record_step(output, batch)
             scheduler.step()
             if not all(torch.isfinite(p).all() for p in params):
                 # The epoch's last step is not followed by a loss check; a diverged prompt must not become the
                 # resume point, or every --resume would fail the same way.
                 raise TrainingError(self._divergence_message("the prompt parameters became non-finite", epoch, step))
             means = _epoch_means(terms, len(shares), device)
+            losses = {k: v for k, v in means.items() if not k.startswith("log:")}
             record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                                      "train_loss": means["loss"]}  # fmt: skip
-            if len(means) > 2:  # several named terms: each one's mean too
-                record.update({k: v for k, v in means.items() if k != "loss"})
-            record.update({k: float(np.mean(v)) for k, v in logs.items()})
+                                      "train_loss": losses["loss"]}  # fmt: skip
+            if len(losses) > 2:  # several named terms: each one's mean too
+                record.update({k: v for k, v in losses.items() if k != "loss"})
+            record.update({k.removeprefix("log:"): v for k, v in means.items() if k.startswith("log:")})
             record.update(task.epoch_metrics())
             record["epoch_time_s"] = time.perf_counter() - epoch_start
             if (epoch + 1) % cfg.validate_every == 0:
@@ -504,17 +554,26 @@ class Trainer:
             return previous  # a crash between the two renames of _save_resume_state
         return folder
 
-    def _load_resume_state(self, method, optimizer, scheduler) -> int:
+    def _read_resume_state(self) -> dict[str, Any] | None:
+        """The saved state (prompt, optimiser, scheduler, history), or None to start from scratch."""
         folder = self._resume_folder()
         state_file = folder / "state.json"
         if not state_file.exists():
             if (self.run_dir / ckpt.PROMPT_FILE).exists():
                 raise TrainingError(f"{self.run_dir} holds a finished run; nothing to resume.")
             self.log(f"no resumable state in {folder}; starting from scratch")
+            return None
+        return {"state": json.loads(state_file.read_text()), "prompt": ckpt.load_prompt_tensors(folder),
+                "trainer": torch.load(folder / "trainer_state.pt", weights_only=False)}  # fmt: skip
+
+    def _load_resume_state(self, method, optimizer, scheduler) -> int:
+        # The main process reads the files and hands them to the others: on several nodes the run folder may
+        # exist on the main node only, and every process must resume from the same epoch.
+        saved = distributed.run_on_main(self._read_resume_state, (Exception,))
+        if saved is None:
             return 0
-        state = json.loads(state_file.read_text())
-        method.load_prompt_state_dict(ckpt.load_prompt_tensors(folder))
-        trainer_state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        state, trainer_state = saved["state"], saved["trainer"]
+        method.load_prompt_state_dict(saved["prompt"])
         configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])

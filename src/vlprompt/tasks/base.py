@@ -8,7 +8,7 @@ accuracy) and scores the validation and final splits. Tasks register by name; a 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -97,6 +97,12 @@ class Task(ABC):
     @abstractmethod
     def make_batch(self, raw: Any) -> Any:
         """The batch ``training_step`` takes, from one collated item of :meth:`train_dataset`."""
+
+    def loss_weight(self, indices: Sequence[int]) -> float:
+        """What the training loss of the samples at ``indices`` (of :meth:`train_dataset`) is normalised by: the
+        number of samples for a per-sample mean. A job of several processes weights each process's loss by its
+        slice's weight over the global batch's, which makes the summed gradient the global batch's."""
+        return float(len(indices))
 
     def start_epoch(self) -> None:
         """Reset per-epoch training metrics."""

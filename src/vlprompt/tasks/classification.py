@@ -32,24 +32,30 @@ def transform_config(backbone):
 
 
 @torch.no_grad()
-def image_features_of(method, loader: Iterable, accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image features and labels of a whole loader (frozen or prompted image tower, no gradient). In a job of
-    several processes ``loader`` reads this process's block (``distributed.shard``) and the blocks are gathered:
-    every process gets all features, in the dataset's order."""
+def image_features_of(method, loader: Iterable, accelerator=None,
+                      sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Image features and labels of a whole loader (frozen or prompted image tower, no gradient). ``sharded``: the
+    loader reads this process's block of a dataset (``distributed.shard``) in a job of several processes, and the
+    blocks are gathered: every process gets all features, in the dataset's order (every process must call it)."""
     feats, labels = [], []
     device = device_of(method, accelerator)
     for pixels, y in loader:
         with autocast_of(accelerator):
             feats.append(method.image_features(pixels.to(device)).float().cpu())
         labels.append(y.cpu())
+    if not sharded:
+        return torch.cat(feats), torch.cat(labels)
     local_feats = torch.cat(feats) if feats else None  # None: an empty block (fewer images than processes)
     local_labels = torch.cat(labels) if labels else None
     return distributed.gather_blocks(local_feats), distributed.gather_blocks(local_labels)
 
 
 @torch.no_grad()
-def evaluate(method, loader: Iterable, accelerator=None, num_classes: int | None = None) -> dict[str, Any]:
-    """Top-1 accuracy (and per-class accuracy) of ``method`` on a loader of ``(pixels, labels)``."""
+def evaluate(method, loader: Iterable, accelerator=None, num_classes: int | None = None,
+             sharded: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Top-1 accuracy (and per-class accuracy) of ``method`` on a loader of ``(pixels, labels)``. ``sharded``: the
+    loader reads this process's block of a dataset in a job of several processes; the counts are summed over the
+    processes (every process must call it)."""
     was_training = method.training
     method.eval()
     text_feats = None
@@ -71,11 +77,11 @@ def evaluate(method, loader: Iterable, accelerator=None, num_classes: int | None
         per_class_total += torch.bincount(labels, minlength=n_classes).float()
         per_class_correct += torch.bincount(labels[pred == labels], minlength=n_classes).float()
     method.train(was_training)
-    # A job of several processes evaluates one block each (``distributed.shard``): the counts add up.
-    counts = distributed.sum_over_processes(torch.cat([torch.tensor([correct, total], dtype=torch.float64),
-                                                       per_class_correct.double(), per_class_total.double()]))
-    correct, total = int(counts[0]), int(counts[1])
-    per_class_correct, per_class_total = counts[2:2 + n_classes].float(), counts[2 + n_classes:].float()
+    if sharded:  # one block per process (``distributed.shard``): the counts add up
+        counts = distributed.sum_over_processes(torch.cat([torch.tensor([correct, total], dtype=torch.float64),
+                                                           per_class_correct.double(), per_class_total.double()]))
+        correct, total = int(counts[0]), int(counts[1])
+        per_class_correct, per_class_total = counts[2:2 + n_classes].float(), counts[2 + n_classes:].float()
     if total == 0:
         raise ValueError("evaluation split is empty")
     per_class = (per_class_correct / per_class_total.clamp(min=1)).tolist()
@@ -143,7 +149,7 @@ class ClassificationTask(Task):
         self._cached_images = "image" in towers and not self.augment
         if self._cached_images:
             loader = self._eval_loader(self.train_eval, eval_batch_size)
-            self._image_cache = TensorDataset(*image_features_of(method, loader, accelerator))
+            self._image_cache = TensorDataset(*image_features_of(method, loader, accelerator, sharded=True))
         self._decoded = None
         if not self._cached_images and self._should_decode_once():
             self._decoded = decode_images(self.splits.train)
@@ -186,9 +192,11 @@ class ClassificationTask(Task):
     # ----------------------------------------------------------------- fitted methods (linear probe)
     def fit_features(self, method, accelerator, eval_batch_size: int) -> dict[str, Any]:
         start = time.perf_counter()
-        train_f, train_y = image_features_of(method, self._eval_loader(self.train_eval, eval_batch_size), accelerator)
+        train_f, train_y = image_features_of(method, self._eval_loader(self.train_eval, eval_batch_size), accelerator,
+                                             sharded=True)  # fmt: skip
         if self.val is not None and len(self.val):
-            val_f, val_y = image_features_of(method, self._eval_loader(self.val, eval_batch_size), accelerator)
+            val_f, val_y = image_features_of(method, self._eval_loader(self.val, eval_batch_size), accelerator,
+                                             sharded=True)  # fmt: skip
         else:
             val_f, val_y = train_f[:0], train_y[:0]
         info = method.fit_features(train_f, train_y, val_f, val_y)
@@ -203,12 +211,13 @@ class ClassificationTask(Task):
     def validate(self, method, accelerator, batch_size: int) -> dict[str, float]:
         if self.val is None or not len(self.val):
             return {}
-        return {"val_accuracy": evaluate(method, self._eval_loader(self.val, batch_size), accelerator)["accuracy"]}
+        loader = self._eval_loader(self.val, batch_size)
+        return {"val_accuracy": evaluate(method, loader, accelerator, sharded=True)["accuracy"]}
 
     def final_metrics(self, method, accelerator, batch_size: int, log) -> dict[str, Any]:
         final: dict[str, Any] = {"split": "test"}
         if self.test is not None and len(self.test):
-            result = evaluate(method, self._eval_loader(self.test, batch_size), accelerator)
+            result = evaluate(method, self._eval_loader(self.test, batch_size), accelerator, sharded=True)
             final.update(accuracy=result["accuracy"], n=result["n"])
         return final
 
@@ -217,7 +226,7 @@ class ClassificationTask(Task):
         if not samples:
             raise ValueError(f"split {split!r} of {self.splits.name} is empty; choose another --split")
         loader = self._eval_loader(ImageDataset(samples, self._eval_tf), batch_size)
-        result = evaluate(method, loader, accelerator)
+        result = evaluate(method, loader, accelerator, sharded=True)
         return {"dataset": self.splits.name, "split": split, "accuracy": result["accuracy"], "n": result["n"]}
 
 

@@ -18,6 +18,7 @@ from vlprompt.data.coco import (
     coco_ground_truth,
     coco_map,
     collate_detection,
+    target_box_count,
     detections_from_scores,
     few_shot_detection,
     is_detection_dataset,
@@ -87,6 +88,7 @@ class DetectionTask(Task):
         self.augment = augment
         self.few_shot = few_shot  # the run records which training images a few-shot draw picked
         self.image_config = backbone.image_config
+        self._box_counts: list[int] | None = None
 
     @classmethod
     def load_data(cls, data) -> DetectionSplits:
@@ -120,6 +122,12 @@ class DetectionTask(Task):
 
     def train_dataset(self) -> Dataset:
         return DetectionDataset(self.splits.train, self.image_config, augment=self.augment)
+
+    def loss_weight(self, indices: Sequence[int]) -> float:
+        # The detector's loss is a sum over the batch's target boxes divided by their number (at least 1).
+        if self._box_counts is None:
+            self._box_counts = [target_box_count(image) for image in self.splits.train]
+        return float(max(sum(self._box_counts[i] for i in indices), 1))
 
     def make_batch(self, raw) -> DetectionBatch:
         pixels, mask, targets = raw
