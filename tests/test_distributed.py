@@ -235,3 +235,19 @@ def test_the_cli_under_torchrun_trains_once_and_reports_once(tiny_model_dir, eng
     reports = [json.loads(line) for line in lines if line.startswith("{")]
     assert len(reports) == 1 and reports[0]["output"] == str(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["processes"] == 2
+
+
+def test_a_bench_under_torchrun_trains_each_run_with_every_process_and_writes_once(tiny_model_dir, engine_data_root,
+                                                                                    tmp_path):  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "vlprompt.cli", "bench", "--methods", "coop", "--datasets",
+           "eurosat", "--data-root", str(engine_data_root), "--model", str(tiny_model_dir), "--shots", "2",
+           "--seeds", "1", "--output", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("# Bench results") == 1  # the report, printed by the main process only
+    (run_config,) = list(out.rglob("run_config.json"))
+    assert json.loads(run_config.read_text())["processes"] == 2
+    assert len((out / "results.csv").read_text().splitlines()) == 2  # header + the one run's row

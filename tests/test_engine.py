@@ -621,3 +621,38 @@ def test_training_on_a_test_only_dataset_names_it_and_the_fix(method, engine_run
     with pytest.raises(DatasetError, match=r"no training images .*vlprompt eval"):
         train(options, progress=False, log=quiet)
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------ decoded-image cache
+@pytest.mark.parametrize("cache", [True, None])
+def test_augmenting_decoded_images_from_memory_trains_exactly_as_from_the_files(cache, tiny_model_dir,
+                                                                                engine_data_root, engine_run_options,
+                                                                                tmp_path, monkeypatch):  # fmt: skip
+    """The cache holds each training image decoded at full resolution, so the crops are the same pixels. ``None``
+    (automatic) caches a few-shot set that fits the budget; its files are then read once per run, not per epoch."""
+    from vlprompt.data import datasets
+
+    split = json.loads((engine_data_root / "eurosat" / "split_zhou_EuroSAT.json").read_text())
+    train_files = {str(engine_data_root / "eurosat" / "2750" / item[0]) for item in split["train"]}
+    opened: list[str] = []
+    open_image = datasets.open_image
+
+    def counting_open(path):
+        opened.append(str(path))
+        return open_image(path)
+
+    monkeypatch.setattr(datasets, "open_image", counting_open)
+
+    def run(name: str, cache_images):
+        opened.clear()
+        options = engine_run_options(tiny_model_dir, engine_data_root, tmp_path / name, augment=True, epochs=2,
+                                     cache_images=cache_images)  # fmt: skip
+        options.data.shots = 4  # all 4 training images per class, few-shot: what the automatic cache covers
+        result = train(options, progress=False, log=quiet)
+        return result, sum(path in train_files for path in opened)
+
+    cached, cached_reads = run("cached", cache)
+    plain, plain_reads = run("files", False)
+    assert cached == plain
+    assert_same_tensors(prompt_tensors(tmp_path / "cached"), prompt_tensors(tmp_path / "files"))
+    assert (cached_reads, plain_reads) == (len(train_files), 2 * len(train_files))  # once per run / per epoch
