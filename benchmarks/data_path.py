@@ -159,15 +159,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     meta, loaders, parts, steps = result["_meta"], result["loader"], result["parts"], result["step"]
     need = max((s["images_per_s"] for s in steps.values() if s.get("images_per_s")), default=None)
     lines = [
-        "# Data path vs training step (ViT-B/16, 224 px)",
-        "",
-        "Produced by",
-        "",
-        "```bash",
-        meta["command"],
-        "```",
-        "",
-        f"- date: {meta['date']}; total wall time {meta['wall_s']:.0f} s",
+        *_load("step_time").report_header("Data path vs training step (ViT-B/16, 224 px)", meta),
         f"- CPU: {meta['cpu']} ({meta['cpu_count']} logical CPUs visible, {meta['physical_cores']} physical cores); "
         f"CUDA: {meta['cuda'] or 'none'}",
         f"- torch {meta['torch']}, Pillow {meta['pillow']}, Python {meta['python']}",

@@ -171,21 +171,26 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def _time_calls(s: "_Setup", make, step, n: int) -> list[float]:
+    """Seconds of ``n`` calls of ``step`` on fresh inputs from ``make`` (made outside the timing; device synced)."""
+    times = []
+    for _ in range(n):
+        inputs = make()
+        s.sync()
+        t = time.perf_counter()
+        step(inputs)
+        s.sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def _compile_warmup(s: "_Setup", make, step, warmup: int, compile_mode: str, record: dict[str, Any]) -> int:
     """Run the warm-up steps, not timed with the steps (at least 1 when compiled; 3 with modes that may record CUDA
     graphs: a warm-up run, the recording, one replay), and record their summed time (inputs made by ``make`` outside
     it) as the compile warm-up. Returns the warm-up count used."""
     if compile_mode != "none":
         warmup = max(warmup, 3 if compile_mode in ("reduce-overhead", "max-autotune") else 1)
-    total = 0.0
-    for _ in range(warmup):
-        inputs = make()
-        s.sync()
-        t = time.perf_counter()
-        step(inputs)
-        s.sync()
-        total += time.perf_counter() - t
-    record["warmup_s"] = total
+    record["warmup_s"] = sum(_time_calls(s, make, step, warmup))
     record["compile"] = compile_mode
     record["warmup"] = warmup
     return warmup
@@ -232,14 +237,7 @@ def measure_u(model: str, precision: str = "fp32", *, batch_size: int = 8, num_c
     flops_per_step = speed.count_flops(lambda: one_pass(make()))[1] if flops else None  # eager, untimed
     speed.compile_towers(backbone, None if compile == "none" else compile, towers=("image",))
     _compile_warmup(s, make, one_pass, warmup, compile, record)
-    times = []
-    for _ in range(steps):
-        inputs = make()
-        s.sync()
-        t = time.perf_counter()
-        one_pass(inputs)
-        s.sync()
-        times.append(time.perf_counter() - t)
+    times = _time_calls(s, make, one_pass, steps)
     _summarise(record, times)
     s.throughput(record, flops_per_step)
     return s.finish(record)
@@ -417,21 +415,19 @@ def _load(r: dict[str, Any]) -> str:
     return "—" if use is None else f"{use:.2f}"
 
 
+def report_header(title: str, meta: dict[str, Any]) -> list[str]:
+    """A report's first lines: its title, the command that produced it, its date and wall time."""
+    return [f"# {title}", "", "Produced by", "", "```bash", meta["command"], "```", "",
+            f"- date: {meta['date']}; total wall time {meta['wall_s']:.0f} s"]
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     meta, u, large = result["_meta"], result["_U"], result["_coop_large"]
     precisions = meta["precisions"]
     cuda = meta["device"] == "cuda"
     mem = "CUDA max allocated" if cuda else "peak RSS"
     lines = [
-        "# Training-step time relative to U, fp32 and bf16",
-        "",
-        "Produced by",
-        "",
-        "```bash",
-        meta["command"],
-        "```",
-        "",
-        f"- date: {meta['date']}; total wall time {meta['wall_s']:.0f} s",
+        *report_header("Training-step time relative to U, fp32 and bf16", meta),
         f"- torch {meta['torch']}, transformers {meta['transformers']}, accelerate {meta['accelerate']}, "
         f"Python {meta['python']}",
         f"- CPU: {meta['cpu']} ({meta['cpu_count']} logical CPUs visible); device: {meta['device']}"
