@@ -251,3 +251,13 @@ def test_a_bench_under_torchrun_trains_each_run_with_every_process_and_writes_on
     (run_config,) = list(out.rglob("run_config.json"))
     assert json.loads(run_config.read_text())["processes"] == 2
     assert len((out / "results.csv").read_text().splitlines()) == 2  # header + the one run's row
+
+
+def test_crops_depend_on_neither_processes_nor_loader_workers(tiny_model_dir, engine_data_root, engine_run_options,
+                                                             tmp_path):  # fmt: skip
+    make = lambda output, workers: engine_run_options(tiny_model_dir, engine_data_root, output,  # noqa: E731
+                                                      batch_size=5, augment=True, num_workers=workers)
+    train(make(tmp_path / "single", 0), progress=False, log=quiet)
+    proc, _ = launch(make(tmp_path / "two", 2), tmp_path)  # two processes, each with two loader workers
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "two", tmp_path / "single")

@@ -127,15 +127,27 @@ def shard(dataset: Dataset) -> Dataset:
 
 def gather_blocks(local: torch.Tensor | None) -> torch.Tensor:
     """The rows every process computed for its :func:`block_of` (``None`` for an empty block), concatenated in the
-    dataset's order, on the CPU."""
+    dataset's order, on the CPU. Rows travel as tensors (padded to the largest block), not pickled objects: a
+    feature cache of a large training set stays one copy per process."""
     if world_size() == 1:
         if local is None:
             raise ValueError("nothing to gather: the dataset is empty")
         return local
-    parts = [part for part in gather_objects(None if local is None else local.cpu()) if part is not None]
-    if not parts:
+    # Every process learns each block's row count and the rows' shape and dtype (an empty block knows neither).
+    described = gather_objects(None if local is None else (local.shape[0], tuple(local.shape[1:]), local.dtype))
+    shapes = [d for d in described if d is not None]
+    if not shapes:
         raise ValueError("nothing to gather: the dataset is empty")
-    return torch.cat(parts)
+    _, row_shape, dtype = shapes[0]
+    counts = [0 if d is None else d[0] for d in described]
+    longest = max(counts)
+    device = _comm_device()
+    padded = torch.zeros((longest, *row_shape), dtype=dtype, device=device)
+    if local is not None and local.shape[0]:
+        padded[: local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count].cpu() for part, count in zip(parts, counts)])
 
 
 def item_seed(run_seed: int, epoch: int, index: int) -> int:
