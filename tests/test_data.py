@@ -640,3 +640,74 @@ def test_transforms_pickle_for_workers() -> None:
 
     for t in (build_transform(CFG, True), build_transform(CFG, False)):
         assert type(pickle.loads(pickle.dumps(t))) is type(t)
+
+
+# ------------------------------------------------------------------------------------------------ pixel formats
+def _pixels(path) -> np.ndarray:
+    from vlprompt.data import open_image
+
+    return np.asarray(open_image(path))
+
+
+def test_sixteen_bit_grey_levels_are_scaled_not_saturated(tmp_path):
+    levels = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    for ext in ("png", "tif"):
+        Image.fromarray(levels).save(tmp_path / f"g16.{ext}")
+        rgb = _pixels(tmp_path / f"g16.{ext}")
+        assert rgb.dtype == np.uint8 and rgb.shape == (1, 4, 3)
+        assert rgb[0, :, 0].tolist() == [0, 1, 128, 255] and (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_sixteen_bit_rgb_keeps_its_colours(tmp_path):
+    import io
+
+    # PIL writes no 48-bit RGB; a minimal 16-bit-per-channel PNG, written by hand (zlib + CRC).
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + struct.pack(">3H", 65535, 32896, 0)  # one pixel: full red, half green, no blue
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 16, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(row)) + chunk(b"IEND", b""))  # fmt: skip
+    (tmp_path / "rgb48.png").write_bytes(png)
+    assert Image.open(io.BytesIO(png)).size == (1, 1)
+    assert _pixels(tmp_path / "rgb48.png")[0, 0].tolist() == [255, 128, 0]
+
+
+def test_transparency_is_composited_on_white_as_transformers_processors_do(tmp_path):
+    rgba = np.zeros((1, 2, 4), dtype=np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red
+    rgba[0, 1] = (0, 0, 0, 0)  # fully transparent (black underneath)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    assert _pixels(tmp_path / "alpha.png").tolist() == [[[255, 0, 0], [255, 255, 255]]]
+    palette = Image.fromarray(rgba, "RGBA").convert("P")
+    palette.info["transparency"] = palette.getpixel((1, 0))
+    palette.save(tmp_path / "palette.png", transparency=palette.getpixel((1, 0)))
+    assert _pixels(tmp_path / "palette.png")[0, 1].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    wide = np.zeros((2, 4, 3), dtype=np.uint8)
+    wide[:, 0] = 255  # a white left column
+    image = Image.fromarray(wide)
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored sideways: a viewer rotates it 90 degrees clockwise
+    image.save(tmp_path / "sideways.png", exif=exif)
+    upright = _pixels(tmp_path / "sideways.png")
+    assert upright.shape == (4, 2, 3)  # height and width swapped
+    assert (upright[0] == 255).all() and (upright[1:] == 0).all()  # the white column is now the top row
+
+
+@pytest.mark.parametrize("kind", ["float", "int32"])
+def test_pixel_formats_without_a_known_range_are_refused_by_name(kind, tmp_path):
+    from vlprompt.data import DatasetError
+
+    path = tmp_path / f"{kind}.tif"
+    if kind == "float":
+        Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32)).save(path)
+    else:
+        Image.fromarray(np.full((2, 2), 100_000, dtype=np.int32)).save(path)
+    with pytest.raises(DatasetError, match=f"{path.name}.*16-bit PNG"):
+        _pixels(path)

@@ -346,7 +346,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         item = self.images[index]
-        image = open_image(item.path)
+        image = open_image(item.path, orient=False)  # COCO boxes are in the stored pixels
         width, height = image.size
         if item.width and item.height and (item.width, item.height) != (width, height):
             # Evaluation maps predictions back with the JSON's size: both must describe the same pixels.

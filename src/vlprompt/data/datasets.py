@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import DatasetError
 
@@ -722,18 +723,48 @@ def decode_images(samples: Sequence[Sample]) -> list[Image.Image]:
     return [open_image(sample.path) for sample in samples]
 
 
-def open_image(path: Path) -> Image.Image:
-    """Open an image as RGB, turning PIL's many failure types into one DatasetError that names the file."""
+# Integer modes PIL keeps at more than 8 bits per sample: their values span 0..65535 (16-bit PNG and TIFF files).
+WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def open_image(path: Path, orient: bool = True) -> Image.Image:
+    """Open an image as 8-bit RGB, turning PIL's many failure types into one DatasetError that names the file.
+
+    Pixels as a viewer shows them: ``orient`` applies the EXIF orientation (a phone photo stored sideways comes out
+    upright, as transformers' ``load_image`` does; detection turns it off, its boxes are in stored pixels);
+    transparency is composited on white (as transformers' image processors do); 16-bit grey levels are scaled to
+    8 bits (PIL's plain conversion would saturate everything above 255). Floating-point images, whose value range
+    no file states, are refused by name."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() forces the full decode inside the try
+            return _to_rgb(ImageOps.exif_transpose(im) if orient else im, path)  # the decode runs inside the try
     except FileNotFoundError as e:
         raise DatasetError(
             f"image file {path} does not exist; the dataset folder changed after loading, restore the file or "
             f"clear the few-shot cache."
         ) from e
+    except DatasetError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DatasetError(
             f"cannot read image {path} ({type(e).__name__}: {e}); the file is corrupt or not an image: "
             f"remove it (and its split entry) or replace it with a valid copy."
         ) from e
+
+
+def _to_rgb(im: Image.Image, path: Path) -> Image.Image:
+    if im.mode == "F":
+        raise DatasetError(f"{path} holds floating-point pixels (PIL mode F), whose range the file does not state; "
+                           "save it as an 8- or 16-bit PNG or JPEG.")  # fmt: skip
+    if im.mode in WIDE_INTEGER_MODES:
+        values = np.asarray(im, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DatasetError(f"{path} holds {im.mode} pixels outside 0..65535 (a 32-bit image); save it as an 8- "
+                               "or 16-bit PNG or JPEG.")  # fmt: skip
+        grey = np.round(values / 257.0).astype(np.uint8)  # 65535 -> 255, 32896 -> 128
+        return Image.fromarray(grey).convert("RGB")
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
