@@ -254,3 +254,16 @@ def test_a_bench_rerun_with_fewer_methods_keeps_the_earlier_rows_in_results_and_
     methods = [line.split(",")[4] for line in (out_dir / "results.csv").read_text().splitlines()[1:]]
     assert sorted(methods) == ["coop", "zeroshot"]
     assert "| coop |" in (out_dir / "results.md").read_text()
+
+
+def test_report_only_needs_only_the_bench_folder(tiny_model_dir, engine_data_root, tmp_path):
+    out_dir = tmp_path / "bench"
+    args = ["bench", "--methods", "zeroshot", "--datasets", "eurosat", "--data-root", engine_data_root, "--model",
+            tiny_model_dir, "--shots", "1", "--seeds", "1", "--output", out_dir]
+    assert _cli(*args)[0] == 0
+    report = Path(out_dir, "results.md").read_text()
+    code, _, err = _cli("bench", "--report-only", "--output", out_dir)
+    assert code == 0, err
+    assert Path(out_dir, "results.md").read_text() == report
+    code, _, err = _cli("bench", "--report-only", "--output", tmp_path / "nothing_here")
+    assert code != 0 and "holds no bench" in err and "--output" in err

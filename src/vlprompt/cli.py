@@ -286,10 +286,25 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded_bench_settings(args: argparse.Namespace, tree: dict[str, Any]) -> dict[str, Any]:
+    """What the bench in --output ran with (its bench_config*.json): ``--report-only`` needs nothing else."""
+    from vlprompt.protocols.runner import precision_suffix
+
+    output = Path(args.output or tree.get("output") or "bench")
+    path = output / f"bench_config{precision_suffix(args.precision or tree.get('precision') or 'fp32')}.json"
+    if not path.is_file():
+        raise CLIError(f"--report-only: {path} does not exist, so {output} holds no bench; pass the folder a bench "
+                       "wrote as --output.")  # fmt: skip
+    stored = json.loads(path.read_text())
+    return {k: stored[k] for k in ("methods", "datasets", "protocols", "shots", "seeds", "precision") if k in stored}
+
+
 def bench_config_from(args: argparse.Namespace):
     from vlprompt.protocols.runner import BenchConfig, Recipe
 
     tree = load_yaml(args.config) if args.config else {}
+    if getattr(args, "report_only", False):  # the folder's own settings; flags and --config still win
+        tree = deep_merge(_recorded_bench_settings(args, tree), tree)
     flags = {
         "methods": args.methods, "datasets": args.datasets, "protocols": args.protocols, "shots": args.shots,
         "seeds": args.seeds, "model": args.model, "data_root": args.data_root, "output": args.output,
