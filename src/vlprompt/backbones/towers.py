@@ -64,13 +64,18 @@ class TransformersTwoTowers(DualEncoderBackbone):
     def vision_width(self) -> int:
         return self.model.config.vision_config.hidden_size
 
+    def encoder_layers(self, tower: str) -> nn.ModuleList:
+        """The repeated transformer blocks of ``tower`` ("text" or "image"), which the adapters call one by one."""
+        towers = {"text": self.model.text_model, "image": self.model.vision_model}
+        return towers[tower].encoder.layers
+
     @property
     def text_layers(self) -> int:
-        return len(self.model.text_model.encoder.layers)
+        return len(self.encoder_layers("text"))
 
     @property
     def vision_layers(self) -> int:
-        return len(self.model.vision_model.encoder.layers)
+        return len(self.encoder_layers("image"))
 
     @property
     def patch_size(self) -> int:
@@ -102,7 +107,7 @@ class TransformersTwoTowers(DualEncoderBackbone):
                          block: BlockAdapter | None, transient: TransientPrompts | None) -> torch.Tensor:  # fmt: skip
         """The image tower's layers over ``hidden``: deep prompts replace positions ``start..`` from layer 1 on,
         ``block`` changes each attention output, ``transient`` tokens join one layer and leave with its outputs."""
-        layers = self.model.vision_model.encoder.layers
+        layers = self.encoder_layers("image")
         with block_hooks(layers, block):
             for j, layer in enumerate(layers):
                 if j > 0 and prompts is not None:

@@ -182,29 +182,28 @@ class GlobalBatches(Sampler[list[tuple[int, int]]]):
         self.n = n
         self.batch_size = batch_size
         self.run_seed = run_seed
-        self.epoch = 0
         self.world = world_size()
         self.rank = rank()
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw the epoch's order (once: the shares and the iteration read the same batches)."""
         self.epoch = epoch
-
-    def global_batches(self) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.run_seed * 1000 + self.epoch)
+        generator = torch.Generator().manual_seed(self.run_seed * 1000 + epoch)
         order = torch.randperm(self.n, generator=generator).tolist()
-        return [order[start:start + self.batch_size] for start in range(0, self.n, self.batch_size)]
+        self.batches = [order[start:start + self.batch_size] for start in range(0, self.n, self.batch_size)]
 
     def shares(self, weight: Callable[[Sequence[int]], float] = len) -> list[float]:
         """This process's weight in each global batch's summed gradient: its slice's loss normaliser over the
         batch's (``weight`` of a list of indices: the number of images, or of target boxes for detection)."""
-        return [weight(self._slice(batch)) / weight(batch) for batch in self.global_batches()]
+        return [weight(self._slice(batch)) / weight(batch) for batch in self.batches]
 
     def _slice(self, batch: Sequence[int]) -> Sequence[int]:
         size = len(batch)
         return batch[size * self.rank // self.world: size * (self.rank + 1) // self.world]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.global_batches():
+        for batch in self.batches:
             yield [(index, item_seed(self.run_seed, self.epoch, index)) for index in self._slice(batch)]
 
     def __len__(self) -> int:

@@ -38,16 +38,14 @@ def _backbone_of(model: Any) -> Any:
 
 def tower_layers(backbone: Any, tower: str) -> list[nn.Module]:
     """The encoder layers (the repeated transformer blocks) of ``tower`` ("text" or "image") of a two-tower
-    transformers backbone (CLIP, SigLIP): the modules the adapter calls one by one."""
-    model = getattr(backbone, "model", None)
-    name = {"text": "text_model", "image": "vision_model"}[tower]
-    sub = getattr(model, name, None)
-    layers = getattr(getattr(sub, "encoder", None), "layers", None)
-    if layers is None:
+    backbone (CLIP, SigLIP): the modules the adapter calls one by one."""
+    from vlprompt.backbones.towers import TransformersTwoTowers
+
+    if not isinstance(backbone, TransformersTwoTowers):
         family = getattr(backbone, "family", type(backbone).__name__)
         raise ValueError(f"compile_towers supports two-tower backbones (CLIP, SigLIP); the {family} backbone has no "
-                         f"{name}.encoder.layers")
-    return list(layers)
+                         f"{tower} tower of repeated encoder layers")
+    return list(backbone.encoder_layers(tower))
 
 
 def compile_towers(method: Any, mode: str | None, towers: tuple[str, ...] = ("image", "text"),

@@ -416,11 +416,11 @@ class Trainer:
         lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history)
         ckpt.atomic_write_bytes(self.run_dir / ckpt.METRICS_FILE, lines.encode())
 
-    def _train_loader(self, task, batches: distributed.GlobalBatches) -> DataLoader:
+    def _train_loader(self, task, dataset, batches: distributed.GlobalBatches) -> DataLoader:
         """This process's slices of the global batches, images read with per-image seeded augmentation; workers
         (``num_workers``) stay alive across epochs and batches land in pinned memory when a GPU takes them."""
         workers = self.config.num_workers
-        return DataLoader(distributed.ItemSeeded(task.train_dataset()), batch_sampler=batches,
+        return DataLoader(distributed.ItemSeeded(dataset), batch_sampler=batches,
                           num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=self.accelerator.device.type == "cuda",
                           collate_fn=distributed.EmptyAwareCollate(task.collate_fn))  # fmt: skip
@@ -434,13 +434,14 @@ class Trainer:
         start_epoch = self._load_resume_state(method, optimizer, scheduler) if resume else 0
         params = list(method.prompt_parameters().values())
         task.prepare_training(method, self.accelerator, cfg.eval_batch_size)  # after configure(): cfg.augment
-        n_train, processes = len(task.train_dataset()), distributed.world_size()
+        dataset = task.train_dataset()
+        n_train, processes = len(dataset), distributed.world_size()
         if min(cfg.batch_size, n_train) < processes:
             raise TrainingError(f"{processes} processes but a step has only {min(cfg.batch_size, n_train)} training "
                                 f"images (--batch-size {cfg.batch_size}, {n_train} images): every process needs at "
                                 "least one; raise --batch-size or start fewer processes.")  # fmt: skip
         batches = distributed.GlobalBatches(n_train, cfg.batch_size, cfg.seed)
-        loader = self._train_loader(task, batches)
+        loader = self._train_loader(task, dataset, batches)
         step = 0
         for epoch in range(start_epoch, cfg.epochs):
             seed_everything(cfg.seed * 1000 + epoch)  # draws of the method itself (e.g. dropout): same after a resume
