@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -319,8 +318,12 @@ class Trainer:
             distributed.barrier()  # every process returns once the run folder is complete
             return final
 
+    def _compiles(self, method) -> bool:
+        """Whether this run compiles the method's towers (only gradient-step training does)."""
+        return self.config.compile != "none" and not method.fits_features and bool(method.num_trainable())
+
     def _check_compilable(self, method) -> None:
-        if self.config.compile == "none" or method.fits_features or not method.num_trainable():
+        if not self._compiles(method):
             return
         try:
             speed.tower_layers(method.backbone, "image")
@@ -342,7 +345,7 @@ class Trainer:
     def _fit_locked(self, method, task, resume: bool) -> dict[str, Any]:
         seed_everything(self.config.seed)
         method = method.to(self.accelerator.device)
-        if self.config.compile != "none" and not method.fits_features and method.num_trainable():
+        if self._compiles(method):
             speed.compile_towers(method, self.config.compile)
         if method.fits_features:
             record = {"epoch": 1, **task.fit_features(method, self.accelerator, self.config.eval_batch_size)}
