@@ -497,6 +497,7 @@ def render_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "",
         "Cost of one training step of every registered method, as the engine runs it. Produced by",
         "",
+        "<!-- commands: long -->",  # tests/test_doc_commands.py
         "```bash",
         meta["command"],
         "```",

@@ -417,7 +417,8 @@ def _load(r: dict[str, Any]) -> str:
 
 def report_header(title: str, meta: dict[str, Any]) -> list[str]:
     """A report's first lines: its title, the command that produced it, its date and wall time."""
-    return [f"# {title}", "", "Produced by", "", "```bash", meta["command"], "```", "",
+    kind = "need GPUs" if meta.get("device", "cpu") != "cpu" else "long"  # tests/test_doc_commands.py
+    return [f"# {title}", "", "Produced by", "", f"<!-- commands: {kind} -->", "```bash", meta["command"], "```", "",
             f"- date: {meta['date']}; total wall time {meta['wall_s']:.0f} s"]
 
 

@@ -21,6 +21,6 @@ def run_changed_specs(argv: list[str] | None, description: str, change_specs: Ca
     from vlprompt.cli import main as cli
 
     return cli(["bench", "--methods", *methods, "--datasets", *(f"toy:{n}" for n in datasets),
-                "--shots", "16", "--seeds", "1", "--model", args.model, "--set", "recipes=toy",
+                "--shots", "16", "--seeds", "1", "--model", args.model, "--recipe", "toy",
                 "--output", str(output / "bench"), "--command-line",
                 f"python benchmarks/{script} --output {args.output} --model {args.model}"])

@@ -8,6 +8,7 @@ Fixtures defined here (append new ones below this block):
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -15,6 +16,9 @@ import pytest
 # a GPU would move them there. GPU checks live in tests/gpu (VLPROMPT_TEST_DEVICE=cuda python -m pytest tests/gpu).
 if os.environ.get("VLPROMPT_TEST_DEVICE", "cpu") == "cpu":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Few-shot split caches of the tests' throw-away data roots go to a throw-away cache, not the user's (the toy
+# datasets themselves stay in the shared toy cache: generating them is the slow part).
+os.environ.setdefault("VLPROMPT_CACHE", tempfile.mkdtemp(prefix="vlprompt-test-cache-"))
 
 from vlprompt.backbones import load_backbone
 from vlprompt.backbones.presets import save_random_clip

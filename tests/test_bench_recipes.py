@@ -11,7 +11,7 @@ from vlprompt.protocols.runner import BenchConfig, Job, Recipe, _run_options, jo
 
 
 def _config(**kw) -> BenchConfig:
-    return BenchConfig(methods=["coop", "vpt_deep"], datasets=["eurosat"], **kw)
+    return BenchConfig(**{"methods": ["coop", "vpt_deep"], "datasets": ["eurosat"], "model": "random:tiny", **kw})
 
 
 def test_epochs_by_shots_precedence():

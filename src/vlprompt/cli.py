@@ -28,6 +28,11 @@ written by save_pretrained, a Hugging Face hub id, or random:<preset> (a real ar
 tiny, vit-b-16, vit-b-32, grounding-dino-micro, ...; for tests, parameter counts and benchmarks)."""
 
 
+RECIPE_HELP = ("training recipe: auto (the default: the model's own, e.g. toy for the embedded model, else field), "
+               "field (the papers' settings for CLIP ViT-B/16), toy, or a recipe file (.json/.yaml); options you "
+               "set win over it")
+
+
 class CLIError(Exception):
     """A user error the CLI reports in one line, without a traceback."""
 
@@ -106,19 +111,23 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 
 def build_run_options(tree: dict[str, Any]):
+    """RunOptions of a config tree; ``train`` stays the mapping the user gave (the recipe fills in the rest)."""
     from vlprompt.engine.api import DataOptions, RunOptions
-    from vlprompt.engine.trainer import TrainConfig
 
     known = {f.name for f in dataclasses.fields(RunOptions)}
     unknown = sorted(set(tree) - known)
     if unknown:
         raise CLIError(f"unknown config key(s) {unknown}; top-level keys are {sorted(known)}")
     values = dict(tree)
+    for part in ("data", "train", "method_options"):
+        if not isinstance(values.get(part) or {}, dict):
+            raise CLIError(f"{part}: must be a mapping of options (got {values[part]!r})")
     try:
         values["data"] = DataOptions(**values.get("data", {}))
-        values["train"] = TrainConfig(**values.get("train", {}))
     except TypeError as err:
-        raise CLIError(f"bad config: {err}") from err
+        known_data = ", ".join(f.name for f in dataclasses.fields(DataOptions))
+        raise CLIError(f"bad data options ({err}); the options are: {known_data}") from err
+    values["train"] = dict(values.get("train") or {})
     values["method_options"] = values.get("method_options") or {}
     return RunOptions(**values)
 
@@ -140,6 +149,7 @@ def _flag_tree(args: argparse.Namespace) -> dict[str, Any]:
         "lr": "train.lr",
         "optimizer": "train.optimizer",
         "precision": "train.precision",
+        "recipe": "recipe",
     }
     for attr, dotted in mapping.items():
         value = getattr(args, attr, None)
@@ -160,16 +170,16 @@ def resolved_tree(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlprompt.engine.api import train
-
+    from vlprompt.engine.api import resolve_recipe, train
     from vlprompt.engine.distributed import launched_rank, launched_world_size
 
-    options = build_run_options(resolved_tree(args))
+    options, recipe_line = resolve_recipe(build_run_options(resolved_tree(args)))
     speak = launched_rank() == 0  # a job of several processes (torchrun, accelerate launch) reports once
     processes = launched_world_size()
     if speak:
         print(f"training {options.method} on {options.data.dataset} with {options.model} -> {options.output}"
               + (f" ({processes} processes, global batch {options.train.batch_size})" if processes > 1 else ""))
+        print(recipe_line)
     result = train(options, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if speak:
         print(json.dumps({"output": options.output, **result}))
@@ -296,7 +306,8 @@ def _recorded_bench_settings(args: argparse.Namespace, tree: dict[str, Any]) -> 
         raise CLIError(f"--report-only: {path} does not exist, so {output} holds no bench; pass the folder a bench "
                        "wrote as --output.")  # fmt: skip
     stored = json.loads(path.read_text())
-    return {k: stored[k] for k in ("methods", "datasets", "protocols", "shots", "seeds", "precision") if k in stored}
+    keys = ("methods", "datasets", "protocols", "shots", "seeds", "precision", "model", "recipe")
+    return {k: stored[k] for k in keys if k in stored}
 
 
 def bench_config_from(args: argparse.Namespace):
@@ -308,23 +319,19 @@ def bench_config_from(args: argparse.Namespace):
     flags = {
         "methods": args.methods, "datasets": args.datasets, "protocols": args.protocols, "shots": args.shots,
         "seeds": args.seeds, "model": args.model, "data_root": args.data_root, "output": args.output,
-        "precision": args.precision, "workers": args.workers,
+        "precision": args.precision, "workers": args.workers, "recipe": args.recipe,
     }
     tree = deep_merge(tree, {k: v for k, v in flags.items() if v is not None})
     tree = deep_merge(tree, parse_set(args.set or []))
-    if tree.get("recipes") == "toy":  # the embedded default's recipes (vlprompt.protocols.recipes), as the demo's
-        from vlprompt.protocols.recipes import TOY_DEFAULT_TRAIN, TOY_EPOCHS_BY_SHOTS, TOY_RECIPES
-
-        tree["recipes"] = dict(TOY_RECIPES)
-        tree["default_train"] = {**TOY_DEFAULT_TRAIN, **(tree.get("default_train") or {})}
-        tree["default_epochs_by_shots"] = {**TOY_EPOCHS_BY_SHOTS, **(tree.get("default_epochs_by_shots") or {})}
-    elif isinstance(tree.get("recipes"), str):
-        raise CLIError(f"unknown recipes preset {tree['recipes']!r}: use 'toy' or a mapping method -> recipe")
-    else:
-        try:
-            tree["recipes"] = {k: Recipe(**v) for k, v in (tree.get("recipes") or {}).items()}
-        except (TypeError, ValueError) as err:
-            raise CLIError(f"bad recipe in the bench config: {err}") from err
+    if isinstance(tree.get("recipes"), str):  # `recipes: toy` of earlier configs names the whole recipe
+        tree.setdefault("recipe", tree.pop("recipes"))
+    if not isinstance(tree.get("recipes") or {}, dict):
+        raise CLIError(f"recipes: must map method names to recipes (got {tree['recipes']!r}); name a whole recipe "
+                       "with recipe: / --recipe")  # fmt: skip
+    try:
+        tree["recipes"] = {k: Recipe(**v) for k, v in (tree.get("recipes") or {}).items()}
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"bad recipe in the bench config: {err}") from err
     missing = [k for k in ("methods", "datasets") if not tree.get(k)]
     if missing:
         raise CLIError(f"bench needs {missing}: pass --methods/--datasets or a --config YAML with them")
@@ -426,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--no-augment", action="store_true", help="no random crop/flip (lets text-only methods cache images)")
+    p.add_argument("--recipe", help=RECIPE_HELP)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -474,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int,
                    help="runs trained at once, each in its own process (default 1); torch's threads are divided "
                         "among them (set threads_per_worker in the config to choose)")
+    p.add_argument("--recipe", help=RECIPE_HELP)
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from results.csv")
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)

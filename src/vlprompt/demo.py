@@ -72,20 +72,15 @@ DEMO_DATASETS = ["toy:shapes", "toy:colours", "toy:count", "toy:texture"]
 
 def run_demo(output: Path, quick: bool = False, log=print) -> list[dict]:
     """Few-shot (16 shots, seed 1) zero-shot vs tuned prompts on the embedded default; prints the table."""
-    from vlprompt.protocols.recipes import TOY_DEFAULT_TRAIN, TOY_EPOCHS_BY_SHOTS, TOY_RECIPES
     from vlprompt.protocols.report import markdown_report
     from vlprompt.protocols.runner import BenchConfig, run_bench
 
     output = Path(output)
-    default_train = dict(TOY_DEFAULT_TRAIN)
-    if quick:
-        default_train["epochs"] = 2
-    config = BenchConfig(
+    config = BenchConfig(  # the model's own recipe (the embedded model carries "toy"); run_bench prints it
         methods=DEMO_METHODS[:3] if quick else DEMO_METHODS,
         datasets=DEMO_DATASETS[:2] if quick else DEMO_DATASETS,
         protocols=["fewshot"], shots=[16], seeds=[1], model="embedded", data_root=str(output / "data"),
-        output=str(output / "bench"), recipes=TOY_RECIPES, default_train=default_train,
-        default_epochs_by_shots={} if quick else dict(TOY_EPOCHS_BY_SHOTS),
+        output=str(output / "bench"), default_train={"epochs": 2} if quick else {},
     )
     rows = run_bench(config, log=log)
     log(markdown_report(rows, config.methods, title="vlprompt demo: embedded toy CLIP, 16-shot, seed 1"))

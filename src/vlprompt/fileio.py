@@ -14,6 +14,15 @@ class FolderBusyError(RuntimeError):
     """Another process is writing the same run folder."""
 
 
+CACHE_ENV = "VLPROMPT_CACHE"
+
+
+def cache_root() -> Path:
+    """vlprompt's cache folder: ``$VLPROMPT_CACHE`` if set, else ``~/.cache/vlprompt``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path("~/.cache/vlprompt").expanduser()
+
+
 def user_file_mode() -> int:
     """The mode a plain ``open()`` gives a new file here: 0o666 without the process umask (mkstemp makes 0o600)."""
     try:

@@ -84,7 +84,7 @@ def test_toy_bench_runs_on_the_gpu_in_two_workers(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setenv("VLPROMPT_TOY_ROOT", str(tmp_path / "toy"))
     code = main(["bench", "--methods", "zeroshot", "coop", "maple", "--datasets", "toy:count", "--shots", "2",
-                 "--seeds", "1", "--model", "embedded", "--set", "recipes=toy", "--workers", "2", "--output",
+                 "--seeds", "1", "--model", "embedded", "--recipe", "toy", "--workers", "2", "--output",
                  str(tmp_path / "bench")])
     assert code == 0, capsys.readouterr().err
     rows = (tmp_path / "bench" / "results.csv").read_text().splitlines()

@@ -1,6 +1,7 @@
 """High-level jobs shared by the CLI, the benchmarks and users' scripts: train, evaluate, predict."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from vlprompt.data import DatasetError, DatasetSplits, ImageDataset, build_trans
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.trainer import TrainConfig, Trainer, check_precision, make_accelerator, seed_everything
 from vlprompt.methods import METHODS, canonical_method_name, get_prompt_model, make_config, method_class, method_task
+from vlprompt.recipes import AUTO, choose_recipe, describe_train
 from vlprompt.specs import DatasetSpec, SpecError
 from vlprompt.tasks import Task, task_class
 from vlprompt.tasks.classification import transform_config  # noqa: F401 - part of this module's API
@@ -23,7 +25,7 @@ class DataOptions:
     shots: int | None = None  # images per class for training; None = the full train split
     seed: int = 1  # few-shot sampling seed
     subsample: str = "all"  # "all" | "base" | "novel" (base-to-novel protocol)
-    cache_dir: str | None = None  # few-shot split cache; default <root>/.vlprompt_splits
+    cache_dir: str | None = None  # few-shot split cache; default: vlprompt's cache folder (default_split_cache)
     categories: list[str] | None = None  # detection: train/evaluate on these category names only (default: all)
 
 
@@ -33,17 +35,59 @@ class RunOptions:
     method: str = "coop"
     method_options: dict[str, Any] = field(default_factory=dict)
     data: DataOptions = field(default_factory=DataOptions)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    # Engine options. A dict holds only what the user sets: the recipe (below) fills in the rest. A TrainConfig is
+    # taken as complete: no recipe applies.
+    train: TrainConfig | dict[str, Any] = field(default_factory=dict)
     output: str = "runs/default"
+    # "auto": the recipe the model carries (the embedded models: "toy"), else "field" (the papers' settings); or a
+    # recipe name or file (vlprompt.recipes).
+    recipe: str = AUTO
+
+
+def resolve_recipe(options: RunOptions) -> tuple[RunOptions, str]:
+    """``options`` with the recipe's engine and method options under the user's, and a line saying which recipe
+    it is and what it sets. Options whose ``train`` is already a TrainConfig are returned as they are."""
+    if isinstance(options.train, TrainConfig):
+        return options, f"recipe: none (a complete TrainConfig was given): {describe_train(asdict(options.train))}"
+    if not isinstance(options.train, dict):
+        raise ValueError(f"train must be a mapping of engine options or a TrainConfig (got {options.train!r})")
+    if not isinstance(options.method_options, dict):
+        raise ValueError(f"method_options must be a mapping (got {options.method_options!r})")
+    choice = choose_recipe(options.recipe, options.model)
+    method = canonical_method_name(options.method)
+    train_values = {**choice.recipe.train_values(method, options.data.shots), **options.train}
+    try:
+        train_config = TrainConfig(**train_values)
+    except TypeError as err:  # an unknown key: name the known ones
+        known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+        raise ValueError(f"unknown train option in {sorted(train_values)} ({err}); the options are: {known}") \
+            from None
+    method_options = {**choice.recipe.for_method(method).method_options, **options.method_options}
+    resolved = dataclasses.replace(options, train=train_config, method_options=method_options,
+                                   recipe=choice.recipe.name)  # fmt: skip
+    line = (f"recipe: {choice.recipe.name} ({choice.why}; pick another with --recipe): "
+            f"{describe_train(asdict(train_config))}")
+    return resolved, line
 
 
 def load_splits(options: DataOptions) -> DatasetSplits:
     splits = load_dataset(options.dataset, options.root)
     splits = subsample_classes(splits, options.subsample)
     if options.shots is not None:
-        cache = options.cache_dir or str(Path(options.root or _toy_root()) / ".vlprompt_splits")
+        cache = options.cache_dir or default_split_cache(options.root)
         splits = few_shot(splits, options.shots, options.seed, cache_dir=cache)
     return splits
+
+
+def default_split_cache(root: str | None) -> Path:
+    """Where few-shot splits of datasets under ``root`` are cached: in vlprompt's cache folder (never in the data
+    folder, which may be read-only or shared), one folder per data root."""
+    import hashlib
+
+    from vlprompt.fileio import cache_root
+
+    resolved = str(Path(root).expanduser().resolve()) if root else str(_toy_root().resolve())
+    return cache_root() / "splits" / hashlib.sha256(resolved.encode()).hexdigest()[:12]
 
 
 def _toy_root() -> Path:
@@ -95,8 +139,11 @@ def make_task(task: str, splits, backbone, augment: bool = True, few_shot: bool 
 
 
 def train(options: RunOptions, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict[str, Any]:
-    """Train ``options.method`` on ``options.data`` and write the run folder; returns the final test metrics."""
+    """Train ``options.method`` on ``options.data`` and write the run folder; returns the final test metrics.
+
+    The recipe (``options.recipe``) fills in what ``options`` leaves unset (:func:`resolve_recipe`)."""
     name = canonical_method_name(options.method)  # fail on a typo before any loading
+    options, _ = resolve_recipe(options)
     check_precision(options.train.precision)  # and on fp16 without a GPU
     task_name = check_method_fits_dataset(name, options.data.dataset)
     splits = load_task_data(task_name, options.data)  # a dataset error before the model loads
@@ -110,6 +157,7 @@ def train(options: RunOptions, resume: bool = False, overwrite: bool = False, pr
         "model": options.model,
         "method": name,
         "method_options": method.config.to_dict(),  # as the method resolved them (e.g. n_ctx of an init phrase)
+        "recipe": options.recipe,
         "data": asdict(options.data),
         **task.run_info(),
     }

@@ -21,6 +21,7 @@ from vlprompt.backbones.base import SITE_TEXT_SEQUENCE, DeepPrompts
 from vlprompt.methods.base import ClassificationMethod, MethodConfig, class_prompts, phrase_embedding, require
 from vlprompt.options import opt
 from vlprompt.methods.registry import register_method
+from vlprompt.recipes import Recipe
 
 
 @dataclass
@@ -110,4 +111,8 @@ class CoCoOp(ClassificationMethod):
         return self.backbone.encode_class_prompts_per_image(self.class_text, contexts)
 
 
-register_method("cocoop", CoCoOp, summary="CoOp + per-image context shift from a meta-network")
+register_method(
+    "cocoop", CoCoOp, summary="CoOp + per-image context shift from a meta-network",
+    released=Recipe(train={"epochs": 10, "batch_size": 1},
+                    source="CoCoOp config vit_b16_c4_ep10_batch1_ctxv1: SGD 0.002, 10 epochs, batch 1"),
+)

@@ -12,6 +12,7 @@ from vlprompt.methods.base import ClassificationMethod, MethodConfig, class_prom
 from vlprompt.methods.vpt import Init, visual_prompt_init
 from vlprompt.options import opt
 from vlprompt.methods.registry import register_method
+from vlprompt.recipes import Recipe
 
 
 @dataclass
@@ -58,7 +59,10 @@ class IVLP(ClassificationMethod):
 
 
 register_method("ivlp", IVLP, {"text_depth": "all", "image_depth": "all"},
-                summary="independent deep text + visual prompts")
+                summary="independent deep text + visual prompts",
+                released=Recipe(train={"epochs": 5, "batch_size": 4, "lr": 0.0035},
+                                source="MaPLe repository, IVLP config vit_b16_c2_ep5_batch4_2+2ctx: SGD 0.0035, 5 "
+                                       "epochs, batch 4"))  # fmt: skip
 # APT's baseline: plain deep prompts of the same count in both towers (IVLP with random init, no fixed words).
 register_method(
     "deep_prompt", IVLP,

@@ -11,6 +11,7 @@ from vlprompt.backbones.base import SITE_IMAGE_SEQUENCE, SITE_TEXT_SEQUENCE, Dee
 from vlprompt.methods.base import ClassificationMethod, MethodConfig, class_prompts, seed_from_placeholder
 from vlprompt.options import opt
 from vlprompt.methods.registry import register_method
+from vlprompt.recipes import Recipe
 
 
 @dataclass
@@ -57,4 +58,8 @@ class MaPLe(ClassificationMethod):
         return self.backbone.encode_image(pixel_values, prompts)
 
 
-register_method("maple", MaPLe, summary="deep text prompts coupled into visual prompts")
+register_method(
+    "maple", MaPLe, summary="deep text prompts coupled into visual prompts",
+    released=Recipe(train={"epochs": 5, "batch_size": 4, "lr": 0.0035},
+                    source="MaPLe config vit_b16_c2_ep5_batch4_2ctx: SGD 0.0035, 5 epochs, batch 4"),
+)

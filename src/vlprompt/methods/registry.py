@@ -13,6 +13,7 @@ from typing import Any
 
 from vlprompt.backbones.base import Backbone
 from vlprompt.methods.base import ALL_LAYERS, MethodConfig, MethodConfigError, PromptMethod, resolve_depths
+from vlprompt.recipes import Recipe
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class MethodSpec:
     method_class: type[PromptMethod]
     defaults: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    # How the method's paper trained it on CLIP ViT-B/16 (the ``field`` recipe, vlprompt.recipes); None: the
+    # engine's defaults.
+    released: Recipe | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -29,8 +33,10 @@ ALIASES: dict[str, str] = {}
 
 
 def register_method(name: str, method_class: type[PromptMethod], defaults: dict[str, Any] | None = None,
-                    summary: str = "", aliases: Sequence[str] = ()) -> type[PromptMethod]:  # fmt: skip
-    """Register ``method_class`` under ``name`` (with preset ``defaults``), checking it is a complete method."""
+                    summary: str = "", aliases: Sequence[str] = (),
+                    released: Recipe | None = None) -> type[PromptMethod]:  # fmt: skip
+    """Register ``method_class`` under ``name`` (with preset ``defaults`` and the paper's ``released`` training
+    settings), checking it is a complete method."""
     if not (isinstance(method_class, type) and issubclass(method_class, PromptMethod)):
         raise TypeError(f"{method_class!r} is not a PromptMethod subclass")
     config_class = method_class.config_class
@@ -43,7 +49,9 @@ def register_method(name: str, method_class: type[PromptMethod], defaults: dict[
     if unknown:
         raise TypeError(f"preset {name!r} sets {unknown}, which {config_class.__name__} does not have")
     key = name.strip().lower()
-    METHODS[key] = MethodSpec(method_class, dict(defaults or {}), summary)
+    if released is not None and not isinstance(released, Recipe):
+        raise TypeError(f"released= of {name!r} must be a vlprompt.recipes.Recipe")
+    METHODS[key] = MethodSpec(method_class, dict(defaults or {}), summary, released)
     for alias in aliases:
         ALIASES[alias.lower()] = key
     return method_class

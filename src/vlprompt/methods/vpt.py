@@ -13,6 +13,7 @@ from vlprompt.backbones.base import SITE_IMAGE_SEQUENCE, DeepPrompts
 from vlprompt.methods.base import ClassificationMethod, MethodConfig
 from vlprompt.options import opt
 from vlprompt.methods.registry import register_method
+from vlprompt.recipes import Recipe
 
 INITS = ("normal", "uniform")
 Init = Literal["normal", "uniform"]
@@ -55,4 +56,7 @@ class VPT(ClassificationMethod):
 register_method("vpt_shallow", VPT, {"depth": 1}, summary="visual tokens at the image input",
                 aliases=("vpt-shallow",))
 register_method("vpt_deep", VPT, {"depth": "all"}, summary="fresh visual tokens at every image layer",
-                aliases=("vpt", "vpt-deep"))
+                aliases=("vpt", "vpt-deep"),
+                released=Recipe(train={"epochs": 5, "batch_size": 4, "lr": 0.0025},
+                                source="MaPLe repository, VPT config vit_b16_c2_ep5_batch4_4: SGD 0.0025, 5 epochs, "
+                                       "batch 4"))  # fmt: skip

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt.engine.trainer import is_integer, is_number, seed_everything
+from vlprompt.recipes import RECIPE_FILE
 
 # OpenAI CLIP's normalisation statistics: the toy images are natural-ish RGB, and keeping CLIP's constants means
 # the image processor config is the standard one.
@@ -252,6 +253,9 @@ def pretrain(config: PretrainConfig, output: str | Path, cache_dir: str | Path, 
     ).save_pretrained(output)
     (output / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2))
     (output / "pretrain_log.json").write_text(json.dumps(history, indent=1))
+    # The field's recipes (made for web-scale CLIPs) ruin a model this small: it carries the toy recipe, which
+    # `vlprompt train` / `bench` / `demo` then use by default (vlprompt.recipes).
+    (output / RECIPE_FILE).write_text(json.dumps({"recipe": "toy"}) + "\n")
     for leftover in (output / "tokenizer_src").glob("*"):
         leftover.unlink()
     (output / "tokenizer_src").rmdir()

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.api import DataOptions, RunOptions, evaluate_checkpoint, train
 from vlprompt.engine.trainer import TrainConfig
+from vlprompt.recipes import AUTO, Recipe, RecipeSet, choose_recipe, epochs_by_shots_mapping
 from vlprompt.methods import canonical_method_name
 from vlprompt.options import OptionError, check_options, opt
 
@@ -38,20 +39,6 @@ CSV_FIELDS = [
 ]
 # Methods with nothing to train give the same result for every shot count: evaluated once per seed.
 SHOT_INDEPENDENT = {"zeroshot"}
-
-
-@dataclass
-class Recipe:
-    """How one method is trained in the bench: engine options plus method options."""
-
-    train: dict[str, Any] = field(default_factory=dict)
-    method_options: dict[str, Any] = field(default_factory=dict)
-    # Epochs per shot count, as the papers schedule few-shot training (CoOp: 50 / 100 / 200 epochs for 1-2 / 4-8 /
-    # 16 shots); overrides ``train["epochs"]`` for the shot counts it names.
-    epochs_by_shots: dict[int, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.epochs_by_shots = _epochs_by_shots(self.epochs_by_shots, "a recipe's epochs_by_shots")
 
 
 @dataclass
@@ -68,6 +55,10 @@ class BenchConfig:
     # crossdataset: source dataset -> targets (default: every other dataset); domain: source -> shifted variants
     cross_source: str | None = None
     domain_targets: dict[str, list[str]] = field(default_factory=dict)
+    # The named recipe under the settings below (vlprompt.recipes): "auto" is the model's own recipe (the embedded
+    # models carry "toy"), else "field"; a name ("field", "toy") or a recipe file. Resolved once, here.
+    recipe: str = AUTO
+    # Per-method and all-method settings of this bench; they win over the recipe's.
     recipes: dict[str, Recipe] = field(default_factory=dict)
     default_train: dict[str, Any] = field(default_factory=dict)
     # Epochs per shot count for every method (a recipe's own epochs / epochs_by_shots take precedence).
@@ -79,6 +70,7 @@ class BenchConfig:
     # Not part of a run's settings: results are the same up to float summation order.
     workers: int = opt(1, min=1)
     threads_per_worker: int | None = opt(None, min=1)  # default: torch's thread count divided among the workers
+    recipe_source: str = field(default="", init=False)  # how the recipe was chosen, for the log
 
     def __post_init__(self) -> None:
         try:
@@ -86,7 +78,12 @@ class BenchConfig:
         except OptionError as err:
             raise ValueError(str(err)) from None
         self.methods = [canonical_method_name(m) for m in self.methods]
-        self.default_epochs_by_shots = _epochs_by_shots(self.default_epochs_by_shots, "default_epochs_by_shots")
+        self.default_epochs_by_shots = epochs_by_shots_mapping(self.default_epochs_by_shots, "default_epochs_by_shots")
+        self.recipes = {canonical_method_name(k): v if isinstance(v, Recipe) else Recipe(**v)
+                        for k, v in self.recipes.items()}  # fmt: skip
+        choice = choose_recipe(self.recipe, self.model)
+        self._apply_recipe(choice.recipe)
+        self.recipe, self.recipe_source = choice.recipe.name, choice.why
         recipe_trains = [r.train for r in self.recipes.values()]
         if any("precision" in t for t in [self.default_train, *recipe_trains]):
             raise ValueError(
@@ -105,6 +102,21 @@ class BenchConfig:
                 )
 
 
+    def _apply_recipe(self, recipe: RecipeSet) -> None:
+        """Put ``recipe`` under this bench's own settings: what the bench sets for every method (default_train,
+        default_epochs_by_shots) also wins over the recipe's per-method values."""
+        user_keys = set(self.default_train)
+        drop_by_shots = "epochs" in user_keys or bool(self.default_epochs_by_shots)
+        merged: dict[str, Recipe] = {}
+        for method in self.methods:
+            base = recipe.for_method(method).without(user_keys, drop_by_shots)
+            merged[method] = base.under(self.recipes[method]) if method in self.recipes else base
+        self.recipes = merged
+        self.default_train = {**recipe.train, **self.default_train}
+        recipe_by_shots = {} if "epochs" in user_keys else recipe.epochs_by_shots
+        self.default_epochs_by_shots = {**recipe_by_shots, **self.default_epochs_by_shots}
+
+
 def default_domain_targets(datasets: Sequence[str]) -> dict[str, list[str]]:
     """The field's domain-generalisation targets of the sources among ``datasets``: ImageNet -> V2 / Sketch / A / R,
     and toy:shapes -> its five shifted variants."""
@@ -117,20 +129,6 @@ def default_domain_targets(datasets: Sequence[str]) -> dict[str, list[str]]:
             out[dataset] = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
         elif key in ("toy:shapes", "toy_shapes"):
             out[dataset] = [f"toy:{name}" for name, spec in SUITE.items() if spec.source == "shapes"]
-    return out
-
-
-def _epochs_by_shots(mapping: dict[Any, Any], what: str) -> dict[int, int]:
-    """{shots: epochs} with integer keys (YAML may give "16"), every value a positive integer."""
-    out: dict[int, int] = {}
-    for shots, epochs in (mapping or {}).items():
-        try:
-            shots_i, epochs_i = int(shots), int(epochs)
-        except (TypeError, ValueError):
-            raise ValueError(f"{what}: {shots!r}: {epochs!r} is not a shots: epochs pair of integers") from None
-        if shots_i < 1 or epochs_i < 1 or epochs_i != epochs:
-            raise ValueError(f"{what}: shots and epochs must be positive integers (got {shots!r}: {epochs!r})")
-        out[shots_i] = epochs_i
     return out
 
 
@@ -377,6 +375,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
     suffix = precision_suffix(config.precision)
     if writes_files():
         ckpt.atomic_write_json(output / f"bench_config{suffix}.json", _config_json(config))
+    log(f"recipe: {config.recipe} ({config.recipe_source}; pick another with --recipe)")
     jobs = plan_jobs(config)
     check_jobs(config, jobs)
     rows_by_job: dict[int, list[dict[str, Any]]] = {}
