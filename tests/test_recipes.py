@@ -128,3 +128,8 @@ def test_recipes_toy_of_earlier_configs_still_names_the_whole_recipe(tmp_path):
     changed = named_recipe("toy")
     changed.methods["coop"].train["lr"] = 1.0
     assert named_recipe("toy").methods["coop"].train["lr"] != 1.0  # each use gets its own copy
+
+
+def test_the_recipe_line_says_when_nothing_is_trained_by_gradient():
+    assert resolve_recipe(RunOptions(method="zeroshot"))[1].endswith(": nothing to train")
+    assert resolve_recipe(RunOptions(method="linear_probe"))[1].endswith("a closed-form fit on frozen image features")

@@ -65,8 +65,12 @@ def resolve_recipe(options: RunOptions) -> tuple[RunOptions, str]:
     method_options = {**choice.recipe.for_method(method).method_options, **options.method_options}
     resolved = dataclasses.replace(options, train=train_config, method_options=method_options,
                                    recipe=choice.recipe.name)  # fmt: skip
-    line = (f"recipe: {choice.recipe.name} ({choice.why}; pick another with --recipe): "
-            f"{describe_train(asdict(train_config))}")
+    what = describe_train(asdict(train_config))
+    if not method_class(method).learns:
+        what = "nothing to train"
+    elif method_class(method).fits_features:
+        what = "a closed-form fit on frozen image features"
+    line = f"recipe: {choice.recipe.name} ({choice.why}; pick another with --recipe): {what}"
     return resolved, line
 
 

@@ -129,6 +129,8 @@ class PromptMethod(nn.Module):
     backbone_kind: ClassVar[str] = "dual_encoder"  # the kind of backbone contract it is written against
     # Fitted by its own solver on cached features (linear probe) instead of by gradient steps.
     fits_features: ClassVar[bool] = False
+    # False for a method with nothing to learn (zero-shot): no training recipe applies.
+    learns: ClassVar[bool] = True
     # The text features depend on the image (CoCoOp): class features can never be computed once per run.
     conditions_text_on_image: ClassVar[bool] = False
     modifies_text: ClassVar[bool] = False

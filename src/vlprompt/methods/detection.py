@@ -123,6 +123,7 @@ class DetZeroShot(DetectionMethod):
 
     name = "det_zeroshot"
     config_class = DetZeroShotConfig
+    learns = False
 
 
 # --------------------------------------------------------------------------------------------- CoOp on the text input

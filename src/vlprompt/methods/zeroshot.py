@@ -41,6 +41,7 @@ class ZeroShot(ClassificationMethod):
     name = "zeroshot"
     config_class = ZeroShotConfig
     required_sites = frozenset({SITE_JOINT_SPACE})  # image (and text) features in a shared embedding space
+    learns = False
 
     def _templates(self) -> list[str]:
         if self.config.templates == "ensemble":

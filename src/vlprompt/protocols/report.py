@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.engine.checkpoint import atomic_write_bytes
-from vlprompt.protocols.runner import SHOT_INDEPENDENT, harmonic_mean, mean_std
+from vlprompt.protocols.runner import harmonic_mean, mean_std, shot_independent
 
 Row = dict[str, Any]
 
@@ -40,11 +40,11 @@ def _ordered(values, preferred: list[str] | None = None) -> list:
 def fewshot_cells(rows: list[Row]) -> dict[tuple[str, str, int], tuple[float, float]]:
     """(dataset, method, shots) -> (mean, std) of test accuracy over seeds; shot-independent methods fill every K."""
     rows = [r for r in rows if r["protocol"] == "fewshot"]
-    all_shots = sorted({r["shots"] for r in rows if r["method"] not in SHOT_INDEPENDENT})
+    all_shots = sorted({r["shots"] for r in rows if not shot_independent(r["method"])})
     cells = {}
     for (dataset, method, shots), group in _group(rows, "eval_dataset", "method", "shots").items():
         stats = mean_std([r["accuracy"] for r in group])
-        targets = all_shots or [shots] if method in SHOT_INDEPENDENT else [shots]
+        targets = all_shots or [shots] if shot_independent(method) else [shots]
         for k in targets:
             cells[(dataset, method, k)] = stats
     return cells
@@ -53,11 +53,11 @@ def fewshot_cells(rows: list[Row]) -> dict[tuple[str, str, int], tuple[float, fl
 def fewshot_average(rows: list[Row]) -> dict[tuple[str, int], tuple[float, float]]:
     """(method, shots) -> mean over datasets of the per-seed accuracy (std over seeds of the dataset means)."""
     fewshot = [r for r in rows if r["protocol"] == "fewshot"]
-    all_shots = sorted({r["shots"] for r in fewshot if r["method"] not in SHOT_INDEPENDENT})
+    all_shots = sorted({r["shots"] for r in fewshot if not shot_independent(r["method"])})
     datasets = {r["eval_dataset"] for r in fewshot}
     per_seed: dict[tuple[str, int, int], dict[str, float]] = defaultdict(dict)
     for r in fewshot:
-        shots = all_shots if r["method"] in SHOT_INDEPENDENT and all_shots else [r["shots"]]
+        shots = all_shots if shot_independent(r["method"]) and all_shots else [r["shots"]]
         for k in shots:
             per_seed[(r["method"], k, r["seed"])][r["eval_dataset"]] = r["accuracy"]
     by_method_shot: dict[tuple[str, int], list[float]] = defaultdict(list)
@@ -246,7 +246,7 @@ def plot_fewshot(rows: list[Row], out_dir: Path, methods: list[str] | None = Non
                 continue
             means = [values[(m, k)][0] for k in ks]
             stds = [values[(m, k)][1] for k in ks]
-            style = "--" if m in SHOT_INDEPENDENT else "-"
+            style = "--" if shot_independent(m) else "-"
             ax.errorbar(ks, means, yerr=stds, label=m, linestyle=style, marker="o", markersize=3, capsize=2)
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots, [str(k) for k in shots])

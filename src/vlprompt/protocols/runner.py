@@ -37,8 +37,14 @@ CSV_FIELDS = [
     "protocol", "train_dataset", "eval_dataset", "subset", "method", "shots", "seed", "accuracy", "n",
     "trainable_parameters", "train_time_s", "precision",
 ]
-# Methods with nothing to train give the same result for every shot count: evaluated once per seed.
-SHOT_INDEPENDENT = {"zeroshot"}
+
+
+def shot_independent(method: str) -> bool:
+    """A method with nothing to learn (zero-shot) gives the same result at every shot count: run once per seed."""
+    from vlprompt.methods import METHODS
+
+    spec = METHODS.get(method)
+    return spec is not None and not spec.method_class.learns
 
 
 @dataclass
@@ -194,7 +200,7 @@ def tied_to_classes(config: BenchConfig, method: str) -> bool:
 def _protocol_jobs(config: BenchConfig, protocol: str, method: str, seed: int, tied: bool) -> Iterable[Job]:
     """``tied``: the method can only score its training classes (:func:`tied_to_classes`)."""
     if protocol == "fewshot":
-        shot_list = [config.shots[-1]] if method in SHOT_INDEPENDENT else config.shots
+        shot_list = [config.shots[-1]] if shot_independent(method) else config.shots
         for dataset in config.datasets:
             for shots in shot_list:
                 yield Job(protocol, dataset, method, shots, seed, evals=((dataset, "all"),))
