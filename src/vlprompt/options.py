@@ -35,10 +35,31 @@ _SIMPLE_NAMES: dict[Any, tuple[str, str]] = {  # annotation -> (singular, plural
 class OptionError(ValueError):
     """Options of the wrong type or out of range; the message lists all of them on one line."""
 
-    def __init__(self, problems: list[str], hint: bool = True) -> None:
+    def __init__(self, problems: list[str], hint: bool | str = True) -> None:
         self.problems = list(problems)
         message = "invalid options: " + "; ".join(self.problems)
-        super().__init__(message + (f" - {HINT}" if hint else ""))
+        hint_text = HINT if hint is True else (hint or "")
+        super().__init__(message + (f" - {hint_text}" if hint_text else ""))
+
+
+BOOLEAN_WORDS_HINT = "quote it: YAML reads on/off/yes/no as true/false"
+
+
+def _wrong_type_hint(value: Any, annotation: Any) -> str | None:
+    """The advice for a value of the wrong type, only where it applies: a quoted number or boolean (the general
+    hint), a word YAML turned into a boolean where text was expected, or a non-finite number."""
+    if isinstance(value, bool):
+        return BOOLEAN_WORDS_HINT if "string" in describe_type(annotation) else None
+    if isinstance(value, str):
+        if value.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity"):
+            return "give a finite number"
+        try:
+            parsed = parse_scalar(value)
+        except OptionError:
+            return None
+        if isinstance(parsed, (int, float, bool)):
+            return HINT
+    return None
 
 
 class _Refused(Exception):
@@ -294,7 +315,7 @@ def check_options(obj: Any, prefix: str = "") -> None:
         raise TypeError(f"check_options expects a dataclass instance, got {type(obj).__name__}")
     hints = typing.get_type_hints(type(obj))
     problems: list[str] = []
-    wrong_type = False
+    hints_given: list[str] = []
     for field in dataclasses.fields(obj):
         annotation = hints.get(field.name, Any)
         if typing.get_origin(annotation) is ClassVar or field.metadata.get("check", True) is False:
@@ -305,7 +326,9 @@ def check_options(obj: Any, prefix: str = "") -> None:
             converted = _convert(value, annotation)
         except _Refused:
             problems.append(f"{shown} (expected {describe_type(annotation)})")
-            wrong_type = True
+            hint = _wrong_type_hint(value, annotation)
+            if hint and hint not in hints_given:
+                hints_given.append(hint)
             continue
         if converted is not value:
             _write_back(obj, field.name, converted)
@@ -316,8 +339,8 @@ def check_options(obj: Any, prefix: str = "") -> None:
         if problem is not None:
             problems.append(f"{shown} ({problem})")
     if problems:
-        # The hint about quoting helps with a wrong type only; a number out of range was written correctly.
-        raise OptionError(problems, hint=wrong_type)
+        # Advice only where it applies: a number out of range or a list for a number was written as meant.
+        raise OptionError(problems, hint="; ".join(hints_given))
 
 
 def _write_back(obj: Any, name: str, value: Any) -> None:

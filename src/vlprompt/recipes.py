@@ -213,8 +213,32 @@ def read_recipe_file(path: str | Path) -> RecipeSet:
     try:
         data = yaml.safe_load(text) if as_yaml else json.loads(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"the recipe file {file} is not valid {'YAML' if as_yaml else 'JSON'}: {err}") from None
-    return recipe_from_mapping(data, str(file))
+        how = "" if as_yaml or file.suffix.lower() == ".json" else " (a file not named .yaml or .yml is read as JSON)"
+        raise ValueError(f"the recipe file {file} is not valid {'YAML' if as_yaml else 'JSON'}{how}: "
+                         f"{str(err).splitlines()[0]}") from None  # fmt: skip
+    try:
+        recipe = recipe_from_mapping(data, str(file))
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(message if str(file) in message else f"the recipe file {file}: {message}") from None
+    return with_known_methods(recipe, str(file))
+
+
+def with_known_methods(recipe: RecipeSet, where: str) -> RecipeSet:
+    """``recipe`` with its per-method entries under the registry's names (aliases resolved); an unknown method name
+    is refused, so that a typo does not silently leave a method on the defaults."""
+    from vlprompt.methods import METHODS, canonical_method_name
+    from vlprompt.methods.base import MethodConfigError
+
+    methods = {}
+    for name, entry in recipe.methods.items():
+        try:
+            methods[canonical_method_name(name)] = entry
+        except MethodConfigError:
+            raise ValueError(f"{where} names unknown method {name!r}; available: {', '.join(sorted(METHODS))}") \
+                from None
+    recipe.methods = methods
+    return recipe
 
 
 def model_folder(model: str) -> Path | None:
@@ -258,6 +282,9 @@ def choose_recipe(requested: str | None, model: str) -> RecipeChoice:
         return RecipeChoice(named_recipe("field"), f"the model {model} carries no recipe")
     if wanted.lower() in RECIPE_SETS:
         return RecipeChoice(named_recipe(wanted), "asked for")
+    if Path(wanted).expanduser().is_dir():
+        raise ValueError(f"--recipe {wanted} is a folder; pass a recipe file (.json or .yaml) or a name "
+                         f"({', '.join(recipe_names())})")  # fmt: skip
     if wanted.lower().endswith((".json", ".yaml", ".yml")) or Path(wanted).expanduser().is_file():
         return RecipeChoice(read_recipe_file(wanted), f"read from {wanted}")
     named_recipe(wanted)  # raises with the choices

@@ -28,3 +28,18 @@ def embedded_weights_digest(spec: str = "embedded") -> str:
     """First 16 hex digits of the SHA-256 of an embedded model's weights: tells results of two versions apart."""
     digest = hashlib.sha256((embedded_model_path(spec) / "model.safetensors").read_bytes()).hexdigest()
     return digest[:16]
+
+
+def model_name_for_users(name_or_path: str | None) -> str | None:
+    """How a user names a model: ``embedded`` (or ``embedded:<name>``) for a shipped model's folder, which a
+    checkpoint records by its resolved path, otherwise the name or path as recorded."""
+    if not name_or_path:
+        return name_or_path
+    try:
+        resolved = Path(name_or_path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return name_or_path
+    for name, folder in EMBEDDED_MODELS.items():
+        if resolved == folder.resolve():
+            return "embedded" if name == DEFAULT_EMBEDDED else f"embedded:{name}"
+    return name_or_path

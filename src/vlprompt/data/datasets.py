@@ -435,6 +435,10 @@ def _folder_classes(folder: Path) -> list[str]:
 def _folder_images(folder: Path, classes: Sequence[str], strict: bool) -> list[list[Path]]:
     """Per-class image lists for ``folder/<class>/*``; a class folder absent from a split is an empty list."""
     unknown = sorted(set(_list_subdirs(folder)) - set(classes))
+    train_files = [name for name in unknown if (folder.parent / "train" / name).is_file()]
+    if train_files:
+        raise DatasetError(f"{folder.parent / 'train' / train_files[0]} is a file, not a class folder; every split "
+                           f"holds <class>/ folders of images: make it a folder or remove it.")  # fmt: skip
     if unknown:
         raise DatasetError(
             f"{folder} has class folders that are not in train/ ({', '.join(unknown[:5])}); every split must "
@@ -502,6 +506,9 @@ def _load_imagefolder(info: DatasetInfo, path: Path) -> DatasetSplits:
         _, f_val, f_test = IMAGEFOLDER_RATIOS
         cut = [_seeded_partition(p, [f_val, f_test], _class_seed(c)) for c, p in zip(classes, per_class)]
         train, val, test = [c[0] for c in cut], [c[1] for c in cut], [c[2] for c in cut]
+    if len(names) < 2:
+        raise DatasetError(f"image folder {path} has one class ({names[0]!r}); classification needs at least two "
+                           "class folders")  # fmt: skip
     return DatasetSplits(
         name, names, info.template, _to_samples(train, names), _to_samples(val, names), _to_samples(test, names)
     )
@@ -665,6 +672,9 @@ def subsample_classes(splits: DatasetSplits, which: str) -> DatasetSplits:
     n = len(splits.classnames)
     m = math.ceil(n / 2)
     keep = list(range(m)) if which == "base" else list(range(m, n))
+    if not keep:
+        raise DatasetError(f"{splits.name} has {n} class(es): --subsample {which} leaves none (base-to-novel splits "
+                           "the classes in two halves, so it needs at least two)")  # fmt: skip
     relabel = {old: new for new, old in enumerate(keep)}
 
     def sub(samples: list[Sample]) -> list[Sample]:
@@ -748,7 +758,7 @@ def open_image(path: Path, orient: bool = True) -> Image.Image:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DatasetError(
             f"cannot read image {path} ({type(e).__name__}: {e}); the file is corrupt or not an image: "
-            f"remove it (and its split entry) or replace it with a valid copy."
+            f"remove it (from the dataset, with its split entry if it has one) or replace it with a valid copy."
         ) from e
 
 

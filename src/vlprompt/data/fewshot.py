@@ -37,7 +37,7 @@ def few_shot(
     ``random.Random(seed)``, so it neither depends on nor disturbs the global RNG state.
     """
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise DatasetError(f"shots must be an integer >= 1, got {shots!r}; to train on all images, skip few-shot.")
+        raise DatasetError(f"shots must be an integer >= 1, got {shots!r}; to train on all images, leave out --shots (data.shots).")
     picked: tuple[list[Sample], list[Sample]] | None = None
     path = few_shot_cache_path(cache_dir, splits.name, shots, seed) if cache_dir is not None else None
     if path is not None and path.exists():

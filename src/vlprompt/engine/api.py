@@ -13,6 +13,7 @@ from vlprompt.data import DatasetError, DatasetSplits, ImageDataset, build_trans
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.trainer import TrainConfig, Trainer, check_precision, make_accelerator, seed_everything
 from vlprompt.methods import METHODS, canonical_method_name, get_prompt_model, make_config, method_class, method_task
+from vlprompt.assets import model_name_for_users
 from vlprompt.recipes import AUTO, choose_recipe, describe_train
 from vlprompt.specs import DatasetSpec, SpecError
 from vlprompt.tasks import Task, task_class
@@ -44,6 +45,18 @@ class RunOptions:
     recipe: str = AUTO
 
 
+def check_train_keys(values: dict[str, Any], where: str) -> None:
+    """Refuse engine options that do not exist, naming the closest one and every option."""
+    import difflib
+
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        maybe = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"{where}: unknown train option(s) {unknown}{maybe}; the options are: {', '.join(known)}")
+
+
 def resolve_recipe(options: RunOptions) -> tuple[RunOptions, str]:
     """``options`` with the recipe's engine and method options under the user's, and a line saying which recipe
     it is and what it sets. Options whose ``train`` is already a TrainConfig are returned as they are."""
@@ -55,13 +68,15 @@ def resolve_recipe(options: RunOptions) -> tuple[RunOptions, str]:
         raise ValueError(f"method_options must be a mapping (got {options.method_options!r})")
     choice = choose_recipe(options.recipe, options.model)
     method = canonical_method_name(options.method)
-    train_values = {**choice.recipe.train_values(method, options.data.shots), **options.train}
+    recipe_values = choice.recipe.train_values(method, options.data.shots)
+    where = f"recipe {choice.recipe.name} ({choice.why})"
+    check_train_keys(recipe_values, where)
+    check_train_keys(options.train, "your train options (--config train:, --set train.*, flags)")
     try:
-        train_config = TrainConfig(**train_values)
-    except TypeError as err:  # an unknown key: name the known ones
-        known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
-        raise ValueError(f"unknown train option in {sorted(train_values)} ({err}); the options are: {known}") \
-            from None
+        TrainConfig(**recipe_values)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    train_config = TrainConfig(**{**recipe_values, **options.train})
     method_options = {**choice.recipe.for_method(method).method_options, **options.method_options}
     resolved = dataclasses.replace(options, train=train_config, method_options=method_options,
                                    recipe=choice.recipe.name)  # fmt: skip
@@ -72,6 +87,24 @@ def resolve_recipe(options: RunOptions) -> tuple[RunOptions, str]:
         what = "a closed-form fit on frozen image features"
     line = f"recipe: {choice.recipe.name} ({choice.why}; pick another with --recipe): {what}"
     return resolved, line
+
+
+def recorded_data(data: DataOptions) -> dict[str, Any]:
+    """``data`` as a run records it: the data root and a dataset given by a relative path (imagefolder:, coco:) made
+    absolute, resolved as the loaders resolve them (the working folder first, then the data root), so that `vlprompt
+    eval` from another folder reads the same images."""
+    values = asdict(data)
+    root = Path(data.root).expanduser().resolve() if data.root else None
+    if root is not None:
+        values["root"] = str(root)
+    spec = DatasetSpec.parse(data.dataset)
+    if spec.scheme in ("imagefolder", "coco") and spec.name and not Path(spec.name).expanduser().is_absolute():
+        path = Path(spec.name).expanduser()
+        if not path.exists() and root is not None and (root / path).exists():
+            path = root / path
+        if path.exists():
+            values["dataset"] = f"{spec.scheme}:{path.resolve()}"
+    return values
 
 
 def load_splits(options: DataOptions) -> DatasetSplits:
@@ -126,7 +159,8 @@ def check_backbone_kind(method: str, backbone) -> None:
     if wanted != backbone.kind:
         raise DatasetError(
             f"method {canonical_method_name(method)!r} works on {wanted.replace('_', ' ')} models, but "
-            f"{backbone.name_or_path or backbone.family!r} is a {backbone.kind.replace('_', ' ')} model; see "
+            f"{model_name_for_users(backbone.name_or_path) or backbone.family!r} is a {backbone.kind.replace('_', ' ')} "
+            "model; see "
             "`vlprompt methods` for the pairs that work."
         )
 
@@ -162,7 +196,7 @@ def train(options: RunOptions, resume: bool = False, overwrite: bool = False, pr
         "method": name,
         "method_options": method.config.to_dict(),  # as the method resolved them (e.g. n_ctx of an init phrase)
         "recipe": options.recipe,
-        "data": asdict(options.data),
+        "data": recorded_data(options.data),
         **task.run_info(),
     }
     trainer = Trainer(options.train, options.output, run_info=run_info, progress=progress, log=log)
@@ -224,11 +258,15 @@ def predict_images(method, images: list[str | Path], k: int = 5) -> list[dict[st
 
     if method.task != "classification":
         raise ValueError(f"{method.registered_name} is a {method.task} method; predict_images scores classification")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (--k) must be an integer >= 1: the number of top labels to show (got {k!r})")
     method.eval()
     samples = [Sample(path=Path(p).resolve(), label=0, classname="") for p in images]
     for sample in samples:
         if not sample.path.exists():
             raise FileNotFoundError(f"image {sample.path} does not exist")
+        if sample.path.is_dir():
+            raise ValueError(f"{sample.path} is a folder; pass image files (e.g. {sample.path}/*.png)")
     dataset = ImageDataset(samples, build_transform(transform_config(method.backbone), train=False))
     text_feats = None if method.fits_features or method.conditions_text_on_image else method.text_features()
     device = method.backbone.device

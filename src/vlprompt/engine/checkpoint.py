@@ -118,18 +118,21 @@ def read_prompt_config(folder: str | Path) -> dict[str, Any]:
 
 def check_backbone(saved: dict[str, Any], backbone) -> None:
     """Refuse a prompt trained on another architecture, naming what differs."""
+    from vlprompt.assets import model_name_for_users
+
     current = backbone.identity
+    trained_on = model_name_for_users(saved.get("name_or_path"))
     if saved.get("family") != current["family"]:
         raise CheckpointError(
             f"this prompt was trained on a {saved.get('family')!r} backbone but the loaded backbone is "
-            f"{current['family']!r}; load it with --model {saved.get('name_or_path')!r}."
+            f"{current['family']!r}; load it with --model {trained_on!r} (or leave --model out)."
         )
     if saved.get("config_hash") != current["config_hash"]:
         diffs = _arch_differences(saved.get("arch", {}), current["arch"])
         raise CheckpointError(
-            f"this prompt was trained on backbone {saved.get('name_or_path')!r} whose architecture differs from "
-            f"{current['name_or_path']!r}: {diffs or 'config hash differs'}. Load it onto the backbone it was trained "
-            f"on (--model {saved.get('name_or_path')!r})."
+            f"this prompt was trained on backbone {trained_on!r} whose architecture differs from "
+            f"{model_name_for_users(current['name_or_path'])!r}: {diffs or 'config hash differs'}. Load it onto the "
+            f"backbone it was trained on (--model {trained_on!r}, or leave --model out)."
         )
 
 

@@ -360,6 +360,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- run folder
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        self._stored_run_config: dict[str, Any] | None = None
         finished = (self.run_dir / ckpt.PROMPT_FILE).exists()
         started = any((self.run_dir / name).exists()
                       for name in (ckpt.RESUME_DIR, ckpt.RESUME_DIR + ".old", ckpt.METRICS_FILE))
@@ -376,9 +377,41 @@ class Trainer:
             for suffix in ("", ".tmp", ".old"):
                 shutil.rmtree(self.run_dir / (ckpt.RESUME_DIR + suffix), ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        stored_file = self.run_dir / ckpt.RUN_CONFIG_FILE
+        if resume and stored_file.exists():
+            # The record changes only once the resumed state is read (_record_resume): a refused resume leaves it.
+            self._stored_run_config = json.loads(stored_file.read_text())
+            return
+        self._write_run_config({})
+
+    def _write_run_config(self, extra: dict[str, Any]) -> None:
         # "processes" is how the run was launched, not what it trains: a resume may use another number.
-        ckpt.atomic_write_json(self.run_dir / ckpt.RUN_CONFIG_FILE,
-                               {"train": asdict(self.config), **self.run_info, "processes": distributed.world_size()})
+        ckpt.atomic_write_json(self.run_dir / ckpt.RUN_CONFIG_FILE, {
+            "train": asdict(self.config), **self.run_info, "processes": distributed.world_size(), **extra})
+
+    def _record_resume(self, epochs_done: int) -> None:
+        """Check a resume against the epochs already trained and record in run_config.json what it changed, so the
+        record never states settings the saved epochs were not trained with."""
+        cfg = self.config
+        if epochs_done > cfg.epochs:
+            raise TrainingError(f"{self.run_dir} already trained {epochs_done} epochs, more than --epochs "
+                                f"{cfg.epochs}: resume with --epochs {epochs_done} or more, or --overwrite to start "
+                                "over.")  # fmt: skip
+        stored = self._stored_run_config
+        if stored is None:  # a run folder without a record (written before records existed, or by hand)
+            self._write_run_config({})
+            return
+        before, now = stored.get("train", {}), json.loads(json.dumps(asdict(cfg)))
+        changed = {k: [before.get(k), now[k]] for k in sorted(now) if k in before and before[k] != now[k]}
+        if changed and epochs_done == cfg.epochs:
+            shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise TrainingError(f"{self.run_dir} finished its {epochs_done} epochs; resuming it with other settings "
+                                f"({shown}) would train nothing. Use --overwrite or another --output to train with "
+                                "them, or --epochs above {epochs_done} to continue it.")  # fmt: skip
+        resumes = list(stored.get("resumes", []))
+        if changed:
+            resumes.append({"after_epoch": epochs_done, "changed": changed})
+        self._write_run_config({"resumes": resumes} if resumes else {})
 
     def _divergence_message(self, what: str, epoch: int, step: int) -> str:
         cfg = self.config
@@ -566,8 +599,16 @@ class Trainer:
             if (self.run_dir / ckpt.PROMPT_FILE).exists():
                 raise TrainingError(f"{self.run_dir} holds a finished run; nothing to resume.")
             self.log(f"no resumable state in {folder}; starting from scratch")
+            self._record_resume(0)
             return None
-        return {"state": json.loads(state_file.read_text()), "prompt": ckpt.load_prompt_tensors(folder),
+        try:
+            state = json.loads(state_file.read_text())
+            epochs_done = int(state["epochs_done"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise TrainingError(f"{state_file} is corrupt ({type(err).__name__}: {err}); the run cannot be resumed "
+                                "from it: --overwrite starts it over.") from None  # fmt: skip
+        self._record_resume(epochs_done)
+        return {"state": state, "prompt": ckpt.load_prompt_tensors(folder),
                 "trainer": torch.load(folder / "trainer_state.pt", weights_only=False)}  # fmt: skip
 
     def _load_resume_state(self, method, optimizer, scheduler) -> int:
