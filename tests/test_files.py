@@ -103,3 +103,32 @@ def test_shots_above_what_a_class_has_warn_on_every_run_and_the_run_records_the_
             vlprompt.train(options, progress=False, log=lambda _: None)
         recorded = json.loads((tmp_path / run / "run_config.json").read_text())
         assert recorded["data"]["shots"] == 9 and recorded["train_images_per_class"] == {"min": 4, "max": 4}
+
+
+def test_a_disk_that_fills_during_training_names_the_cause_and_the_run_resumes(
+        monkeypatch, engine_run_options, tiny_model_dir, engine_data_root, tmp_path):  # fmt: skip
+    import errno
+    import json
+
+    import torch
+
+    saves = {"n": 0}
+    real_save = torch.save
+
+    def fills_on_the_second_epoch(obj, path, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_on_the_second_epoch)
+    options = engine_run_options(tiny_model_dir, engine_data_root, tmp_path / "run", epochs=3)
+    with pytest.raises(vlprompt.TrainingError, match=r"No space left on device\. Every finished epoch .* kept in "
+                                                     r".*checkpoint-last: free space .* --resume"):  # fmt: skip
+        vlprompt.train(options, progress=False, log=lambda _: None)
+    monkeypatch.setattr(torch, "save", real_save)
+    logged: list[str] = []
+    vlprompt.train(options, resume=True, progress=False, log=logged.append)
+    assert "resuming" in logged[0] and "after epoch 1" in logged[0]  # the epoch saved before the disk filled
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "epoch" in r][-1] == 3 and (tmp_path / "run" / "prompt.safetensors").exists()

@@ -33,6 +33,17 @@ RECIPE_HELP = ("training recipe: auto (the default: the model's own, e.g. toy fo
                "set win over it")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
 class CLIError(Exception):
     """A user error the CLI reports in one line, without a traceback."""
 
@@ -101,6 +112,8 @@ def load_yaml(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.exists():
         raise CLIError(f"config file {path} does not exist")
+    if file.is_dir():
+        raise CLIError(f"config file {path} is a folder; pass a YAML file (e.g. configs/coop_fewshot.yaml)")
     try:
         data = read_yaml(file.read_text()) or {}
     except yaml.YAMLError as err:
@@ -119,9 +132,7 @@ def build_run_options(tree: dict[str, Any]):
     if unknown:
         raise CLIError(f"unknown config key(s) {unknown}; top-level keys are {sorted(known)}")
     values = dict(tree)
-    for part in ("data", "train", "method_options"):
-        if not isinstance(values.get(part) or {}, dict):
-            raise CLIError(f"{part}: must be a mapping of options (got {values[part]!r})")
+    check_sections(values, "the config")
     try:
         values["data"] = DataOptions(**values.get("data", {}))
     except TypeError as err:
@@ -162,10 +173,32 @@ def _flag_tree(args: argparse.Namespace) -> dict[str, Any]:
     return tree
 
 
+# Sections of a run config that hold options, and the top-level keys that name one thing (a text).
+RUN_SECTIONS = ("data", "train", "method_options")
+RUN_NAMES = ("model", "method", "output", "recipe")
+
+
+def check_sections(tree: dict[str, Any], where: str) -> None:
+    """Refuse a section that is not a mapping, or a name that is not a text, before anything is merged into it (a
+    flag would otherwise replace it silently)."""
+    for part in RUN_SECTIONS:
+        if part in tree and not isinstance(tree[part] or {}, dict):
+            raise CLIError(f"{part}: in {where} must be a mapping of options (got {tree[part]!r}), e.g. "
+                           f"{part}: {{{'dataset: toy:shapes' if part == 'data' else 'key: value'}}}")  # fmt: skip
+    for name in RUN_NAMES:
+        if name in tree and not isinstance(tree[name], str):
+            raise CLIError(f"{name}: in {where} must be one name or path (got {tree[name]!r})")
+
+
 def resolved_tree(args: argparse.Namespace) -> dict[str, Any]:
-    tree = load_yaml(args.config) if getattr(args, "config", None) else {}
-    tree = deep_merge(tree, _flag_tree(args))
-    return deep_merge(tree, parse_set(getattr(args, "set", None) or []))
+    if getattr(args, "config", None):
+        tree = load_yaml(args.config)
+        check_sections(tree, f"config file {args.config}")
+    else:
+        tree = {}
+    overrides = parse_set(getattr(args, "set", None) or [])
+    check_sections(overrides, "--set")
+    return deep_merge(deep_merge(tree, _flag_tree(args)), overrides)
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -173,6 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlprompt.engine.api import resolve_recipe, train
     from vlprompt.engine.distributed import launched_rank, launched_world_size
 
+    if args.resume and args.overwrite:
+        raise CLIError("--resume continues the run in --output and --overwrite replaces it: pass one of them")
     options, recipe_line = resolve_recipe(build_run_options(resolved_tree(args)))
     speak = launched_rank() == 0  # a job of several processes (torchrun, accelerate launch) reports once
     processes = launched_world_size()
@@ -190,10 +225,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vlprompt.engine.api import DataOptions, evaluate_checkpoint
 
     tree = resolved_tree(args)
-    unknown = sorted(set(tree) - {"data", "model", "train", "method", "method_options", "output"})
+    # A training config may be reused as it is: eval reads its data: and model: (and train.precision) and leaves the
+    # rest; options typed for this command that eval cannot use are refused rather than ignored.
+    unknown = sorted(set(tree) - {*RUN_SECTIONS, *RUN_NAMES})
     if unknown:
-        raise CLIError(f"unknown config key(s) {unknown} for eval; it reads data: and model:")
-    data_values = dict(tree.get("data", {}))
+        raise CLIError(f"unknown config key(s) {unknown} for eval; it reads data:, model: and train.precision")
+    typed = parse_set(args.set or [])
+    unused = sorted({f"{k}.*" if isinstance(v, dict) else k for k, v in typed.items() if k not in ("data", "model", "train")}
+                    | {f"train.{k}" for k in typed.get("train", {}) if k != "precision"}
+                    | {f"data.{k}" for k in typed.get("data", {}) if k in ("shots", "seed")})  # fmt: skip
+    if unused:
+        raise CLIError(f"eval does not use --set {', '.join(unused)}: the prompt in {args.run_dir} keeps the method "
+                       "and training it was trained with, and eval scores whole splits (no few-shot sampling)")
+    data_values = {k: v for k, v in tree.get("data", {}).items() if k not in ("shots", "seed")}  # of a train config
     if "dataset" not in data_values:  # the run's own dataset (and its data root, unless one is given)
         recorded = _recorded_data(Path(args.run_dir))
         data_values = {**{k: recorded[k] for k in ("dataset", "root") if recorded.get(k) is not None}, **data_values}
@@ -214,8 +258,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _recorded_data(run_dir: Path) -> dict[str, Any]:
     run_config = run_dir / "run_config.json"
+    if not run_dir.is_dir():
+        raise CLIError(f"run folder {run_dir} does not exist; pass a folder written by `vlprompt train`")
     if not run_config.is_file():
-        raise CLIError(f"{run_dir} has no run_config.json to take the dataset from; pass --dataset")
+        what = "prompt_config.json" if (run_dir / "prompt_config.json").is_file() else "no run files"
+        raise CLIError(f"{run_dir} is not a run folder of `vlprompt train` (it has {what} but no run_config.json); "
+                       "pass a run folder, or --dataset to evaluate a saved prompt folder")  # fmt: skip
     return json.loads(run_config.read_text()).get("data", {})
 
 
@@ -256,7 +304,14 @@ def cmd_params(args: argparse.Namespace) -> int:
     from vlprompt.methods import METHODS, canonical_method_name
 
     names = [canonical_method_name(n) for n in (args.methods or list(METHODS))]
-    overrides = parse_set(args.set or []).get("method_options", {})
+    typed = parse_set(args.set or [])
+    if set(typed) - {"method_options"}:
+        raise CLIError(f"params reads method options only (--set method.<option>=VALUE), not "
+                       f"{sorted(set(typed) - {'method_options'})}")  # fmt: skip
+    overrides = typed.get("method_options", {})
+    if overrides and not args.methods:
+        raise CLIError("--set method.* needs --methods: each method has its own options (e.g. --methods coop cocoop "
+                       "--set method.n_ctx=4)")  # fmt: skip
     per_method = {n: overrides for n in names}
     backbone = load_backbone(args.model)
     total = backbone.num_parameters()
@@ -298,10 +353,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def _recorded_bench_settings(args: argparse.Namespace, tree: dict[str, Any]) -> dict[str, Any]:
     """What the bench in --output ran with (its bench_config*.json): ``--report-only`` needs nothing else."""
-    from vlprompt.protocols.runner import precision_suffix
+    from vlprompt.protocols.runner import bench_precisions, precision_suffix
 
     output = Path(args.output or tree.get("output") or "bench")
-    path = output / f"bench_config{precision_suffix(args.precision or tree.get('precision') or 'fp32')}.json"
+    precision = args.precision or tree.get("precision") or "fp32"
+    path = output / f"bench_config{precision_suffix(precision)}.json"
+    held = bench_precisions(output)
+    if not path.is_file() and held:  # a bench of other precisions: say which, not that there is none
+        listed = ", ".join(f"{p} ({name})" for p, name in held.items())
+        raise CLIError(f"--report-only: {output} holds no {precision} bench ({path.name}) but {listed}: drop "
+                       "--precision or change it to one of those")  # fmt: skip
     if not path.is_file():
         raise CLIError(f"--report-only: {path} does not exist, so {output} holds no bench; pass the folder a bench "
                        "wrote as --output.")  # fmt: skip
@@ -314,8 +375,6 @@ def bench_config_from(args: argparse.Namespace):
     from vlprompt.protocols.runner import BenchConfig, Recipe
 
     tree = load_yaml(args.config) if args.config else {}
-    if getattr(args, "report_only", False):  # the folder's own settings; flags and --config still win
-        tree = deep_merge(_recorded_bench_settings(args, tree), tree)
     flags = {
         "methods": args.methods, "datasets": args.datasets, "protocols": args.protocols, "shots": args.shots,
         "seeds": args.seeds, "model": args.model, "data_root": args.data_root, "output": args.output,
@@ -323,6 +382,11 @@ def bench_config_from(args: argparse.Namespace):
     }
     tree = deep_merge(tree, {k: v for k, v in flags.items() if v is not None})
     tree = deep_merge(tree, parse_set(args.set or []))
+    output = Path(str(tree.get("output") or "bench"))
+    if output.exists() and not output.is_dir():  # else a FileExistsError traceback when the bench writes into it
+        raise CLIError(f"--output {output} is a file, not a folder: give a folder for the bench")
+    if getattr(args, "report_only", False):  # the folder's own settings; flags, --config and --set still win
+        tree = deep_merge(_recorded_bench_settings(args, tree), tree)
     if isinstance(tree.get("recipes"), str):  # `recipes: toy` of earlier configs names the whole recipe
         tree.setdefault("recipe", tree.pop("recipes"))
     if not isinstance(tree.get("recipes") or {}, dict):
@@ -332,6 +396,11 @@ def bench_config_from(args: argparse.Namespace):
         tree["recipes"] = {k: Recipe(**v) for k, v in (tree.get("recipes") or {}).items()}
     except (TypeError, ValueError) as err:
         raise CLIError(f"bad recipe in the bench config: {err}") from err
+    known = sorted(f.name for f in dataclasses.fields(BenchConfig) if f.init)
+    unknown = sorted(set(tree) - set(known))
+    if unknown:  # else "BenchConfig.__init__() got an unexpected keyword argument"
+        raise CLIError(f"unknown bench key(s) {unknown}; the keys are: {', '.join(known)}; engine options for every "
+                       "run go under default_train (e.g. --set default_train.epochs=1)")
     missing = [k for k in ("methods", "datasets") if not tree.get(k)]
     if missing:
         raise CLIError(f"bench needs {missing}: pass --methods/--datasets or a --config YAML with them")
@@ -354,11 +423,23 @@ def _recorded_command(config) -> str | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vlprompt.protocols.report import write_report
-    from vlprompt.protocols.runner import read_csv, results_csv_path, run_bench
+    from vlprompt.protocols.report import rows_of_methods, write_report
+    from vlprompt.protocols.runner import finished_rows, read_csv, results_csv_path, run_bench
 
     config = bench_config_from(args)
-    rows = read_csv(results_csv_path(config)) if args.report_only else run_bench(config)
+    rows = finished_rows(config) if args.report_only else run_bench(config)
+    # methods named here (not taken from the folder's bench_config): the report shows those, not every method the
+    # folder's table holds
+    asked = args.report_only and (args.methods or (load_yaml(args.config) if args.config else {}).get("methods")
+                                  or parse_set(args.set or []).get("methods"))
+    if asked:
+        rows, unfinished = rows_of_methods(rows, config.methods)
+        where = f"{results_csv_path(config).name} in {config.output}"
+        if not rows:
+            raise CLIError(f"{where} has no finished run of {', '.join(unfinished)}: run the bench with them first")
+        if unfinished:
+            print(f"--report-only: {where} has no finished run of {', '.join(unfinished)}; the report leaves "
+                  "them out")
     command = args.command_line or (_recorded_command(config) if args.report_only else None) \
         or "vlprompt " + " ".join(args.argv)
     reference = None  # another precision than fp32: compare with the fp32 results of the same folder, if any
@@ -409,8 +490,9 @@ def _add_common_run_flags(p: argparse.ArgumentParser, with_method: bool = True) 
         p.add_argument("--model", help="backbone to evaluate on (default: the one recorded in the run folder)")
         p.add_argument("--dataset", help="dataset to evaluate on (default: the run's own training dataset)")
     p.add_argument("--data-root", help="folder holding the datasets in the CoOp layout (toy:<name> datasets: default ~/.cache/vlprompt/toyworld)")
-    p.add_argument("--shots", type=int, help="images per class for training (few-shot); default: all")
-    p.add_argument("--seed", type=int, help="seed for few-shot sampling and training (default 1)")
+    if with_method:  # eval scores whole splits: no few-shot sampling, no training seed
+        p.add_argument("--shots", type=int, help="images per class for training (few-shot); default: all")
+        p.add_argument("--seed", type=int, help="seed for few-shot sampling and training (default 1)")
     p.add_argument("--subsample", choices=["all", "base", "novel"], help="base-to-novel class subset")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="numeric precision (default fp32)")
 
@@ -449,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k labels for image files")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+")
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--k", type=positive_int, default=5, help="top labels to show per image (default 5)")
     p.add_argument("--model", help="override the backbone recorded in the run folder")
     p.set_defaults(func=cmd_predict)
 
@@ -457,12 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="random:vit-b-16")
     p.add_argument("--methods", nargs="*", help="default: all registered methods")
     p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method options, e.g. method.n_ctx=4")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="method options for every method listed, e.g. --methods coop --set method.n_ctx=4")
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("methods", help="the method x backbone matrix and parameter counts")
     p.add_argument("--model", default="random:vit-b-16")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=positive_int, default=10)
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("bench", help="run evaluation protocols over methods x datasets x shots x seeds (resumable)")
@@ -524,6 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # what was asked, as typed: recorded in bench reports
     _quiet_libraries()
+    import warnings
+
+    # A warning reads like the CLI's errors (one line, the command named), not as Python's file:line + source.
+    warnings.formatwarning = lambda message, *_rest, **_kw: f"vlprompt {args.command}: warning: {message}\n"
     try:
         return args.func(args)
     except (CLIError, DatasetError, BackboneLoadError, UnsupportedBackboneError, CheckpointError, TrainingError,

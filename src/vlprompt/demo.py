@@ -76,6 +76,8 @@ def run_demo(output: Path, quick: bool = False, log=print) -> list[dict]:
     from vlprompt.protocols.runner import BenchConfig, run_bench
 
     output = Path(output)
+    if output.exists() and not output.is_dir():  # else a NotADirectoryError traceback when the data is written
+        raise ValueError(f"--output {output} is a file, not a folder: give a folder for the demo")
     config = BenchConfig(  # the model's own recipe (the embedded model carries "toy"); run_bench prints it
         methods=DEMO_METHODS[:3] if quick else DEMO_METHODS,
         datasets=DEMO_DATASETS[:2] if quick else DEMO_DATASETS,

@@ -9,6 +9,7 @@ benchmarks time.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import random
@@ -41,6 +42,10 @@ def is_integer(value: Any) -> bool:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What the file system answers when a run folder cannot take more writes (full disk, quota, read-only, permissions).
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class TrainingError(RuntimeError):
@@ -314,7 +319,16 @@ class Trainer:
         self._check_compilable(method)
         with ExitStack() as stack:
             distributed.run_on_main(lambda: self._claim_run_dir(stack, resume, overwrite), (Exception,))
-            final = self._fit_locked(method, task, resume)
+            try:
+                final = self._fit_locked(method, task, resume)
+            except OSError as err:
+                if err.errno not in WRITE_FAILURES:
+                    raise
+                raise TrainingError(
+                    f"cannot write {err.filename or self.run_dir}: {err.strerror}. Every finished epoch up to the "
+                    f"last saved one is kept in {self.run_dir / ckpt.RESUME_DIR}: free space (or fix the folder's "
+                    "permissions) and rerun with --resume."
+                ) from None
             distributed.barrier()  # every process returns once the run folder is complete
             return final
 

@@ -37,6 +37,14 @@ def _ordered(values, preferred: list[str] | None = None) -> list:
     return values
 
 
+def rows_of_methods(rows: list[Row], methods: list[str]) -> tuple[list[Row], list[str]]:
+    """The rows of ``methods`` only, and those of ``methods`` that have none (a report of some methods must not
+    show others, nor drop an asked one without a word)."""
+    kept = [r for r in rows if r["method"] in methods]
+    have = {r["method"] for r in kept}
+    return kept, [m for m in methods if m not in have]
+
+
 def fewshot_cells(rows: list[Row]) -> dict[tuple[str, str, int], tuple[float, float]]:
     """(dataset, method, shots) -> (mean, std) of test accuracy over seeds; shot-independent methods fill every K."""
     rows = [r for r in rows if r["protocol"] == "fewshot"]

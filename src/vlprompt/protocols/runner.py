@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from vlprompt.methods import canonical_method_name
 from vlprompt.options import OptionError, check_options, opt
 
 PROTOCOLS = ("fewshot", "base2novel", "crossdataset", "domain")
+DEFAULT_SHOTS = (1, 2, 4, 8, 16)  # the few-shot protocol's shot counts, as the papers report them
 CSV_FIELDS = [
     "protocol", "train_dataset", "eval_dataset", "subset", "method", "shots", "seed", "accuracy", "n",
     "trainable_parameters", "train_time_s", "precision",
@@ -52,7 +54,7 @@ class BenchConfig:
     methods: list[str]
     datasets: list[str]
     protocols: list[Literal["fewshot", "base2novel", "crossdataset", "domain"]] = opt(["fewshot"])
-    shots: list[int] = opt([1, 2, 4, 8, 16], min=1)
+    shots: list[int] = opt(list(DEFAULT_SHOTS), min=1)
     seeds: list[int] = opt([1, 2, 3])
     model: str = "embedded"
     data_root: str | None = None
@@ -84,8 +86,10 @@ class BenchConfig:
         except OptionError as err:
             raise ValueError(str(err)) from None
         self.methods = [canonical_method_name(m) for m in self.methods]
+        for name in ("methods", "datasets", "protocols", "shots", "seeds"):
+            refuse_duplicates(name, getattr(self, name))
         self.default_epochs_by_shots = epochs_by_shots_mapping(self.default_epochs_by_shots, "default_epochs_by_shots")
-        self.recipes = {canonical_method_name(k): v if isinstance(v, Recipe) else Recipe(**v)
+        self.recipes = {_recipe_method(k): v if isinstance(v, Recipe) else Recipe(**v)
                         for k, v in self.recipes.items()}  # fmt: skip
         choice = choose_recipe(self.recipe, self.model)
         self._apply_recipe(choice.recipe)
@@ -98,6 +102,9 @@ class BenchConfig:
             )
         if not self.datasets:
             raise ValueError("the bench needs at least one dataset")
+        if "crossdataset" in self.protocols and not cross_targets(self):
+            raise ValueError("crossdataset needs a source and at least one target dataset: give two or more "
+                             "--datasets")
         if "domain" in self.protocols and not self.domain_targets:
             self.domain_targets = default_domain_targets(self.datasets)
             if not self.domain_targets:
@@ -121,6 +128,32 @@ class BenchConfig:
         self.default_train = {**recipe.train, **self.default_train}
         recipe_by_shots = {} if "epochs" in user_keys else recipe.epochs_by_shots
         self.default_epochs_by_shots = {**recipe_by_shots, **self.default_epochs_by_shots}
+
+
+def refuse_duplicates(name: str, values: Sequence[Any]) -> None:
+    """A value listed twice would run the same jobs twice and count them twice in the summary (a std of 0 over
+    "2 seeds"). Methods come here by canonical name, so an alias and its method are one value."""
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{name} lists {value!r} more than once: give each of the {name} once")
+        seen.add(value)
+
+
+def _recipe_method(name: str) -> str:
+    """The canonical name of a method that ``recipes:`` names; a typo says where it was written."""
+    from vlprompt.methods import MethodConfigError
+
+    try:
+        return canonical_method_name(name)
+    except MethodConfigError as err:
+        raise ValueError(f"recipes: names {err}") from None
+
+
+def cross_targets(config: BenchConfig) -> list[str]:
+    """The cross-dataset protocol's targets other than its source (cross_source, else the first dataset)."""
+    source = config.cross_source or config.datasets[0]
+    return [dataset for dataset in config.datasets if dataset != source]
 
 
 def default_domain_targets(datasets: Sequence[str]) -> dict[str, list[str]]:
@@ -174,6 +207,26 @@ def precision_suffix(precision: str) -> str:
 
 def results_csv_path(config: BenchConfig) -> Path:
     return Path(config.output) / f"results{precision_suffix(config.precision)}.csv"
+
+
+def bench_precisions(folder: Path) -> dict[str, str]:
+    """Precision -> bench_config file name of each bench ``folder`` holds (bench_config.json is fp32's)."""
+    from vlprompt.engine.trainer import PRECISIONS
+
+    names = {precision: f"bench_config{precision_suffix(precision)}.json" for precision in PRECISIONS}
+    return {precision: name for precision, name in names.items() if (folder / name).is_file()}
+
+
+def finished_rows(config: BenchConfig) -> list[dict[str, Any]]:
+    """The rows of the bench already in ``config.output`` (--report-only), refusing a table with none."""
+    path, folder = results_csv_path(config), Path(config.output)
+    if not path.is_file():
+        raise ValueError(f"{folder} has bench_config{precision_suffix(config.precision)}.json but no {path.name}: "
+                         "the bench finished no run; run it without --report-only")
+    rows = read_csv(path)
+    if not rows:
+        raise ValueError(f"{path.name} in {folder} has no finished run: run the bench first")
+    return rows
 
 
 def plan_jobs(config: BenchConfig) -> list[Job]:
@@ -377,20 +430,24 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
     if not writes_files():
         log = _silent
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    suffix = precision_suffix(config.precision)
-    if writes_files():
-        ckpt.atomic_write_json(output / f"bench_config{suffix}.json", _config_json(config))
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder: give a folder for the bench")
     log(f"recipe: {config.recipe} ({config.recipe_source}; pick another with --recipe)")
+    shots_line = _shots_note(config)
+    if shots_line:
+        log(shots_line)
     jobs = plan_jobs(config)
     check_jobs(config, jobs)
+    finished_runs = _finished_runs(config, jobs)  # every reuse check passes before anything is written
+    output.mkdir(parents=True, exist_ok=True)
+    if writes_files():
+        ckpt.atomic_write_json(output / f"bench_config{precision_suffix(config.precision)}.json",
+                               _config_json(config))
     rows_by_job: dict[int, list[dict[str, Any]]] = {}
     pending: list[tuple[int, Job]] = []
     for i, job in enumerate(jobs, 1):
-        result_file = output / "runs" / job.key / "result.json"
-        if result_file.exists():
-            stored = json.loads(result_file.read_text())
-            _check_reusable(config, job, stored, result_file)
+        if i in finished_runs:
+            stored, result_file = finished_runs[i]
             rows_by_job[i] = [{"precision": job.precision, **row}
                               for row in _reuse_job(config, job, stored, result_file, log)]
         else:
@@ -411,11 +468,33 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
     finally:  # a failed or interrupted bench still tables every run that finished
         rows = [row for i in sorted(rows_by_job) for row in rows_by_job[i]]  # plan order, however runs finished
         rows = with_earlier_rows(results_csv_path(config), rows)
-        if writes_files():
+        if writes_files() and rows:  # no finished run: no empty table that --report-only would take for a bench
             write_csv(results_csv_path(config), rows)
     if done:
         log(f"{done} of {len(jobs)} runs were already finished and were reused")
     return rows
+
+
+def _shots_note(config: BenchConfig) -> str:
+    """A line saying that the protocols other than fewshot train at b2n_shots, when the bench sets shots (a user
+    asking base2novel --shots 4 would otherwise read 16-shot results as 4-shot ones); "" when it need not be said."""
+    asked = [p for p in config.protocols if p != "fewshot"]
+    if not asked or list(config.shots) == list(DEFAULT_SHOTS):
+        return ""
+    return (f"{', '.join(asked)} train at b2n_shots={config.b2n_shots} (change with --set b2n_shots=N); --shots "
+            "applies to fewshot only")
+
+
+def _finished_runs(config: BenchConfig, jobs: Sequence[Job]) -> dict[int, tuple[dict[str, Any], Path]]:
+    """Plan index (from 1) -> (stored result, its file) of every job already finished, each checked reusable."""
+    found = {}
+    for i, job in enumerate(jobs, 1):
+        result_file = Path(config.output) / "runs" / job.key / "result.json"
+        if result_file.exists():
+            stored = json.loads(result_file.read_text())
+            _check_reusable(config, job, stored, result_file)
+            found[i] = (stored, result_file)
+    return found
 
 
 ROW_KEY = ("protocol", "train_dataset", "eval_dataset", "subset", "method", "shots", "seed", "precision")
@@ -444,14 +523,30 @@ def check_jobs(config: BenchConfig, jobs: Sequence[Job]) -> None:
             make_config(method, config.recipes.get(method, Recipe()).method_options)
         except (TypeError, ValueError) as err:
             raise ValueError(f"recipe of {method}: {err}") from err
-    for job in jobs:
+    check_train_options(config, list(dict.fromkeys(job.method for job in jobs)))
+    for job in jobs:  # what is left: options that clash only at a job's own epochs (warmup_epochs >= epochs)
         try:
             _run_options(config, job, Path(config.output))
-        except TypeError as err:  # an unknown training option
-            raise ValueError(f"recipe of {job.method} or default_train: {err} (see TrainConfig's fields in "
-                             "vlprompt/engine/trainer.py)") from err
+        except ValueError as err:
+            raise ValueError(f"{job.key}: {err}") from None
     for dataset in dict.fromkeys(d for job in jobs for d in (job.dataset, *(e for e, _ in job.evals))):
         load_dataset(dataset, config.data_root)  # names the dataset and the fix on a typo or a missing folder
+
+
+def check_train_options(config: BenchConfig, methods: Sequence[str]) -> None:
+    """Training options checked where they were set, default_train first and then each method's recipe on top of
+    it, so that a message names default_train.lr or recipes.coop.train.lrr rather than the merged train.lr."""
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    sources = {"default_train": config.default_train}
+    sources.update({f"recipes.{method}.train": config.recipes.get(method, Recipe()).train for method in methods})
+    for where, values in sources.items():
+        unknown = [f"{where}.{key}" for key in sorted(set(values) - set(known))]
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; the options are: {', '.join(known)}")
+        try:
+            TrainConfig(**{**config.default_train, **values})
+        except ValueError as err:
+            raise ValueError(re.sub(r"\btrain\.", f"{where}.", str(err))) from None
 
 
 def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
