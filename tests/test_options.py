@@ -231,7 +231,7 @@ def test_values_in_range_pass():
         ({"n_ctx": -1}, "coop.n_ctx=-1 (must be >= 0)"),
         ({"lr": 0}, "coop.lr=0 (must be > 0)"),
         ({"lr": -0.5}, "coop.lr=-0.5 (must be > 0)"),
-        ({"lr": math.nan}, "coop.lr=nan (must be > 0)"),
+        ({"lr": math.nan}, "coop.lr=nan (must be a number, not nan)"),
         ({"ratio": 1.5}, "coop.ratio=1.5 (must be <= 1)"),
         ({"ratio": -0.1}, "coop.ratio=-0.1 (must be >= 0)"),
         ({"depth": 0}, "coop.depth=0 (must be >= 1)"),
@@ -344,3 +344,7 @@ def test_parsed_text_passes_the_checker():
     obj = Everything(lr=parse_scalar("1e-3"), n=parse_scalar("4"), depth=parse_scalar("all"))
     check_options(obj)
     assert (obj.lr, obj.n, obj.depth) == (0.001, 4, "all")
+
+
+def test_nan_is_named_as_nan_not_as_out_of_range():
+    assert refusal(Ranged(lr=float("nan"))) == "invalid options: lr=nan (must be a number, not nan)"

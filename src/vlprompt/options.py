@@ -292,6 +292,8 @@ def _bound_problem(value: Any, bounds: dict[str, Any]) -> str | None:
     # Ranges concern numbers only: None and string choices such as "all" have no size to compare.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    if isinstance(value, float) and value != value:  # nan: no bound can hold, and "must be > 0" would mislead
+        return "must be a number, not nan"
     # Written as "not (ok)" so that nan, which compares false to everything, fails every bound.
     if "gt" in bounds and not value > bounds["gt"]:
         return f"must be > {bounds['gt']}"
