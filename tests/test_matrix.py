@@ -35,6 +35,8 @@ STEP_CASES = [case for case in TEST_CASES if case[0] not in NO_STEP]
 # Zero-size prompts: (options, the zero-shot template whose model they must equal) where that identity holds.
 ZERO_SIZE = {
     "coop": ({"n_ctx": 0}, "{}."),
+    "kgcoop": ({"n_ctx": 0, "init": None}, "{}."),
+    "clip_adapter": ({"ratio": 0.0}, None),  # the adapter's share is zero: the frozen image feature
     "cocoop": ({"n_ctx": 0, "init": None}, "{}."),
     "vpt_shallow": ({"n_tokens": 0}, None),
     "vpt_deep": ({"n_tokens": 0}, None),

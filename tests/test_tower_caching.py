@@ -36,7 +36,7 @@ OPTIONS = {"coop": {"n_ctx": 4}, "vpt_shallow": {"n_tokens": 2}, "vpt_deep": {"n
            "dpt": {"n_ctx": 4, "n_visual": 2}, "apt": {"n_prompts": 4}, "deep_prompt": {"n_text": 8, "n_image": 4}}
 # The towers each method leaves untouched (its cacheable_towers); every other registered CLIP method changes both.
 UNTOUCHED = {"zeroshot": {"text", "image"}, "coop": {"image"}, "cocoop": {"image"}, "vpt_shallow": {"text"},
-             "vpt_deep": {"text"}}
+             "vpt_deep": {"text"}, "kgcoop": {"image"}, "clip_adapter": {"text", "image"}}
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ def test_engine_training_and_evaluation_run_truncated_and_match_the_full_context
     full_history, full_final, full_prompts, full_lengths = _engine_run(varied_data_root, tmp_path / "full", name,
                                                                        augment)
     # training steps (gradients on; none for zero-shot or for text features cached once) and evaluation
-    trains_text = name not in ("zeroshot", "vpt_shallow", "vpt_deep")
+    trains_text = name not in ("zeroshot", "vpt_shallow", "vpt_deep", "clip_adapter")
     assert bool(lengths.train) == trains_text
     assert lengths.no_grad and max(lengths.train + lengths.no_grad) < CONTEXT
     assert set(full_lengths.train + full_lengths.no_grad) == {CONTEXT}

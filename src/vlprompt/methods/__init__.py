@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 # Importing a method module registers it (register_method at its end); this order is the registry's order.
-from vlprompt.methods import zeroshot, linear_probe, coop, vpt, ivlp, cocoop, maple, upt, sdpt, dpt, apt  # noqa: F401
+from vlprompt.methods import (  # noqa: F401
+    zeroshot, linear_probe, coop, vpt, ivlp, cocoop, maple, upt, sdpt, dpt, apt, kgcoop, clip_adapter,
+)
 from vlprompt.methods import detection, sdpt_native  # noqa: F401
 from vlprompt.methods.apt import APT, APTConfig
 from vlprompt.methods.base import ClassificationMethod, MethodConfig, MethodConfigError, PromptMethod
+from vlprompt.methods.clip_adapter import ClipAdapter, ClipAdapterConfig
 from vlprompt.methods.cocoop import CoCoOp, CoCoOpConfig
 from vlprompt.methods.coop import CoOp, CoOpConfig
 from vlprompt.methods.detection import (
@@ -25,6 +28,7 @@ from vlprompt.methods.detection import (
 )
 from vlprompt.methods.dpt import DPT, DPTConfig
 from vlprompt.methods.ivlp import IVLP, IVLPConfig
+from vlprompt.methods.kgcoop import KgCoOp, KgCoOpConfig
 from vlprompt.methods.linear_probe import LinearProbe, LinearProbeConfig
 from vlprompt.methods.maple import MaPLe, MaPLeConfig
 from vlprompt.methods.registry import (
@@ -48,10 +52,11 @@ from vlprompt.methods.vpt import VPT, VPTConfig
 from vlprompt.methods.zeroshot import ZeroShot, ZeroShotConfig
 
 __all__ = [
-    "ALIASES", "ALL_LAYERS", "APT", "APTConfig", "ClassificationMethod", "CoCoOp", "CoCoOpConfig", "CoOp",
-    "CoOpConfig", "DPT", "DPTConfig", "DetCoOp", "DetCoOpConfig", "DetFull", "DetFullConfig", "DetFusionPrompt",
-    "DetFusionPromptConfig", "DetHeads", "DetHeadsConfig", "DetLoRA", "DetLoRAConfig", "DetZeroShot",
-    "DetZeroShotConfig", "DetectionMethod", "IVLP", "IVLPConfig", "LinearProbe", "LinearProbeConfig", "METHODS",
+    "ALIASES", "ALL_LAYERS", "APT", "APTConfig", "ClassificationMethod", "ClipAdapter", "ClipAdapterConfig",
+    "CoCoOp", "CoCoOpConfig", "CoOp", "CoOpConfig", "DPT", "DPTConfig", "DetCoOp", "DetCoOpConfig", "DetFull",
+    "DetFullConfig", "DetFusionPrompt", "DetFusionPromptConfig", "DetHeads", "DetHeadsConfig", "DetLoRA",
+    "DetLoRAConfig", "DetZeroShot", "DetZeroShotConfig", "DetectionMethod", "IVLP", "IVLPConfig", "KgCoOp",
+    "KgCoOpConfig", "LinearProbe", "LinearProbeConfig", "METHODS",
     "MaPLe", "MaPLeConfig", "MethodConfig", "MethodConfigError", "MethodSpec", "PromptMethod", "SDPT", "SDPTConfig",
     "SDPTNative", "SDPTNativeConfig", "UPT", "UPTConfig", "VPT", "VPTConfig", "ZeroShot", "ZeroShotConfig",
     "canonical_method_name", "depth_fields", "get_prompt_model", "is_detection_method", "make_config",
