@@ -126,7 +126,7 @@ def test_resume_never_rewrites_the_record_of_epochs_it_did_not_train(tiny_model_
     # a finished run resumed with other settings would train nothing: refused, the record kept as it was
     err = _refused("train", "--model", tiny_model_dir, "--dataset", f"imagefolder:{data}", "--output", run,
                    *TRAIN_FAST, "--epochs", "2", "--lr", "0.5", "--resume")  # fmt: skip
-    assert "finished its 2 epochs" in err and "lr 0.01 -> 0.5" in err
+    assert "finished its 2 epochs" in err and "lr 0.01 -> 0.5" in err and "--epochs above 2" in err
     assert (run / "run_config.json").read_text() == record
     # fewer epochs than already trained: refused
     assert "already trained 2 epochs, more than --epochs 1" in _refused(
@@ -220,3 +220,19 @@ def test_cli_warnings_read_as_one_line(tiny_model_dir, tmp_path, capfd):
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "fewer than 8 training images" in line]
     assert lines and lines[0].startswith("vlprompt train: warning: ")
+
+
+def test_messages_found_by_the_fault_tour(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\nb: 3\n")
+    assert "is not valid YAML (line 2, column 2:" in _refused("train", "--config", bad)  # one line, with where
+    assert "not valid YAML: line 2, column 2:" in _refused("train", "--recipe", bad)
+    assert "unknown data option(s) ['shot'] (did you mean shots?)" in _refused("train", "--set", "data.shot=2")
+    assert "unknown pretraining option(s) ['stepz'] (did you mean steps?)" in _refused(
+        "pretrain-toy", "--output", tmp_path / "m", "--set", "stepz=1")
+    code, _, err = _cli("eval", tmp_path, "--shots", "2")
+    assert code == 2 and err.splitlines()[-1] == "vlprompt eval: error: unrecognized arguments: --shots 2"
+    half = tmp_path / "half"
+    write_image(half / "test" / "a" / "0.png")
+    assert "has test/ but no train/" in _refused("train", "--dataset", f"imagefolder:{half}", "--output",
+                                                 tmp_path / "r")  # fmt: skip

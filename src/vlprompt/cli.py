@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from vlprompt.options import OptionError, check_keys, yaml_problem
+
 EPILOG = """examples:
   vlprompt demo                                   # the main job on the embedded default (no download)
   vlprompt methods --model random:vit-b-16        # which method runs on which backbone, trainable parameters
@@ -81,7 +83,7 @@ def parse_set(assignments: Sequence[str]) -> dict[str, Any]:
         try:
             value = read_yaml(raw)
         except yaml.YAMLError as err:
-            raise CLIError(f"--set {item!r}: value is not valid YAML ({err})") from err
+            raise CLIError(f"--set {item!r}: value is not valid YAML ({yaml_problem(err)})") from None
         _assign(out, key.strip(), value)
     return out
 
@@ -117,7 +119,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     try:
         data = read_yaml(file.read_text()) or {}
     except yaml.YAMLError as err:
-        raise CLIError(f"config file {path} is not valid YAML: {err}") from err
+        raise CLIError(f"config file {path} is not valid YAML ({yaml_problem(err)})") from None
     if not isinstance(data, dict):
         raise CLIError(f"config file {path} must hold a mapping (model:, method:, data:, train:, ...)")
     return data
@@ -134,10 +136,10 @@ def build_run_options(tree: dict[str, Any]):
     values = dict(tree)
     check_sections(values, "the config")
     try:
-        values["data"] = DataOptions(**values.get("data", {}))
-    except TypeError as err:
-        known_data = ", ".join(f.name for f in dataclasses.fields(DataOptions))
-        raise CLIError(f"bad data options ({err}); the options are: {known_data}") from err
+        check_keys(values.get("data", {}), DataOptions, "data option")
+    except OptionError as err:
+        raise CLIError(err.problems[0]) from None
+    values["data"] = DataOptions(**values.get("data", {}))
     values["train"] = dict(values.get("train") or {})
     values["method_options"] = values.get("method_options") or {}
     return RunOptions(**values)
@@ -242,9 +244,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         recorded = _recorded_data(Path(args.run_dir))
         data_values = {**{k: recorded[k] for k in ("dataset", "root") if recorded.get(k) is not None}, **data_values}
     try:
-        data = DataOptions(**data_values)
-    except TypeError as err:
-        raise CLIError(f"bad data options: {err}") from err
+        check_keys(data_values, DataOptions, "data option")
+    except OptionError as err:
+        raise CLIError(err.problems[0]) from None
+    data = DataOptions(**data_values)
     result = evaluate_checkpoint(  # --model / --precision, else the config's model: and train.precision
         args.run_dir, data, split=args.split, model=tree.get("model"), batch_size=args.batch_size,
         precision=tree.get("train", {}).get("precision") or "fp32",
@@ -460,6 +463,10 @@ def cmd_pretrain_toy(args: argparse.Namespace) -> int:
 
     values = parse_set(args.set or [])
     try:
+        check_keys(values, PretrainConfig, "pretraining option")
+    except OptionError as err:
+        raise CLIError(err.problems[0]) from None
+    try:
         config = PretrainConfig(**values)
     except (TypeError, ValueError) as err:
         raise CLIError(f"bad pretraining option: {err}") from err
@@ -505,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.set_defaults(subcommands=sub.choices)  # for errors in a subcommand's own name (see parse_command_line)
 
     p = sub.add_parser("train", help="train a prompt and write a run folder", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -597,6 +605,15 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", module="transformers")
 
 
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    """The parsed arguments; an unknown flag is reported by its subcommand (`vlprompt eval: error: ...`, with that
+    command's usage), not by the top-level parser."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from vlprompt.backbones import BackboneLoadError, UnsupportedBackboneError
     from vlprompt.data import DatasetError
@@ -604,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlprompt.methods import MethodConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     args.argv = argv  # what was asked, as typed: recorded in bench reports
     _quiet_libraries()
     import warnings

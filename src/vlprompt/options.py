@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-__all__ = ["OptionError", "check_options", "describe_type", "opt", "parse_scalar"]
+__all__ = ["OptionError", "check_keys", "check_options", "describe_type", "opt", "parse_scalar", "yaml_problem"]
 
 HINT = "write numbers unquoted (lr: 0.001 or lr: 1e-3), booleans as true/false"
 RANGE_KEYS = ("min", "max", "gt")
@@ -380,3 +380,23 @@ def parse_scalar(text: str) -> Any:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise OptionError([f"{text!r} is not a valid value ({problem})"], hint=False) from err
 
+
+
+def check_keys(values: typing.Mapping[str, Any], options_class: type, what: str) -> None:
+    """Refuse keys that are not fields of the dataclass ``options_class``, naming the closest field and all of them
+    (``what``: e.g. "train option", "data option")."""
+    import difflib
+
+    known = [field.name for field in dataclasses.fields(options_class) if field.init]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        maybe = f" (did you mean {close[0]}?)" if close else ""
+        raise OptionError([f"unknown {what}(s) {unknown}{maybe}; the options are: {', '.join(known)}"], hint=False)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: where it is (line and column, 1-based) and what the parser found."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem

@@ -218,9 +218,12 @@ def read_recipe_file(path: str | Path) -> RecipeSet:
     try:
         data = yaml.safe_load(text) if as_yaml else json.loads(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
+        from vlprompt.options import yaml_problem
+
         how = "" if as_yaml or file.suffix.lower() == ".json" else " (a file not named .yaml or .yml is read as JSON)"
-        raise ValueError(f"the recipe file {file} is not valid {'YAML' if as_yaml else 'JSON'}{how}: "
-                         f"{str(err).splitlines()[0]}") from None  # fmt: skip
+        problem = yaml_problem(err) if isinstance(err, yaml.YAMLError) else str(err)
+        raise ValueError(f"the recipe file {file} is not valid {'YAML' if as_yaml else 'JSON'}{how}: {problem}") \
+            from None
     try:
         recipe = recipe_from_mapping(data, str(file))
     except ValueError as err:

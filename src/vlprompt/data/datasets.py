@@ -500,6 +500,10 @@ def _load_imagefolder(info: DatasetInfo, path: Path) -> DatasetSplits:
             cut = [_seeded_partition(p, [IMAGEFOLDER_VAL_FRACTION], _class_seed(c)) for c, p in zip(classes, train)]
             train, val = [c[0] for c in cut], [c[1] for c in cut]
     else:
+        split_folders = [split for split in ("val", "test") if (path / split).is_dir()]
+        if split_folders and not (path / "train").is_dir():  # not a class called "test": the split layout, half made
+            raise DatasetError(f"{path} has {'/ and '.join(split_folders)}/ but no train/; expected "
+                               f"{path}/train/<class>/*.jpg next to them, or class folders directly in {path}.")
         classes = _folder_classes(path)
         names = [clean_classname(c) for c in classes]
         per_class = _folder_images(path, classes, strict=True)

@@ -14,6 +14,7 @@ from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.trainer import TrainConfig, Trainer, check_precision, make_accelerator, seed_everything
 from vlprompt.methods import METHODS, canonical_method_name, get_prompt_model, make_config, method_class, method_task
 from vlprompt.assets import model_name_for_users
+from vlprompt.options import OptionError, check_keys
 from vlprompt.recipes import AUTO, choose_recipe, describe_train
 from vlprompt.specs import DatasetSpec, SpecError
 from vlprompt.tasks import Task, task_class
@@ -47,14 +48,10 @@ class RunOptions:
 
 def check_train_keys(values: dict[str, Any], where: str) -> None:
     """Refuse engine options that do not exist, naming the closest one and every option."""
-    import difflib
-
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        maybe = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(f"{where}: unknown train option(s) {unknown}{maybe}; the options are: {', '.join(known)}")
+    try:
+        check_keys(values, TrainConfig, "train option")
+    except OptionError as err:
+        raise ValueError(f"{where}: {err.problems[0]}") from None
 
 
 def resolve_recipe(options: RunOptions) -> tuple[RunOptions, str]:

@@ -421,7 +421,7 @@ class Trainer:
             shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise TrainingError(f"{self.run_dir} finished its {epochs_done} epochs; resuming it with other settings "
                                 f"({shown}) would train nothing. Use --overwrite or another --output to train with "
-                                "them, or --epochs above {epochs_done} to continue it.")  # fmt: skip
+                                f"them, or --epochs above {epochs_done} to continue it.")  # fmt: skip
         resumes = list(stored.get("resumes", []))
         if changed:
             resumes.append({"after_epoch": epochs_done, "changed": changed})
