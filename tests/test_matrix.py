@@ -30,7 +30,7 @@ TEST_CASES = [
     if not unsupported_reason(spec.method_class, BACKBONES[family])
 ]
 # Methods that take no gradient step: nothing to train, or fitted in closed form (checked on its own below).
-NO_STEP = {"zeroshot", "det_zeroshot", "linear_probe"}
+NO_STEP = {"zeroshot", "det_zeroshot", "linear_probe", "tip_adapter"}
 STEP_CASES = [case for case in TEST_CASES if case[0] not in NO_STEP]
 # Zero-size prompts: (options, the zero-shot template whose model they must equal) where that identity holds.
 ZERO_SIZE = {

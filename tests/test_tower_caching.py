@@ -29,7 +29,7 @@ EPOCHS, BATCH, EVAL_BATCH = 2, 4, 2
 STEPS = EPOCHS * -(-N_TRAIN // BATCH)
 CLIP_METHODS = [
     name for name, spec in METHODS.items()
-    if name != "linear_probe" and spec.method_class.backbone_kind == CLIPBackbone.info.kind
+    if name not in ("linear_probe", "tip_adapter") and spec.method_class.backbone_kind == CLIPBackbone.info.kind
     and spec.method_class.required_sites <= CLIPBackbone.info.sites
 ]
 OPTIONS = {"coop": {"n_ctx": 4}, "vpt_shallow": {"n_tokens": 2}, "vpt_deep": {"n_tokens": 2},

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 # Importing a method module registers it (register_method at its end); this order is the registry's order.
 from vlprompt.methods import (  # noqa: F401
-    zeroshot, linear_probe, coop, vpt, ivlp, cocoop, maple, upt, sdpt, dpt, apt, kgcoop, clip_adapter,
+    zeroshot, linear_probe, coop, vpt, ivlp, cocoop, maple, upt, sdpt, dpt, apt, kgcoop, clip_adapter, tip_adapter,
 )
 from vlprompt.methods import detection, sdpt_native  # noqa: F401
 from vlprompt.methods.apt import APT, APTConfig
@@ -31,6 +31,7 @@ from vlprompt.methods.ivlp import IVLP, IVLPConfig
 from vlprompt.methods.kgcoop import KgCoOp, KgCoOpConfig
 from vlprompt.methods.linear_probe import LinearProbe, LinearProbeConfig
 from vlprompt.methods.maple import MaPLe, MaPLeConfig
+from vlprompt.methods.tip_adapter import TipAdapter, TipAdapterConfig
 from vlprompt.methods.registry import (
     ALIASES,
     ALL_LAYERS,
@@ -58,7 +59,8 @@ __all__ = [
     "DetLoRAConfig", "DetZeroShot", "DetZeroShotConfig", "DetectionMethod", "IVLP", "IVLPConfig", "KgCoOp",
     "KgCoOpConfig", "LinearProbe", "LinearProbeConfig", "METHODS",
     "MaPLe", "MaPLeConfig", "MethodConfig", "MethodConfigError", "MethodSpec", "PromptMethod", "SDPT", "SDPTConfig",
-    "SDPTNative", "SDPTNativeConfig", "UPT", "UPTConfig", "VPT", "VPTConfig", "ZeroShot", "ZeroShotConfig",
+    "SDPTNative", "SDPTNativeConfig", "TipAdapter", "TipAdapterConfig", "UPT", "UPTConfig", "VPT", "VPTConfig",
+    "ZeroShot", "ZeroShotConfig",
     "canonical_method_name", "depth_fields", "get_prompt_model", "is_detection_method", "make_config",
     "method_class", "method_task", "register_method",
 ]
