@@ -53,7 +53,8 @@ def test_what_the_user_sets_wins_over_the_recipe():
                                                  data=DataOptions(shots=16), train={"epochs": 3}))
     assert (field_options.train.epochs, field_options.train.optimizer) == (3, "sgd")
     explicit = RunOptions(train=TrainConfig(epochs=2))
-    assert resolve_recipe(explicit)[0] is explicit  # a complete TrainConfig: no recipe applies
+    as_given = resolve_recipe(explicit)[0]  # a complete TrainConfig: no recipe applies, and the run says so
+    assert as_given.train is explicit.train and as_given.recipe == "none" and as_given.method_options == {}
     again, _ = resolve_recipe(options)
     assert again is options  # resolving twice changes nothing
 

@@ -154,7 +154,9 @@ def test_a_corrupt_resume_state_is_named_with_the_fix(tiny_model_dir, tmp_path):
 # ------------------------------------------------------------------------------------------- eval, predict
 def test_eval_from_another_folder_reads_the_images_the_run_was_trained_on(finished_run, tmp_path, monkeypatch):
     run, result = finished_run
-    assert json.loads((run / "run_config.json").read_text())["data"]["dataset"].startswith("imagefolder:/")
+    recorded = json.loads((run / "run_config.json").read_text())
+    assert recorded["data"]["dataset"].startswith("imagefolder:/")
+    assert recorded["recipe"] == "field"  # the recipe the CLI resolved is the one the run records
     decoy = make_imagefolder(tmp_path / "shapes", per_class=(6, 2, 3), form="split")  # same relative name
     for image in decoy.rglob("*.png"):
         write_image(image, color=None, seed=hash(image.name) % 1000)

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
+from vlprompt.assets import model_name_for_users
 from vlprompt.backbones import load_backbone
 from vlprompt.data import DatasetError, DatasetSplits, ImageDataset, build_transform, few_shot, load_dataset, subsample_classes
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.trainer import TrainConfig, Trainer, check_precision, make_accelerator, seed_everything
 from vlprompt.methods import METHODS, canonical_method_name, get_prompt_model, make_config, method_class, method_task
-from vlprompt.assets import model_name_for_users
 from vlprompt.options import OptionError, check_keys
 from vlprompt.recipes import AUTO, choose_recipe, describe_train
 from vlprompt.specs import DatasetSpec, SpecError
@@ -58,7 +58,11 @@ def resolve_recipe(options: RunOptions) -> tuple[RunOptions, str]:
     """``options`` with the recipe's engine and method options under the user's, and a line saying which recipe
     it is and what it sets. Options whose ``train`` is already a TrainConfig are returned as they are."""
     if isinstance(options.train, TrainConfig):
-        return options, f"recipe: none (a complete TrainConfig was given): {describe_train(asdict(options.train))}"
+        if options.recipe != AUTO:  # resolved before (the CLI resolves, then trains): nothing left to do
+            return options, f"recipe: {options.recipe}: {describe_train(asdict(options.train))}"
+        # recorded as "none": the run's settings are exactly the ones given
+        return (dataclasses.replace(options, recipe="none"),
+                f"recipe: none (a complete TrainConfig was given): {describe_train(asdict(options.train))}")
     if not isinstance(options.train, dict):
         raise ValueError(f"train must be a mapping of engine options or a TrainConfig (got {options.train!r})")
     if not isinstance(options.method_options, dict):
@@ -157,8 +161,7 @@ def check_backbone_kind(method: str, backbone) -> None:
         raise DatasetError(
             f"method {canonical_method_name(method)!r} works on {wanted.replace('_', ' ')} models, but "
             f"{model_name_for_users(backbone.name_or_path) or backbone.family!r} is a {backbone.kind.replace('_', ' ')} "
-            "model; see "
-            "`vlprompt methods` for the pairs that work."
+            "model; see `vlprompt methods` for the pairs that work."
         )
 
 
