@@ -22,7 +22,7 @@ EPOCHS = 30
 COLOURS, PER_SPLIT = 5, (4, 2, 6)  # classes; train / val / test images per class
 LEARNING_RATES = {"linear_probe": 0.01, "coop": 0.03, "vpt_shallow": 0.03, "vpt_deep": 0.01, "ivlp": 0.03,
                   "deep_prompt": 0.01, "cocoop": 0.01, "maple": 0.03, "upt": 0.01, "dpt": 0.001, "apt": 0.01,
-                  "kgcoop": 0.01, "clip_adapter": 0.03}
+                  "kgcoop": 0.01, "clip_adapter": 0.03, "tip_adapter": 0.01}  # tip_adapter: fitted, no steps
 # Shallow VPT's default 8 tokens in the first layer plateau at zero-shot accuracy on this tiny SigLIP (60% on train,
 # val and test at lr 0.01 to 0.3 and seeds 1-3, measured once the data order became per-run seeded); 16 tokens learn.
 # KgCoOp pulls its prompt toward the hand-crafted (template) features, which this model reads at zero-shot's 60%:
