@@ -100,15 +100,12 @@ class TipAdapter(ClassificationMethod):
         affinity = f @ self.cache_keys.t()
         return alpha * (torch.exp(-beta * (1.0 - affinity)) @ self.cache_values)
 
-    def forward(self, pixel_values=None, image_feats=None, text_feats=None) -> torch.Tensor:
-        """Logits ``(B, C)``; ``text_feats``, if given, are the template features of the current classes."""
-        if image_feats is None:
-            if pixel_values is None:
-                raise ValueError("pass pixel_values or precomputed image_feats")
-            image_feats = self.image_features(pixel_values)
-        if text_feats is None:
-            text_feats = self.zero_shot_text_features()
-        zero_shot = self.backbone.score(image_feats, text_feats)
+    def text_features(self) -> torch.Tensor:
+        return self.zero_shot_text_features()
+
+    def logits(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits of the current classes plus the cache term of those classes."""
+        zero_shot = super().logits(image_feats, text_feats)
         cache = self.cache_logits(image_feats).to(zero_shot.device)
         return zero_shot + (cache if self.class_rows is None else cache[:, self.class_rows])
 
