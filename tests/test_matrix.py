@@ -11,7 +11,7 @@ from torch import nn
 
 import vlprompt
 from vlprompt.backbones import BACKBONES, load_backbone
-from vlprompt.backbones.base import SITE_JOINT_SPACE
+from vlprompt.backbones.base import SITE_JOINT_SPACE, SITE_TOWER_WEIGHTS
 from vlprompt.methods.registry import unsupported_reason
 from vlprompt.engine.trainer import TrainConfig, make_accelerator, prepare_training, run_training_step
 from vlprompt.methods import METHODS, ClassificationMethod, MethodConfig, get_prompt_model
@@ -30,7 +30,8 @@ TEST_CASES = [
     if not unsupported_reason(spec.method_class, BACKBONES[family])
 ]
 # Methods that take no gradient step: nothing to train, or fitted in closed form (checked on its own below).
-NO_STEP = {"zeroshot", "det_zeroshot", "linear_probe", "tip_adapter"}
+# Tip-Adapter-F has nothing to train until fitted (tests/test_tip_adapter.py trains it from a fit).
+NO_STEP = {"zeroshot", "det_zeroshot", "linear_probe", "tip_adapter", "tip_adapter_f"}
 STEP_CASES = [case for case in TEST_CASES if case[0] not in NO_STEP]
 # Zero-size prompts: (options, the zero-shot template whose model they must equal) where that identity holds.
 ZERO_SIZE = {
@@ -41,6 +42,8 @@ ZERO_SIZE = {
     "vpt_shallow": ({"n_tokens": 0}, None),
     "vpt_deep": ({"n_tokens": 0}, None),
     "ivlp": ({"n_text": 0, "n_image": 0}, "a photo of a {}."),
+    "promptsrc": ({"n_text": 0, "n_image": 0}, "a photo of a {}."),
+    "clip_lora": ({}, None),  # LoRA's up-projection starts at zero
     "deep_prompt": ({"n_text": 0, "n_image": 0}, "{}."),
     "maple": ({"n_ctx": 0}, "a photo of a {}."),
     "upt": ({"n_text": 0, "n_image": 0}, "a photo of a {}."),
@@ -60,13 +63,18 @@ def case_id(case) -> str:
 
 @pytest.fixture(scope="module")
 def dual_encoders():
-    """Dual encoders are never changed by a method (frozen, no weight-tuning method): built once."""
+    """Dual encoders are never changed by a prompt method (frozen towers): built once. A method that adds LoRA
+    adapters gets a fresh one (``backbone_for``)."""
     return {family: load_backbone(BACKBONE_PRESETS[family]) for family in ("clip", "siglip")}
 
 
-def backbone_for(family: str, dual_encoders):
-    # Detection methods may train or extend the detector's own weights (heads, full, LoRA): a fresh one each time.
-    return dual_encoders[family] if family in dual_encoders else load_backbone(BACKBONE_PRESETS[family])
+def backbone_for(family: str, dual_encoders, name: str = ""):
+    # Detection methods may train or extend the detector's own weights (heads, full, LoRA), and CLIP-LoRA injects
+    # adapters into the towers: a fresh backbone each time for those.
+    adds_weights = name and SITE_TOWER_WEIGHTS in METHODS[name].method_class.required_sites
+    if family in dual_encoders and not adds_weights:
+        return dual_encoders[family]
+    return load_backbone(BACKBONE_PRESETS[family])
 
 
 def build(name: str, backbone, options: dict | None = None, seed: int = 0):
@@ -99,7 +107,7 @@ def outputs(method, batch) -> torch.Tensor:
 @pytest.mark.parametrize("case", STEP_CASES, ids=case_id)
 def test_only_the_methods_parameters_receive_gradients_in_a_trainer_step(case, dual_encoders):
     name, family = case
-    backbone = backbone_for(family, dual_encoders)
+    backbone = backbone_for(family, dual_encoders, name)
     method = build(name, backbone)
     accelerator = make_accelerator("fp32")
     step_module, optimizer = prepare_training(method, TrainConfig(lr=0.05, optimizer="adamw"), accelerator)
@@ -118,7 +126,7 @@ def test_only_the_methods_parameters_receive_gradients_in_a_trainer_step(case, d
 @pytest.mark.parametrize("case", TEST_CASES, ids=case_id)
 def test_save_pretrained_then_from_pretrained_gives_identical_outputs(case, dual_encoders, tmp_path):
     name, family = case
-    backbone = backbone_for(family, dual_encoders)
+    backbone = backbone_for(family, dual_encoders, name)
     method = build(name, backbone)
     with torch.no_grad():  # move every trained tensor off its initial value: a reload from init would not pass
         for p in method.prompt_parameters().values():
@@ -126,7 +134,7 @@ def test_save_pretrained_then_from_pretrained_gives_identical_outputs(case, dual
     batch = inputs_for(backbone)
     expected = outputs(method, batch)
     method.save_pretrained(tmp_path / "prompt")
-    other = backbone_for(family, dual_encoders)  # a detector fresh from its preset: no LoRA left from `method`
+    other = backbone_for(family, dual_encoders, name)  # fresh where `method` added LoRA adapters
     loaded = vlprompt.PromptMethod.from_pretrained(tmp_path / "prompt", backbone=other)
     assert type(loaded) is type(method) and loaded.registered_name == name
     torch.testing.assert_close(outputs(loaded, batch), expected, atol=1e-6, rtol=1e-5)
@@ -153,7 +161,7 @@ ZERO_CASES = [case for case in TEST_CASES if case[0] in ZERO_SIZE]
 def test_zero_size_prompts_equal_the_bare_model(case, dual_encoders):
     name, family = case
     options, template = ZERO_SIZE[name]
-    backbone = backbone_for(family, dual_encoders)
+    backbone = backbone_for(family, dual_encoders, name)
     method = build(name, backbone, options)
     if backbone.kind == "fusion_detector":
         bare = get_prompt_model(backbone, "det_zeroshot", CLASSES)
@@ -166,7 +174,7 @@ def test_zero_size_prompts_equal_the_bare_model(case, dual_encoders):
 @pytest.mark.parametrize("case", TEST_CASES, ids=case_id)
 def test_a_refused_set_classes_leaves_the_model_unchanged(case, dual_encoders):
     name, family = case
-    backbone = backbone_for(family, dual_encoders)
+    backbone = backbone_for(family, dual_encoders, name)
     method = build(name, backbone, {"class_specific": True} if name == "coop" else None)
     batch = inputs_for(backbone)
     before = outputs(method, batch)

@@ -299,6 +299,8 @@ def _method_rows(backbone, names: Sequence[str], num_classes: int, overrides: di
             yield name, None, str(err)
             continue
         count = method.num_trainable()
+        if backbone.has_lora():  # the next method is counted on the backbone as loaded
+            backbone.remove_lora()
         yield name, count, f"{100.0 * count / total:.4f}%"
 
 

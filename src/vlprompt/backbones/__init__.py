@@ -6,6 +6,7 @@ from pathlib import Path
 from vlprompt.backbones.base import (
     BACKBONES,
     SITE_LINEAR_PROJECTIONS,
+    SITE_TOWER_WEIGHTS,
     BackboneLoadError,
     Backbone,
     ClassPrompts,
@@ -96,6 +97,7 @@ __all__ = [
     "FusionDetectorBackbone",
     "register_backbone",
     "SITE_LINEAR_PROJECTIONS",
+    "SITE_TOWER_WEIGHTS",
     "BackboneLoadError",
     "CLIPBackbone",
     "DeepPrompts",

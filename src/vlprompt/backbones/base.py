@@ -24,6 +24,8 @@ SITE_DETECTION_TEXT = "detection_text"  # learned word embeddings at a detector'
 SITE_DETECTOR = "detector_weights"  # a detector's own weights (heads, all, LoRA) and its detection losses
 # Linear projections (plus a final LayerNorm) from each tower into the joint space: what SDPT's pseudo-inverses need.
 SITE_LINEAR_PROJECTIONS = "linear_projections"
+# The towers' own attention projections, open to LoRA adapters (through ``peft``): CLIP-LoRA.
+SITE_TOWER_WEIGHTS = "tower_weights"
 
 # Kinds of model: each has its own abstract adapter base below, and its own task.
 KIND_DUAL_ENCODER = "dual_encoder"  # CLIP, SigLIP: two towers scored in a joint space (classification, retrieval)
@@ -59,6 +61,9 @@ class FamilyInfo:
     image_prompt_positions: tuple[str, ...] = ()
     class_positions: tuple[str, ...] = ("end",)
     scoring: str = "softmax"
+    # The attention projections of one encoder layer by role (q, k, v, o -> the module's name in the layer): what
+    # LoRA on the towers targets (``tower_weights``).
+    attention_projections: Mapping[str, str] = field(default_factory=dict)
 
 
 # model_type in a checkpoint's config.json -> adapter class; filled by register_backbone where each adapter is defined.
@@ -244,7 +249,21 @@ class Backbone(nn.Module, ABC):
         """``family``, ``name_or_path``, ``config_hash`` and ``arch`` (the fields hashed): what a prompt records."""
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """The model's own parameters (LoRA adapters a method injected are not counted)."""
+        return sum(p.numel() for n, p in self.model.named_parameters() if "lora_" not in n)
+
+    def has_lora(self) -> bool:
+        return any("lora_" in n for n, _ in self.model.named_parameters())
+
+    def remove_lora(self) -> None:
+        """Take out every LoRA adapter a method injected: each adapted layer becomes its original layer again."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        adapted = [(name, module) for name, module in self.model.named_modules() if isinstance(module, BaseTunerLayer)]
+        for name, module in adapted:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, module.get_base_layer())
 
     @property
     def device(self) -> torch.device:

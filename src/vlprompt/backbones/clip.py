@@ -27,6 +27,7 @@ from vlprompt.backbones.base import (
     SITE_IMAGE_SEQUENCE,
     SITE_JOINT_SPACE,
     SITE_LINEAR_PROJECTIONS,
+    SITE_TOWER_WEIGHTS,
     SITE_TEXT_SEQUENCE,
     SITE_TRANSIENT_IMAGE,
     BackboneLoadError,  # noqa: F401 - importable from here as in 0.1.0
@@ -42,10 +43,12 @@ from vlprompt.backbones.base import (
 CLIP_INFO = FamilyInfo(
     kind=KIND_DUAL_ENCODER,
     sites=frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE, SITE_LINEAR_PROJECTIONS, SITE_BLOCK,
-                     SITE_TRANSIENT_IMAGE}),  # fmt: skip
+                     SITE_TRANSIENT_IMAGE, SITE_TOWER_WEIGHTS}),  # fmt: skip
     image_prompt_positions=(IMAGE_PROMPTS_END, IMAGE_PROMPTS_FRONT),
     class_positions=CLASS_POSITIONS,
     scoring="softmax",
+    attention_projections={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                           "o": "self_attn.out_proj"},
 )
 
 

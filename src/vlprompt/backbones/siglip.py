@@ -46,6 +46,7 @@ from vlprompt.backbones.base import (
     SITE_IMAGE_SEQUENCE,
     SITE_JOINT_SPACE,
     SITE_LINEAR_PROJECTIONS,
+    SITE_TOWER_WEIGHTS,
     SITE_TEXT_SEQUENCE,
     SITE_TRANSIENT_IMAGE,
     BackboneLoadError,
@@ -59,7 +60,8 @@ from vlprompt.backbones.base import (
 
 SIGLIP_INFO = FamilyInfo(
     kind=KIND_DUAL_ENCODER,
-    sites=frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE, SITE_BLOCK, SITE_TRANSIENT_IMAGE}),
+    sites=frozenset({SITE_TEXT_SEQUENCE, SITE_IMAGE_SEQUENCE, SITE_JOINT_SPACE, SITE_BLOCK, SITE_TRANSIENT_IMAGE,
+                     SITE_TOWER_WEIGHTS}),
     missing={
         SITE_LINEAR_PROJECTIONS: (
             "SigLIP's image features come from an attention-pooling head (a small transformer block), not a linear "
@@ -69,6 +71,9 @@ SIGLIP_INFO = FamilyInfo(
     image_prompt_positions=(IMAGE_PROMPTS_END, IMAGE_PROMPTS_FRONT),
     class_positions=CLASS_POSITIONS,
     scoring="sigmoid",
+    # The encoder layers' self-attention only: the attention-pooling head is not an encoder layer.
+    attention_projections={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                           "o": "self_attn.out_proj"},
 )
 
 # Config fields that fix the architecture (and so which prompts fit it): hashed into ``identity``.

@@ -8,13 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlprompt.backbones.base import (BackboneLoadError, BlockAdapter, DeepPrompts, DualEncoderBackbone, TransientPrompts,
-                                     without_hub_kernels)
+from vlprompt.backbones.base import (SITE_TOWER_WEIGHTS, BackboneLoadError, BlockAdapter, DeepPrompts, DualEncoderBackbone,
+                                     TransientPrompts, UnsupportedBackboneError, without_hub_kernels)
 
 # The tower config fields that make an architecture: a prompt trained on one refuses another that differs in them.
 ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -121,6 +122,31 @@ class TransformersTwoTowers(DualEncoderBackbone):
                 transient.outputs(j, out[:, length:])
                 hidden = out[:, :length]
         return hidden
+
+    def add_lora(self, r: int, alpha: float, dropout: float, towers: Sequence[str] = ("text", "image"),
+                 projections: Sequence[str] = ("q", "k", "v")) -> dict[str, nn.Parameter]:  # fmt: skip
+        """Inject LoRA adapters (``peft``) into the attention ``projections`` (roles of ``info.attention_projections``)
+        of every encoder layer of ``towers``; returns the new parameters by their name in ``model``. A backbone
+        takes one set of adapters: a second method needs a freshly loaded backbone."""
+        if SITE_TOWER_WEIGHTS not in self.sites:
+            raise UnsupportedBackboneError(f"the {self.family} backbone offers no LoRA site ({SITE_TOWER_WEIGHTS})")
+        roles = self.info.attention_projections
+        unknown = [p for p in projections if p not in roles]
+        if unknown or not projections:
+            raise ValueError(f"LoRA projections {list(projections)}: choose from {sorted(roles)}")
+        if self.has_lora():
+            raise ValueError("this backbone already carries LoRA adapters (a LoRA method was built on it): load a "
+                             "fresh backbone for each LoRA method")
+        names = {id(module): name for name, module in self.model.named_modules()}
+        targets = [f"{names[id(layer)]}.{roles[p]}" for tower in towers for layer in self.encoder_layers(tower)
+                   for p in projections]  # fmt: skip
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as err:  # pragma: no cover - peft is a dependency
+            raise ImportError("LoRA needs peft: pip install peft") from err
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+        inject_adapter_in_model(config, self.model)  # peft puts the adapters on their layer's device
+        return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
 
     def attention_blocks(self, tower: str) -> list[nn.Module]:
         """The self-attention module of every layer of ``tower`` ("text" or "image"), for block-site methods."""

@@ -84,7 +84,7 @@ def resolve_recipe(options: RunOptions) -> tuple[RunOptions, str]:
     what = describe_train(asdict(train_config))
     if not method_class(method).learns:
         what = "nothing to train"
-    elif method_class(method).fits_features:
+    elif method_class(method).fits_features and not method_class(method).trains_after_fit:
         what = "a closed-form fit on frozen image features"
     line = f"recipe: {choice.recipe.name} ({choice.why}; pick another with --recipe): {what}"
     return resolved, line

@@ -367,7 +367,11 @@ class Trainer:
             if distributed.world_size() > 1:
                 method.load_prompt_state_dict(distributed.broadcast_from_main(
                     {k: v.cpu() for k, v in method.prompt_state_dict().items()}))  # fmt: skip
-            return self._finish(method, task, record)
+            if not method.trains_after_fit:
+                return self._finish(method, task, record)
+            self.log("fitted on the training features (" + ", ".join(
+                f"{k} {v:.4g}" for k, v in record.items() if k != "epoch") + "); training from this fit")  # fmt: skip
+            return self._fit_steps(method, task, resume)
         if method.num_trainable() == 0:  # zero-shot, or zero-size prompts: nothing to train, evaluate only
             return self._finish(method, task, {"epoch": 0})
         return self._fit_steps(method, task, resume)
@@ -533,6 +537,7 @@ class Trainer:
                     if len(terms[name]) == step:
                         terms[name].append(zero)
             scheduler.step()
+            method.on_epoch_end(epoch)
             if not all(torch.isfinite(p).all() for p in params):
                 # The epoch's last step is not followed by a loss check; a diverged prompt must not become the
                 # resume point, or every --resume would fail the same way.
@@ -589,7 +594,8 @@ class Trainer:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         ckpt.atomic_save_tensors(staging / ckpt.PROMPT_FILE, method.prompt_state_dict())
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "method": {k: v.detach().cpu() for k, v in method.training_state().items()}},
                    staging / "trainer_state.pt")
         ckpt.atomic_write_json(staging / "state.json", {"epochs_done": epochs_done, "history": self.history})
         if folder.exists():
@@ -633,6 +639,7 @@ class Trainer:
             return 0
         state, trainer_state = saved["state"], saved["trainer"]
         method.load_prompt_state_dict(saved["prompt"])
+        method.load_training_state(trainer_state.get("method", {}))  # none in a state saved before methods kept one
         configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])

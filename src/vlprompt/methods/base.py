@@ -129,6 +129,8 @@ class PromptMethod(nn.Module):
     backbone_kind: ClassVar[str] = "dual_encoder"  # the kind of backbone contract it is written against
     # Fitted by its own solver on cached features (linear probe) instead of by gradient steps.
     fits_features: ClassVar[bool] = False
+    # Fitted on features first, then trained by gradient steps from that fit (Tip-Adapter-F's cache keys).
+    trains_after_fit: ClassVar[bool] = False
     # False for a method with nothing to learn (zero-shot): no training recipe applies.
     learns: ClassVar[bool] = True
     # The text features depend on the image (CoCoOp): class features can never be computed once per run.
@@ -205,8 +207,19 @@ class PromptMethod(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Called with the 0-indexed epoch about to start (schedules inside a method's loss)."""
 
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called with the 0-indexed epoch just finished, after its last step and before its state is saved."""
+
     def on_train_end(self) -> None:
         """Called once training has finished, before the final evaluation and save."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """State a method keeps while it trains beyond its prompt (PromptSRC's running prompt aggregate): saved with
+        every epoch's resume state and handed back to :meth:`load_training_state` on ``--resume``."""
+        return {}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`training_state` returned (an empty dict from a method that keeps nothing)."""
 
     @property
     def cacheable_towers(self) -> frozenset[str]:
@@ -327,6 +340,14 @@ class ClassificationMethod(PromptMethod):
     def training_step(self, batch: ClassificationBatch) -> StepOutput:
         logits = self(pixel_values=batch.pixel_values, image_feats=batch.image_feats, text_feats=batch.text_feats)
         return StepOutput({"main": self.loss(logits, batch.labels)}, logits=logits)
+
+
+def set_lora_dropout_mode(model: nn.Module, mode: bool) -> None:
+    """Put the dropout of LoRA adapters (``peft``'s ``lora_dropout``) in train or eval mode, leaving the model's
+    own modules as they are: the adapters' dropout is part of what trains, the frozen model keeps eval behaviour."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "lora_dropout" or ".lora_dropout." in name:
+            module.train(mode)
 
 
 # ----------------------------------------------------------------- prompt initialisation helpers

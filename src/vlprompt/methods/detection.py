@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vlprompt.backbones.base import SITE_DETECTION_TEXT, SITE_DETECTOR, SITE_FUSION, FusionTokens
-from vlprompt.methods.base import MethodConfig, PromptMethod, phrase_embedding, require
+from vlprompt.methods.base import MethodConfig, PromptMethod, phrase_embedding, require, set_lora_dropout_mode
 from vlprompt.options import opt
 from vlprompt.methods.registry import register_method
 from vlprompt.tasks.batches import DetectionBatch, StepOutput
@@ -96,9 +96,7 @@ class DetectionMethod(PromptMethod):
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.model.eval()  # the detector keeps eval behaviour (no dropout / drop-path) in every method
-        for name, module in self.backbone.model.named_modules():
-            if name.rsplit(".", 1)[-1] == "lora_dropout" or ".lora_dropout." in name:
-                module.train(mode)  # det_lora's own dropout is part of what trains
+        set_lora_dropout_mode(self.backbone.model, mode)  # det_lora's own dropout is part of what trains
         return self
 
     def _train_weights(self, weights: dict[str, nn.Parameter]) -> None:

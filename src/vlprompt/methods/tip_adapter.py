@@ -20,7 +20,14 @@ Deviations and choices, stated:
 Nothing is trained: ``num_trainable()`` is 0 (``vlprompt params`` reports 0). The cache and the chosen alpha/beta
 are buffers that this method adds to its saved prompt state (``prompt_state_dict``), so ``save_pretrained`` /
 ``from_pretrained`` round-trip them. The cache's values are the training classes: like the linear probe it is tied
-to them (it can score a subset of them, not new class names). Tip-Adapter-F (fine-tuning the keys) is not here.
+to them (it can score a subset of them, not new class names).
+
+Tip-Adapter-F (``tip_adapter_f``) starts from the same fit (cache and alpha/beta searched on validation), then
+trains the keys by gradient steps through the engine with cross-entropy on the same logits (the released code's
+``adapter``, a linear layer initialised from the keys), and finally searches alpha/beta again on validation with the
+trained keys. Trainable: the keys, N x d numbers (N = training images). Deviations: the released code keeps the
+epoch with the best *test* accuracy; here the last epoch's keys are kept (nothing is chosen on test). AdamW's eps
+is torch's default (1e-8), not the released 1e-4; the schedule is the engine's per-epoch cosine, not per step.
 """
 from __future__ import annotations
 
@@ -29,10 +36,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from vlprompt.backbones.base import SITE_JOINT_SPACE
 from vlprompt.methods.base import ClassificationMethod, MethodConfig, require, subset_rows
 from vlprompt.methods.registry import register_method
 from vlprompt.options import opt
+from vlprompt.recipes import Recipe
 
 # The saved state beyond trainable parameters: the cache and the (alpha, beta) in use.
 CACHE_STATE = ("cache_keys", "cache_values", "alpha", "beta")
@@ -124,8 +134,15 @@ class TipAdapter(ClassificationMethod):
         n_classes = len(self.fitted_classnames)
         keys = F.normalize(train_feats.float(), dim=-1).to(device)
         values = F.one_hot(train_labels.long().to(device), n_classes).float()
-        self.cache_keys = keys
+        self._set_keys(keys)
         self.cache_values = values
+        return self.search_alpha_beta(val_feats, val_labels)
+
+    @torch.no_grad()
+    def search_alpha_beta(self, val_feats: torch.Tensor, val_labels: torch.Tensor) -> dict[str, float]:
+        """Set (alpha, beta) to the grid point with the best validation accuracy (``val_acc``, a fraction) under
+        the current keys; with no validation images, to the configured alpha / beta."""
+        device = self.cache_keys.device
         alpha, beta = float(self.config.alpha), float(self.config.beta)
         info: dict[str, float] = {}
         if len(val_labels) > 0:
@@ -147,6 +164,9 @@ class TipAdapter(ClassificationMethod):
         self.beta = torch.tensor(beta, device=device)
         return {"alpha": alpha, "beta": beta, **info}
 
+    def _set_keys(self, keys: torch.Tensor) -> None:
+        self.cache_keys = keys  # a buffer: the training-free cache is never trained
+
     # ----------------------------------------------------------------- saved state: the cache, not trained
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         state = super().prompt_state_dict()
@@ -163,10 +183,12 @@ class TipAdapter(ClassificationMethod):
         if keys.dim() != 2 or keys.shape[1] != d or values.dim() != 2 or tuple(values.shape) != (keys.shape[0], c):
             raise ValueError(f"checkpoint cache has keys {tuple(keys.shape)} and values {tuple(values.shape)} but "
                              f"this model needs (N, {d}) and (N, {c}): the backbone or the classes differ.")
-        super().load_prompt_state_dict({n: t for n, t in state.items() if n not in CACHE_STATE})
         device = self.cache_keys.device
-        for n in CACHE_STATE:
+        self._set_keys(keys.to(device, torch.float32).clone())
+        for n in CACHE_STATE[1:]:
             setattr(self, n, state[n].to(device, torch.float32).clone())
+        own = self.prompt_parameters()  # Tip-Adapter-F's keys are a parameter, checked and copied there
+        super().load_prompt_state_dict({n: t for n, t in state.items() if n not in CACHE_STATE or n in own})
 
 
 register_method(
@@ -175,4 +197,51 @@ register_method(
     # Training-free: the cache is filled from the training features and alpha/beta searched on validation, so no
     # training recipe (learning rate, epochs, batch size) applies.
     released=None,
+)
+
+
+@dataclass
+class TipAdapterFConfig(TipAdapterConfig):
+    method_name = "tip_adapter_f"
+
+
+class TipAdapterF(TipAdapter):
+    """Tip-Adapter with its cache keys trained from the fit (module docstring)."""
+
+    name = "tip_adapter_f"
+    config_class = TipAdapterFConfig
+    trains_after_fit = True
+
+    def __init__(self, backbone, config: TipAdapterFConfig, classnames, template="a photo of a {}.") -> None:
+        super().__init__(backbone, config, classnames, template)
+        keys = self._buffers.pop("cache_keys")
+        self.cache_keys = nn.Parameter(keys)  # (0, d) until fitted: nothing to train before the fit
+        self._val: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _set_keys(self, keys: torch.Tensor) -> None:
+        if tuple(keys.shape) == tuple(self.cache_keys.shape):
+            # In place, so that an optimiser built over the keys (a resumed run) keeps training them.
+            with torch.no_grad():
+                self.cache_keys.copy_(keys)
+        else:
+            self.cache_keys = nn.Parameter(keys)
+
+    def fit_features(self, train_feats, train_labels, val_feats, val_labels) -> dict[str, float]:
+        info = super().fit_features(train_feats, train_labels, val_feats, val_labels)
+        # Kept for the search with the trained keys at the end of training (the validation set is small).
+        self._val = (val_feats.detach().float(), val_labels.detach())
+        return info
+
+    def on_train_end(self) -> None:
+        if self._val is not None:
+            self.search_alpha_beta(*self._val)
+
+
+register_method(
+    "tip_adapter_f", TipAdapterF, summary="Tip-Adapter with its cache keys fine-tuned (alpha, beta on val)",
+    aliases=("tip-adapter-f",),
+    released=Recipe(train={"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.01, "epochs": 20, "batch_size": 256,
+                           "warmup_epochs": 0},
+                    source="Tip-Adapter (ECCV 2022) main.py and configs/imagenet.yaml: AdamW lr 0.001 (eps 1e-4), "
+                           "cosine without warm-up, 20 epochs, batch 256, random crops and flips"),
 )
