@@ -249,7 +249,7 @@ def test_save_pretrained_round_trips_with_identical_logits(tiny_backbone, classn
 
 
 # =============================================================================================== learning
-@pytest.mark.parametrize("name", ["kgcoop", "clip_adapter"])
+@pytest.mark.parametrize("name", ["kgcoop", "clip_adapter", "promptsrc", "clip_lora"])
 def test_trained_on_the_embedded_model_each_beats_chance_clearly(tmp_path, name):
     """16 shots of toy:colours, seed 1, the toy recipe the embedded model carries (AdamW, 10 epochs)."""
     from vlprompt.engine.api import DataOptions, RunOptions, load_splits

@@ -7,6 +7,9 @@
   is known, and keeps the configured 1.0 / 5.5 without validation images;
 - a saved model reloads with identical logits; it refuses new class names but scores a subset of its classes;
 - fitted through ``vlprompt.train`` on the embedded model's toy:colours it is no worse than zero-shot (-2 points).
+Tip-Adapter-F: the fit makes its keys the only trainable tensor (N x d) with Tip-Adapter's logits; steps change the
+keys only and the logits keep the cache formula; alpha / beta are searched again at the end; keys reload in place
+(a resume keeps training them) and round-trip; trained through the engine it beats the training-free cache.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ import vlprompt
 import vlprompt.methods.tip_adapter  # noqa: F401  (registers "tip_adapter")
 from vlprompt.backbones import load_backbone
 from vlprompt.methods import get_prompt_model
-from vlprompt.methods.tip_adapter import TipAdapter
+from vlprompt.engine.trainer import TrainConfig, make_accelerator, prepare_training, run_training_step
+from vlprompt.methods.tip_adapter import TipAdapter, TipAdapterF
+from vlprompt.tasks.batches import ClassificationBatch
 
 PHOTO = "a photo of a {}."
 
@@ -185,3 +190,97 @@ def test_fitted_on_the_embedded_model_it_is_no_worse_than_zero_shot(tmp_path):
     assert tip >= zs - 2.0, (tip, zs)
     loaded = vlprompt.PromptMethod.from_pretrained(tmp_path / "tip_adapter")
     assert isinstance(loaded, TipAdapter) and loaded.cache_keys.shape[0] > 0
+
+
+# =============================================================================================== Tip-Adapter-F
+def _fitted_f(backbone, classnames, config=None):
+    method = _model(backbone, classnames, config, name="tip_adapter_f")
+    train, labels = _feats(backbone, 12, 1), torch.arange(12) % len(classnames)
+    val, val_labels = _feats(backbone, 8, 4), torch.arange(8) % len(classnames)
+    method.fit_features(train, labels, val, val_labels)
+    return method, train, labels, val, val_labels
+
+
+def test_tip_adapter_f_starts_as_the_fitted_cache_with_its_keys_as_the_only_trainable_tensor(tiny_backbone, classnames):
+    method = _model(tiny_backbone, classnames, name="tip_adapter_f")
+    assert isinstance(method, TipAdapterF) and method.trains_after_fit and method.fits_features
+    assert method.num_trainable() == 0  # nothing to train before the fit
+    method, train, labels, val, val_labels = _fitted_f(tiny_backbone, classnames)
+    assert set(method.prompt_parameters()) == {"cache_keys"}
+    assert method.num_trainable() == 12 * tiny_backbone.embed_dim  # N x d
+    assert torch.equal(method.cache_keys.detach(), F.normalize(train, dim=-1))
+    # Its logits right after the fit are training-free Tip-Adapter's with the same alpha / beta.
+    plain = _model(tiny_backbone, classnames)
+    plain.fit_features(train, labels, val, val_labels)
+    assert (float(plain.alpha), float(plain.beta)) == (float(method.alpha), float(method.beta))
+    with torch.no_grad():
+        assert torch.equal(method(image_feats=val), plain(image_feats=val))
+
+
+def test_tip_adapter_f_steps_train_the_keys_only_and_the_logits_keep_the_cache_formula(tiny_backbone, classnames):
+    method, train, labels, _, _ = _fitted_f(tiny_backbone, classnames)
+    frozen = {n: p.clone() for n, p in tiny_backbone.model.named_parameters()}
+    values, keys_before = method.cache_values.clone(), method.cache_keys.detach().clone()
+    accelerator = make_accelerator("fp32")
+    step_module, optimizer = prepare_training(method, TrainConfig(lr=0.01, optimizer="adamw"), accelerator)
+    params = list(method.prompt_parameters().values())
+    batch = ClassificationBatch(labels, image_feats=train, text_feats=method.text_features())
+    method.train()
+    losses = [float(run_training_step(step_module, optimizer, batch, accelerator, params).loss.detach())
+              for _ in range(15)]  # fmt: skip
+    assert losses[-1] < losses[0], losses
+    assert not torch.equal(method.cache_keys.detach(), keys_before) and torch.equal(method.cache_values, values)
+    assert all(torch.equal(p, frozen[n]) for n, p in tiny_backbone.model.named_parameters())
+    # The trained keys enter the same formula (an independent computation).
+    method.eval()
+    f = F.normalize(train, dim=-1)
+    cache = float(method.alpha) * torch.exp(-float(method.beta) * (1 - f @ method.cache_keys.detach().t())) @ values
+    zeroshot = tiny_backbone.score(train, method.zero_shot_text_features())
+    with torch.no_grad():
+        torch.testing.assert_close(method(image_feats=train), zeroshot + cache, atol=1e-5, rtol=1e-5)
+
+
+def test_tip_adapter_f_searches_alpha_beta_again_with_the_trained_keys(tiny_backbone, classnames, monkeypatch):
+    method, *_ = _fitted_f(tiny_backbone, classnames)
+    searched = []
+    monkeypatch.setattr(method, "search_alpha_beta", lambda feats, labels: searched.append((feats, labels)))
+    method.on_train_end()
+    assert len(searched) == 1 and searched[0][0].shape == (8, tiny_backbone.embed_dim)
+
+
+def test_tip_adapter_f_reloads_its_trained_keys_in_place_and_round_trips(tiny_backbone, classnames, pixels, tmp_path):
+    method, *_ = _fitted_f(tiny_backbone, classnames)
+    keys = method.cache_keys
+    with torch.no_grad():
+        keys.add_(0.05 * torch.randn(keys.shape, generator=torch.Generator().manual_seed(3)))
+    state = method.prompt_state_dict()
+    method.load_prompt_state_dict(state)  # as a resume does, with the optimiser already built over the keys
+    assert method.cache_keys is keys
+    method.eval()
+    with torch.no_grad():
+        expected = method(pixel_values=pixels)
+    method.save_pretrained(tmp_path / "prompt")
+    loaded = TipAdapterF.from_pretrained(tmp_path / "prompt", backbone=tiny_backbone)
+    assert type(loaded) is TipAdapterF and torch.equal(loaded.cache_keys.detach(), keys.detach())
+    assert loaded.num_trainable() == keys.numel()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels), expected)
+
+
+def test_tip_adapter_f_trained_through_the_engine_beats_the_training_free_cache(tmp_path):
+    """16 shots of toy:colours, seed 1, the toy recipe: the fit, 10 epochs on the keys, the search again."""
+    from vlprompt.engine.api import DataOptions, RunOptions
+
+    data = DataOptions(dataset="toy:colours", shots=16, seed=1)
+    results = {
+        name: vlprompt.train(RunOptions(model="embedded", method=name, data=data, output=str(tmp_path / name)),
+                             progress=False, log=lambda _: None)["accuracy"]  # fmt: skip
+        for name in ("tip_adapter", "tip_adapter_f")
+    }
+    print(f"toy:colours test accuracy: {results}")
+    assert results["tip_adapter_f"] > results["tip_adapter"], results
+    import json
+
+    history = [json.loads(line) for line in (tmp_path / "tip_adapter_f" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history if "train_loss" in h] == list(range(1, 11))

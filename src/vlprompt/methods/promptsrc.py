@@ -75,6 +75,7 @@ class PromptSRCConfig(IVLPConfig):
     gpa_std: float = opt(1.0, gt=0, help="spread, in epochs, of the Gaussian prompt aggregation")
 
     def validate(self) -> None:
+        require(math.isfinite(self.gpa_mean), f"promptsrc.gpa_mean must be a finite number, got {self.gpa_mean!r}")
         if isinstance(self.text_templates, str):
             require(self.text_templates in ENSEMBLES, f"promptsrc.text_templates must be a list of templates or one "
                                                       f"of {sorted(ENSEMBLES)}, got {self.text_templates!r}")
@@ -83,7 +84,6 @@ class PromptSRCConfig(IVLPConfig):
         for template in self.text_templates:
             require(isinstance(template, str) and template.count("{}") == 1,
                     f"promptsrc.text_templates: {template!r} needs exactly one '{{}}' where the class name goes")
-        require(math.isfinite(self.gpa_mean), f"promptsrc.gpa_mean must be a finite number, got {self.gpa_mean!r}")
 
 
 def gaussian_log_weight(epoch: int, mean: float, std: float) -> float:
