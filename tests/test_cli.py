@@ -152,7 +152,10 @@ def expected_counts(model: str, num_classes: int = 10) -> dict[str, int | None]:
             if spec.method_class.required_sites - backbone.sites:
                 raise UnsupportedBackboneError(name)
             method = get_prompt_model(backbone, name, classnames, config=make_config(name, {}, backbone))
-            counts[name] = method.num_trainable()
+            fitted = method.trainable_once_fitted(16 * num_classes)  # Tip-Adapter-F: keys of 16 shots per class
+            counts[name] = method.num_trainable() if fitted is None else fitted
+            if backbone.has_lora():  # CLIP-LoRA's adapters: the next method is counted on the model as loaded
+                backbone.remove_lora()
         except UnsupportedBackboneError:
             counts[name] = None
     return counts
@@ -172,7 +175,8 @@ def test_params_and_methods_list_every_method_with_its_count(capsys):
     rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in METHODS}
     assert set(rows) == set(METHODS)
     assert {name: count_in(line) for name, line in rows.items()} == expected
-    assert all(re.search(r"\d\.\d{4}%$", rows[name]) for name, count in expected.items() if count is not None)
+    assert all(re.search(r"\d\.\d{4}%($|  \(fitted on 16 shots x 10 classes\)$)", rows[name])
+               for name, count in expected.items() if count is not None)  # fmt: skip
 
     code, out, err = cli(capsys, "methods", "--model", "random:tiny")
     assert code == 0, err
@@ -190,6 +194,24 @@ def test_params_on_vit_b16_match_the_published_counts(capsys):
     assert code == 0, err
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:]}
     assert rows == {"coop": "8,192", "vpt_deep": "73,728"}  # 16 x 512 text tokens; 12 layers x 8 x 768
+
+
+def test_params_on_vit_b16_count_the_current_methods_by_their_formulas(capsys):
+    code, out, err = cli(capsys, "params", "--model", "random:vit-b-16", "--methods", "kgcoop", "clip_adapter",
+                         "tip_adapter", "tip_adapter_f", "promptsrc", "clip_lora", "--shots", "4", "--num-classes",
+                         "3")  # fmt: skip
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines()[2:]}
+    counts = {name: line.split()[1] for name, line in rows.items()}
+    assert counts == {
+        "kgcoop": "2,048",  # 4 x 512
+        "clip_adapter": "131,072",  # 2 x 512 x 128
+        "tip_adapter": "0",
+        "tip_adapter_f": "6,144",  # 4 shots x 3 classes keys of width 512
+        "promptsrc": "46,080",  # 9 layers x 4 tokens x (512 + 768)
+        "clip_lora": "184,320",  # 12 layers x 3 projections x rank 2 x (in + out), text 512 and image 768
+    }
+    assert rows["tip_adapter_f"].endswith("(fitted on 4 shots x 3 classes)")
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -279,7 +279,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_rows(backbone, names: Sequence[str], num_classes: int, overrides: dict[str, Any]):
+def _method_rows(backbone, names: Sequence[str], num_classes: int, overrides: dict[str, Any], shots: int = 16):
     from vlprompt.backbones import UnsupportedBackboneError
     from vlprompt.methods import METHODS, get_prompt_model, make_config
     from vlprompt.methods.registry import unsupported_reason
@@ -299,8 +299,12 @@ def _method_rows(backbone, names: Sequence[str], num_classes: int, overrides: di
             yield name, None, str(err)
             continue
         count = method.num_trainable()
+        fitted = method.trainable_once_fitted(shots * num_classes)
         if backbone.has_lora():  # the next method is counted on the backbone as loaded
             backbone.remove_lora()
+        if fitted is not None:  # sized by the training set: counted for --shots x --num-classes images
+            yield name, fitted, f"{100.0 * fitted / total:.4f}%  (fitted on {shots} shots x {num_classes} classes)"
+            continue
         yield name, count, f"{100.0 * count / total:.4f}%"
 
 
@@ -322,7 +326,7 @@ def cmd_params(args: argparse.Namespace) -> int:
     total = backbone.num_parameters()
     print(f"backbone {args.model}: {total:,} parameters; {args.num_classes} classes")
     print(f"{'method':<22} {'trainable':>12} {'% of backbone':>14}")
-    for name, count, share in _method_rows(backbone, names, args.num_classes, per_method):
+    for name, count, share in _method_rows(backbone, names, args.num_classes, per_method, args.shots):
         print(f"{name:<22} {'None' if count is None else format(count, ','):>12} {share:>14}")
     return 0
 
@@ -548,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="trainable parameters of each method on a model")
     p.add_argument("--model", default="random:vit-b-16")
     p.add_argument("--methods", nargs="*", help="default: all registered methods")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=positive_int, default=10)
+    p.add_argument("--shots", type=positive_int, default=16,
+                   help="training images per class, for methods whose count depends on them (Tip-Adapter-F)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="method options for every method listed, e.g. --methods coop --set method.n_ctx=4")
     p.set_defaults(func=cmd_params)

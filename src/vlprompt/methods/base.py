@@ -244,6 +244,11 @@ class PromptMethod(nn.Module):
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.prompt_parameters().values())
 
+    def trainable_once_fitted(self, num_images: int) -> int | None:
+        """The trainable count after a fit on ``num_images`` training images, for a method whose trained tensors are
+        sized by its training set (Tip-Adapter-F's keys); None: ``num_trainable()`` already says."""
+        return None
+
     def print_trainable_parameters(self) -> str:
         """Print (and return) trainable vs backbone parameter counts, as PEFT's model does."""
         trainable, frozen = self.num_trainable(), self.backbone.num_parameters()

@@ -218,6 +218,9 @@ class TipAdapterF(TipAdapter):
         self.cache_keys = nn.Parameter(keys)  # (0, d) until fitted: nothing to train before the fit
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def trainable_once_fitted(self, num_images: int) -> int:
+        return num_images * self.backbone.embed_dim  # one key of width d per training image
+
     def _set_keys(self, keys: torch.Tensor) -> None:
         if tuple(keys.shape) == tuple(self.cache_keys.shape):
             # In place, so that an optimiser built over the keys (a resumed run) keeps training them.
