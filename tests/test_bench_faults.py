@@ -248,3 +248,54 @@ def test_a_config_file_with_a_top_level_engine_option_names_it(tmp_path):
     err = _one_line_error(code, err)
     assert "unknown bench key(s) ['epochs']" in err and "default_train" in err
     assert not (tmp_path / "bench").exists()
+
+
+# killed bench ------------------------------------------------------------------------------------------------
+def _children(pid: int) -> set[int]:
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if int(fields.get("PPid", "0").strip()) == pid:
+                found.add(int(status.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads processes from /proc (Linux)")
+def test_a_killed_bench_takes_its_workers_with_it(tiny_model_dir, engine_data_root, tmp_path):
+    """Workers of a bench whose process is killed end too, instead of training on into the run folders and holding
+    their locks against the rerun that resumes them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "vlprompt.cli", "bench", "--methods", "coop", "--datasets", "eurosat",
+            "--data-root", engine_data_root, "--model", tiny_model_dir, "--shots", "1", "2", "--seeds", "1", "2",
+            "--set", "default_train.batch_size=4", "--set", "default_train.epochs=100000", "--workers", "2",
+            "--output", tmp_path / "bench"]  # fmt: skip
+    bench = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(_children(bench.pid)) < 3 and time.monotonic() < deadline:  # 2 workers + a resource tracker
+            time.sleep(0.5)
+        workers = _children(bench.pid)
+        assert len(workers) >= 3, "the bench did not start its workers"
+        time.sleep(3)  # the workers are training
+        bench.send_signal(signal.SIGKILL)
+        bench.wait()
+        deadline = time.monotonic() + 30
+        alive = workers
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.5)
+            alive = {pid for pid in alive if Path(f"/proc/{pid}").exists()
+                     and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()}  # fmt: skip
+        assert not alive, f"workers {sorted(alive)} outlived the killed bench"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        for pid in workers | _children(bench.pid):  # never leave a worker behind, even when the test fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

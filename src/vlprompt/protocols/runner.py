@@ -554,6 +554,7 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
     """Run jobs in ``config.workers`` processes; a failed job stops the bench once the running ones end (finished
     runs are kept, so rerunning resumes)."""
     import multiprocessing
+    import os
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     import torch
@@ -572,7 +573,7 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
     context = multiprocessing.get_context("spawn")
     started = context.Value("i", 0)  # workers number themselves in start order: worker k takes GPU k mod #GPUs
     with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
-                             initargs=(threads, *hf_state, started, gpus)) as pool:
+                             initargs=(threads, *hf_state, started, gpus, os.getpid())) as pool:
         futures = {pool.submit(_timed_job, config, job): (i, job) for i, job in pending}
         remaining = set(futures)
         while remaining:
@@ -605,11 +606,33 @@ def _silent(message: str) -> None:
     """The log of a distributed bench's processes other than the main one."""
 
 
+def _die_with(parent_pid: int) -> None:
+    """End this worker when the bench process that started it ends (killed, or stopped with Ctrl-C): an orphaned
+    worker would go on training into the run folders and hold their locks against the rerun that resumes them. Linux
+    only (prctl); elsewhere a worker ends after its current run."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # no usable libc: the worker ends after its current run
+        return
+    if os.getppid() != parent_pid:  # the bench already ended between the spawn and the prctl
+        os._exit(1)
+
+
 def _init_worker(threads: int, hf_verbosity: int, hf_progress_bars: bool, started=None,
-                 gpus: Sequence[str] = ()) -> None:  # fmt: skip
+                 gpus: Sequence[str] = (), parent_pid: int | None = None) -> None:  # fmt: skip
     import os
     import warnings
 
+    if parent_pid is not None:
+        _die_with(parent_pid)
     if started is not None:
         with started.get_lock():
             index = started.value
