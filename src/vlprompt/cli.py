@@ -279,6 +279,77 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_classes(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """The class names (and the dataset's template) an imported prompt scores: exactly one of --dataset,
+    --classnames, --classnames-file."""
+    given = [flag for flag, value in (("--dataset", args.dataset), ("--classnames", args.classnames),
+                                      ("--classnames-file", args.classnames_file)) if value]  # fmt: skip
+    if len(given) != 1:
+        raise CLIError("name the classes the prompt scores with exactly one of --dataset NAME, --classnames a,b,c or "
+                       "--classnames-file FILE (one name per line), in the order it was trained with"
+                       + (f"; got {' and '.join(given)}" if given else ""))  # fmt: skip
+    if args.dataset:
+        from vlprompt.engine.api import DataOptions, load_splits
+
+        splits = load_splits(DataOptions(dataset=args.dataset, root=args.data_root))
+        return list(splits.classnames), splits.template
+    if args.classnames:
+        names = [name.strip() for name in args.classnames.split(",")]
+    else:
+        path = Path(args.classnames_file)
+        if not path.is_file():
+            raise CLIError(f"--classnames-file {path} does not exist")
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names or not all(names):
+        raise CLIError("the class names must be non-empty (a comma-separated list, or one per line in the file)")
+    return names, None
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from vlprompt.backbones import load_backbone
+    from vlprompt.engine.checkpoint import CONFIG_FILE, atomic_write_json
+    from vlprompt.interop import from_reference
+
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"--output {output} is a file; pass a folder")
+    if (output / CONFIG_FILE).exists() and not args.overwrite:
+        raise CLIError(f"{output} already holds a prompt; pass --overwrite to replace it or another --output")
+    classnames, template = _import_classes(args)
+    options = parse_set(args.set or []).get("method_options", {})
+    backbone = load_backbone(args.model)
+    method, report = from_reference(args.checkpoint, args.repository, backbone, classnames,
+                                    args.template or template, options)  # fmt: skip
+    method.save_pretrained(output)
+    atomic_write_json(output / "import_report.json", {"checkpoint": str(Path(args.checkpoint).resolve()),
+                                                      **report.to_dict()})  # fmt: skip
+    print(report.summary())
+    print(f"wrote {output} (and import_report.json): evaluate it with `vlprompt eval {output} --dataset ...`")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import vlprompt
+    from vlprompt.interop import save_reference
+
+    output = Path(args.output)
+    if output.is_dir():
+        raise CLIError(f"--output {output} is a folder; pass the file to write, e.g. {output}/model.pth.tar-5")
+    if output.exists() and not args.overwrite:
+        raise CLIError(f"{output} exists; pass --overwrite to replace it")
+    method = vlprompt.PromptMethod.from_pretrained(args.run_dir, backbone=_export_backbone(args))
+    save_reference(method, args.repository, output, epoch=args.epoch)
+    print(f"wrote {output}: a {args.repository} checkpoint of the {method.registered_name} prompt in {args.run_dir} "
+          f"({len(method.classnames)} classes)")
+    return 0
+
+
+def _export_backbone(args: argparse.Namespace):
+    from vlprompt.engine.checkpoint import recorded_backbone
+
+    return recorded_backbone(args.run_dir, args.model)
+
+
 def _method_rows(backbone, names: Sequence[str], num_classes: int, overrides: dict[str, Any], shots: int = 16):
     from vlprompt.backbones import UnsupportedBackboneError
     from vlprompt.methods import METHODS, get_prompt_model, make_config
@@ -548,6 +619,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=positive_int, default=5, help="top labels to show per image (default 5)")
     p.add_argument("--model", help="override the backbone recorded in the run folder")
     p.set_defaults(func=cmd_predict)
+
+    from vlprompt.interop.layouts import LAYOUTS
+
+    p = sub.add_parser("import", help="read a checkpoint of the research code (CoOp, CoCoOp, MaPLe, IVLP, VPT) as a "
+                                      "vlprompt prompt")  # fmt: skip
+    p.add_argument("--from", dest="repository", required=True, choices=sorted(LAYOUTS),
+                   help="the repository trainer that saved the checkpoint")
+    p.add_argument("checkpoint", help="the checkpoint file, e.g. output/.../prompt_learner/model.pth.tar-50")
+    p.add_argument("--model", required=True, help="the CLIP it was trained on (folder, hub id or random:<preset>)")
+    p.add_argument("--dataset", help="take the class names (and template) of this dataset")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--classnames", help="comma-separated class names, in the trained order")
+    p.add_argument("--classnames-file", help="a file with one class name per line, in the trained order")
+    p.add_argument("--template", help="the class template, where the method uses one (default: the dataset's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="method options the checkpoint does not record, e.g. --set method.class_position=middle")
+    p.add_argument("--output", required=True, help="the folder to write the prompt into")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write a vlprompt prompt as a checkpoint of the research code")
+    p.add_argument("run_dir", help="a run folder or saved prompt")
+    p.add_argument("--to", dest="repository", required=True, choices=sorted(LAYOUTS))
+    p.add_argument("--output", required=True, help="the checkpoint file to write, e.g. model.pth.tar-5")
+    p.add_argument("--epoch", type=int, default=0, help="the epoch recorded in the checkpoint")
+    p.add_argument("--model", help="override the backbone recorded in the run folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("params", help="trainable parameters of each method on a model")
     p.add_argument("--model", default="random:vit-b-16")

@@ -1,0 +1,260 @@
+"""Reading and writing checkpoints of the research trainers (Dassl-based: CoOp, CoCoOp, MaPLe, IVLP, VPT).
+
+A Dassl trainer saves ``torch.save({"state_dict": ..., "epoch": ..., "optimizer": ..., "scheduler": ...,
+"val_result": ...}, "<registered name>/model.pth.tar-<epoch>")``. The state dict is either the prompt learner's own
+(CoOp, CoCoOp: ``ctx``, ``meta_net.*``, ``token_prefix``, ``token_suffix``) or the whole custom CLIP's (MaPLe, IVLP,
+VPT: ``prompt_learner.*``, prompts inside ``image_encoder`` / ``text_encoder``, and every frozen CLIP weight).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+# What a Dassl checkpoint file holds beside the state dict: trainer state that no prompt needs.
+TRAINER_STATE_KEYS = ("epoch", "optimizer", "scheduler", "val_result")
+# Prefixes of the frozen CLIP weights in a whole-model state dict (MaPLe, IVLP, VPT), and its temperature.
+FROZEN_PREFIXES = ("image_encoder.", "text_encoder.", "logit_scale", "prompt_learner.ZS_image_encoder.")
+
+
+class ReferenceError(ValueError):
+    """A checkpoint cannot be read as the layout asked for; the message names what differs and the fix."""
+
+
+@dataclass
+class ImportReport:
+    """Where every key of a checkpoint went."""
+
+    repository: str  # the --from name
+    source: str  # the trainer it names: repository and file
+    method: str
+    options: dict[str, Any]
+    used: dict[str, str] = field(default_factory=dict)  # their key -> vlprompt tensor name
+    recomputed: dict[str, str] = field(default_factory=dict)  # their buffer -> how vlprompt recomputes it
+    frozen: list[str] = field(default_factory=list)  # frozen CLIP weights (the backbone comes from --model)
+    trainer_state: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # behaviour options switched on, class counts, checks
+
+    def summary(self) -> str:
+        lines = [f"read a {self.source} checkpoint as vlprompt method {self.method!r} with options {self.options}",
+                 f"  {len(self.used)} tensor(s) used: " + ", ".join(f"{k} -> {v}" for k, v in self.used.items())]
+        if self.recomputed:
+            lines.append(f"  {len(self.recomputed)} buffer(s) recomputed: " + "; ".join(
+                f"{k} ({v})" for k, v in self.recomputed.items()))  # fmt: skip
+        if self.frozen:
+            lines.append(f"  {len(self.frozen)} frozen CLIP weight(s) not read (the backbone comes from --model)")
+        if self.trainer_state:
+            lines.append(f"  trainer state not needed: {', '.join(self.trainer_state)}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ReferenceLayout:
+    """One trainer's checkpoint layout. Subclasses name the vlprompt ``method`` it becomes and implement
+    ``options`` (the method options the tensors imply), ``to_vlprompt`` and ``from_vlprompt``."""
+
+    repository: ClassVar[str] = ""  # e.g. "CoOp (KaiyangZhou/CoOp, trainers/coop.py)"
+    method: ClassVar[str] = ""
+    # The Dassl name the trainer registers its model under: the checkpoint's folder name.
+    registered_name: ClassVar[str] = ""
+    whole_model: ClassVar[bool] = False  # the state dict is the whole custom CLIP's (frozen weights included)
+    # Buffers the released code recomputes from the class names (deleted by its own load_model).
+    recomputed: ClassVar[dict[str, str]] = {}
+
+    def options(self, state: dict[str, torch.Tensor], backbone) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def template(self, options: dict[str, Any]) -> str | None:
+        """The class-name template the released forward uses with these options (None: the dataset's)."""
+        return None
+
+    def to_vlprompt(self, state: dict[str, torch.Tensor], options: dict[str, Any]) -> dict[str, tuple[str, torch.Tensor]]:
+        """Their key -> (vlprompt tensor name, tensor) for every tensor the method uses."""
+        raise NotImplementedError
+
+    def from_vlprompt(self, method) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def notes(self, options: dict[str, Any]) -> list[str]:
+        return []
+
+    def recompute_buffers(self, method) -> dict[str, torch.Tensor]:
+        """The buffers the released code would hold for ``method``'s class names (written on export)."""
+        return {}
+
+    def accepts(self, method) -> bool:
+        """Whether ``method`` can be written in this layout (its registered name is the layout's method)."""
+        return method.registered_name == self.method
+
+    def check_exportable(self, method) -> None:
+        """Refuse a prompt whose options the released code cannot reproduce, naming the option."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict of a Dassl checkpoint file (or of a bare state dict), and the trainer-state keys beside it."""
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if path.is_dir():
+            found = sorted(p.name for p in path.glob("model*.pth.tar*"))
+            hint = f" It is a folder{': pass one of its files, e.g. ' + found[-1] if found else ''}."
+        raise ReferenceError(f"{path} is not a checkpoint file.{hint} Released trainers save "
+                             "<output>/<name>/model.pth.tar-<epoch> (or model-best.pth.tar).")  # fmt: skip
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is the same user-facing fault
+        raise ReferenceError(f"{path} cannot be read as a torch checkpoint ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200]}): is it a Dassl model.pth.tar file?") from None
+    if not isinstance(loaded, dict):
+        raise ReferenceError(f"{path} holds a {type(loaded).__name__}, not a checkpoint dictionary")
+    if "state_dict" in loaded:
+        state, extra = loaded["state_dict"], sorted(k for k in loaded if k != "state_dict")
+    else:
+        state, extra = loaded, []
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ReferenceError(f"{path}: its state_dict is not a mapping of names to tensors")
+    # DataParallel-wrapped models save every key under "module."
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state), extra
+
+
+def _looks_like(state: dict[str, torch.Tensor]) -> str | None:
+    from vlprompt.interop.layouts import LAYOUTS
+
+    matches = [name for name, layout in LAYOUTS.items() if layout.claims(state)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def from_reference(path: str | Path, repository: str, backbone, classnames: Sequence[str],
+                   template: str | None = None, options: dict[str, Any] | None = None) -> tuple[Any, ImportReport]:  # fmt: skip
+    """Build the vlprompt method of a released ``repository``'s checkpoint file on ``backbone`` for ``classnames``;
+    returns it with the report of where every key went. ``options`` add method options the checkpoint does not
+    record (CoOp's ``class_position``)."""
+    from vlprompt.interop.layouts import LAYOUTS
+    from vlprompt.methods import get_prompt_model
+
+    if repository not in LAYOUTS:
+        raise ReferenceError(f"unknown repository {repository!r}; vlprompt reads {', '.join(sorted(LAYOUTS))}")
+    layout = LAYOUTS[repository]
+    state, trainer_state = read_checkpoint(path)
+    frozen = [k for k in state if layout.whole_model and k.startswith(FROZEN_PREFIXES) and not layout.is_prompt(k)]
+    own = {k: v for k, v in state.items() if k not in set(frozen)}
+    unknown = sorted(set(own) - set(layout.known_keys(own)))
+    if unknown or not layout.claims(own):
+        other = _looks_like(state)
+        hint = f" It looks like a {other} checkpoint: use --from {other}." if other and other != repository else ""
+        shown = ", ".join(unknown[:6]) + (" ..." if len(unknown) > 6 else "")
+        raise ReferenceError(f"{path} is not a {repository} checkpoint as its trainer saves it"
+                             + (f" (keys it does not have: {shown})" if unknown else " (its prompt keys are missing)")
+                             + "." + hint)  # fmt: skip
+    _check_frozen_shapes(state, frozen, backbone, path)
+    implied = layout.options(own, backbone)
+    clash = sorted(k for k in (options or {}) if k in implied and options[k] != implied[k])
+    if clash:
+        raise ReferenceError(f"{path} fixes {', '.join(f'{k}={implied[k]!r}' for k in clash)} by its tensors; drop "
+                             "those options")  # fmt: skip
+    options = {**implied, **(options or {})}
+    tensors = layout.to_vlprompt(own, options)
+    template = layout.template(options) or template or "a photo of a {}."
+    method = get_prompt_model(backbone, layout.method, list(classnames), template, dict(options))
+    wanted = method.prompt_parameters()
+    theirs = {ours: (key, t) for key, (ours, t) in tensors.items()}
+    missing = sorted(set(wanted) - set(theirs))
+    if missing:  # a layout bug, never a user fault
+        raise ReferenceError(f"{repository} layout left {missing} unset")
+    for name, param in wanted.items():
+        key, tensor = theirs[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ReferenceError(
+                f"{path}: {key} has shape {tuple(tensor.shape)} but vlprompt's {layout.method} on this backbone "
+                f"needs {tuple(param.shape)} for {name}: the checkpoint comes from another CLIP (width "
+                f"{backbone.text_width} text / {backbone.vision_width} image here, {backbone.text_layers} / "
+                f"{backbone.vision_layers} layers) or another class count.")
+    method.load_prompt_state_dict({name: tensor.float() for name, (_, tensor) in theirs.items()})
+    report = ImportReport(repository=repository, source=layout.repository, method=layout.method, options=options,
+                          used={key: ours for key, (ours, _) in tensors.items()},
+                          recomputed={k: layout.recomputed[k] for k in own if k in layout.recomputed},
+                          frozen=frozen, trainer_state=trainer_state, notes=layout.notes(options))  # fmt: skip
+    report.notes += _check_recomputed(layout, own, method)
+    return method, report
+
+
+def _check_frozen_shapes(state, frozen: list[str], backbone, path) -> None:
+    """A whole-model checkpoint names its CLIP's widths: refuse one of another architecture, naming what differs."""
+    checks = {"image_encoder.conv1.weight": ("image width", 0, backbone.vision_width),
+              "text_encoder.positional_embedding": ("text width", 1, backbone.text_width)}
+    for key, (what, dim, ours) in checks.items():
+        if key in frozen and state[key].dim() > dim and state[key].shape[dim] != ours:
+            raise ReferenceError(f"{path} was trained on a CLIP of {what} {state[key].shape[dim]}; this backbone has "
+                                 f"{ours}: pass the CLIP it was trained on as --model.")  # fmt: skip
+    key = "image_encoder.conv1.weight"
+    if key in frozen and state[key].dim() == 4 and state[key].shape[-1] != backbone.patch_size:
+        raise ReferenceError(f"{path} was trained on a CLIP with {state[key].shape[-1]}-pixel patches; this backbone "
+                             f"has {backbone.patch_size}: pass the CLIP it was trained on as --model.")  # fmt: skip
+
+
+def _check_recomputed(layout: ReferenceLayout, own: dict[str, torch.Tensor], method) -> list[str]:
+    """Compare the checkpoint's class-name buffers with this backbone's own: a difference means another CLIP,
+    other class names (or order) or another init phrase; the released loaders drop these buffers, so it is a note."""
+    ours = layout.recompute_buffers(method)
+    notes = []
+    for key, theirs in own.items():
+        if key not in ours:
+            continue
+        mine = ours[key]
+        if theirs.shape[0] != mine.shape[0]:
+            notes.append(f"{key}: the checkpoint holds {theirs.shape[0]} classes, you gave {mine.shape[0]} class "
+                         "names (the prompt is class-independent: it scores yours)")  # fmt: skip
+            continue
+        limit = min(theirs.shape[1], mine.shape[1])
+        differs = (theirs[:, :limit].float() - mine[:, :limit].float()).abs().amax().item()
+        if differs > 1e-2:
+            notes.append(f"{key} differs from this backbone's embeddings of your class names (max {differs:.3g}): "
+                         "another CLIP, other class names or order, or another init phrase than the checkpoint's")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def to_reference(method, repository: str, epoch: int = 0) -> dict[str, Any]:
+    """``method`` as the ``repository``'s trainer saves it: ``{"state_dict": ..., "epoch": ..., ...}``."""
+    from vlprompt.interop.layouts import LAYOUTS
+
+    if repository not in LAYOUTS:
+        raise ReferenceError(f"unknown repository {repository!r}; vlprompt writes {', '.join(sorted(LAYOUTS))}")
+    layout = LAYOUTS[repository]
+    if not layout.accepts(method):
+        raise ReferenceError(f"a {method.registered_name} prompt cannot be written as a {repository} checkpoint "
+                             f"(that layout holds {layout.method}); choose --to {_layout_for(method)}")  # fmt: skip
+    layout.check_exportable(method)
+    state = {k: v.detach().cpu().clone() for k, v in layout.from_vlprompt(method).items()}
+    state.update({k: v.detach().cpu().clone() for k, v in layout.recompute_buffers(method).items()})
+    return {"state_dict": state, "epoch": epoch, "optimizer": None, "scheduler": None}
+
+
+def _layout_for(method) -> str:
+    from vlprompt.interop.layouts import LAYOUTS
+
+    names = [name for name, layout in LAYOUTS.items() if layout.method == method.registered_name]
+    return " or ".join(names) if names else "(no released layout holds this method)"
+
+
+def save_reference(method, repository: str, path: str | Path, epoch: int = 0) -> Path:
+    """Write ``method`` to ``path`` in the repository's layout (atomically)."""
+    import io
+
+    from vlprompt.engine.checkpoint import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save(to_reference(method, repository, epoch), buffer)
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

@@ -1,0 +1,333 @@
+"""The checkpoint layouts of the released trainers, read from their code (KaiyangZhou/CoOp trainers/coop.py and
+cocoop.py; muzairkhattak/multimodal-prompt-learning trainers/maple.py, independentVL.py, vpt.py and clip/model.py).
+
+Conventions they share: the text context replaces the words of "a photo of a" (or of "X X ... X" when it has more
+than 4 tokens or no init phrase) right after [SOS]; ``token_prefix`` is [SOS]'s embedding and ``token_suffix`` the
+embeddings after the context, of the sentence "<prefix words> <class name>." tokenised to 77 positions padded with
+id 0. Visual prompts are appended after the patches, after the positional embedding and before the pre-LayerNorm;
+a deep layer i replaces them (``VPT_shallow`` of block i, i >= 1).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from vlprompt.interop.base import ReferenceError, ReferenceLayout
+
+PHOTO = "a photo of a {}."
+PHOTO_WORDS = 4  # the released init phrase "a photo of a" is used only for contexts of at most 4 tokens
+
+
+def released_embeddings(backbone, sentences: list[str]) -> torch.Tensor:
+    """Token embeddings ``(C, 77, d)`` of sentences as CLIP's own ``clip.tokenize`` pads them (id 0 after [EOS])."""
+    tokens = backbone.tokenize(sentences)
+    ids = tokens.input_ids.clone()
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    ids[positions >= tokens.lengths.unsqueeze(1)] = 0
+    with torch.no_grad():
+        return backbone.embed_tokens(ids.to(backbone.device)).detach().float().cpu()
+
+
+def context_sentences(classnames: list[str], n_ctx: int, phrase_words: bool) -> list[str]:
+    prefix = "a photo of a" if phrase_words else " ".join(["X"] * n_ctx)
+    return [f"{prefix} {name}." if prefix else f"{name}." for name in classnames]
+
+
+def class_buffers(method, n_ctx: int, phrase_words: bool, key_prefix: str = "") -> dict[str, torch.Tensor]:
+    """``token_prefix`` / ``token_suffix`` of the released prompt learners for ``method``'s class names."""
+    embeds = released_embeddings(method.backbone, context_sentences(method.classnames, n_ctx, phrase_words))
+    return {f"{key_prefix}token_prefix": embeds[:, :1], f"{key_prefix}token_suffix": embeds[:, 1 + n_ctx:]}
+
+
+def deep_keys(state: dict[str, torch.Tensor], pattern: str) -> dict[int, str]:
+    """``{layer: key}`` of the keys matching ``pattern`` (one ``(\\d+)`` group: the layer)."""
+    found = {}
+    for key in state:
+        match = re.fullmatch(pattern, key)
+        if match:
+            found[int(match.group(1))] = key
+    return found
+
+
+def contiguous(layers: dict[int, str], first: int, what: str) -> list[str]:
+    """The keys of layers first, first+1, ... in order; a gap means a layout this trainer never writes."""
+    order = sorted(layers)
+    if order and order != list(range(first, first + len(order))):
+        raise ReferenceError(f"{what} are at layers {order}; the released trainer prompts layers {first}.."
+                             f"{first + len(order) - 1} without gaps")  # fmt: skip
+    return [layers[i] for i in order]
+
+
+def check_placeholder(trainer: str, n_ctx: int, placeholder: str) -> None:
+    """The released prompt learners put a context of at most 4 tokens in "a photo of a {}." and a longer one in
+    "X ... X {}.": a prompt trained in another sentence cannot be reproduced by that code."""
+    expected = PHOTO if n_ctx <= PHOTO_WORDS else "{}."
+    if placeholder != expected:
+        raise ReferenceError(f"the released {trainer} places a {n_ctx}-token context in {expected!r}; this prompt was "
+                             f"trained with placeholder {placeholder!r}, which that code cannot reproduce")
+
+
+# --------------------------------------------------------------------------------------------- CoOp
+class CoOpLayout(ReferenceLayout):
+    repository = "CoOp (KaiyangZhou/CoOp, trainers/coop.py)"
+    method = "coop"
+    registered_name = "prompt_learner"
+    recomputed = {"token_prefix": "[SOS] embedding per class", "token_suffix": "embeddings after the context"}
+
+    def claims(self, state) -> bool:
+        return "ctx" in state and not any(k.startswith("meta_net.") for k in state)
+
+    def known_keys(self, state) -> list[str]:
+        return ["ctx", "token_prefix", "token_suffix"]
+
+    def is_prompt(self, key: str) -> bool:
+        return True
+
+    def options(self, state, backbone) -> dict[str, Any]:
+        ctx = state["ctx"]
+        if ctx.dim() not in (2, 3):
+            raise ReferenceError(f"ctx has shape {tuple(ctx.shape)}; CoOp saves (M, width) or (classes, M, width)")
+        return {"n_ctx": int(ctx.shape[-2]), "init": None, "class_specific": ctx.dim() == 3}
+
+    def to_vlprompt(self, state, options):
+        return {"ctx": ("ctx", state["ctx"])}
+
+    def from_vlprompt(self, method):
+        return {"ctx": method.ctx}
+
+    def notes(self, options):
+        return ["the checkpoint does not record CoOp's CLASS_TOKEN_POSITION: the class name goes at the end unless "
+                "you set class_position (middle, front)"]
+
+    def recompute_buffers(self, method):
+        return class_buffers(method, method.config.n_ctx, phrase_words=False)
+
+    def check_exportable(self, method) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------- CoCoOp
+META = {"meta_net.linear1.weight": "meta_net.0.weight", "meta_net.linear1.bias": "meta_net.0.bias",
+        "meta_net.linear2.weight": "meta_net.2.weight", "meta_net.linear2.bias": "meta_net.2.bias"}
+
+
+class CoCoOpLayout(ReferenceLayout):
+    repository = "CoCoOp (KaiyangZhou/CoOp, trainers/cocoop.py)"
+    method = "cocoop"
+    registered_name = "prompt_learner"
+    recomputed = CoOpLayout.recomputed
+
+    def claims(self, state) -> bool:
+        return "ctx" in state and "meta_net.linear1.weight" in state
+
+    def known_keys(self, state) -> list[str]:
+        return ["ctx", "token_prefix", "token_suffix", *META]
+
+    def is_prompt(self, key: str) -> bool:
+        return True
+
+    def options(self, state, backbone) -> dict[str, Any]:
+        return {"n_ctx": int(state["ctx"].shape[0]), "init": None}
+
+    def to_vlprompt(self, state, options):
+        return {"ctx": ("ctx", state["ctx"]), **{theirs: (ours, state[theirs]) for theirs, ours in META.items()}}
+
+    def from_vlprompt(self, method):
+        own = dict(method.named_parameters())
+        return {"ctx": method.ctx, **{theirs: own[ours] for theirs, ours in META.items()}}
+
+    def recompute_buffers(self, method):
+        # CoCoOp's configs start from "a photo of a" (4 tokens); its buffers are the same with "X X X X"
+        return class_buffers(method, method.config.n_ctx, phrase_words=method.config.n_ctx == PHOTO_WORDS)
+
+    def check_exportable(self, method) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------- MaPLe
+class MaPLeLayout(ReferenceLayout):
+    repository = "MaPLe (muzairkhattak/multimodal-prompt-learning, trainers/maple.py)"
+    method = "maple"
+    registered_name = "MultiModalPromptLearner"
+    whole_model = True
+    recomputed = {"prompt_learner.token_prefix": "[SOS] embedding per class",
+                  "prompt_learner.token_suffix": "embeddings after the context"}
+
+    def claims(self, state) -> bool:
+        return "prompt_learner.ctx" in state and "prompt_learner.proj.weight" in state
+
+    def known_keys(self, state) -> list[str]:
+        fixed = ["prompt_learner.ctx", "prompt_learner.proj.weight", "prompt_learner.proj.bias", *self.recomputed]
+        deep = [k for k in state if re.fullmatch(r"prompt_learner\.compound_prompts_text\.\d+", k)
+                or re.fullmatch(r"prompt_learner\.compound_prompt_projections\.\d+\.(weight|bias)", k)]  # fmt: skip
+        return fixed + deep
+
+    def is_prompt(self, key: str) -> bool:
+        return key.startswith("prompt_learner.")
+
+    def _deep(self, state) -> tuple[list[str], list[str], list[str]]:
+        text = contiguous(deep_keys(state, r"prompt_learner\.compound_prompts_text\.(\d+)"), 0,
+                          "compound_prompts_text")  # fmt: skip
+        weights = contiguous(deep_keys(state, r"prompt_learner\.compound_prompt_projections\.(\d+)\.weight"), 0,
+                             "compound_prompt_projections")  # fmt: skip
+        biases = contiguous(deep_keys(state, r"prompt_learner\.compound_prompt_projections\.(\d+)\.bias"), 0,
+                            "compound_prompt_projections")  # fmt: skip
+        if not len(text) == len(weights) == len(biases):
+            raise ReferenceError(f"{len(text)} compound text prompts but {len(weights)} projections: MaPLe saves one "
+                                 "projection per deep prompt")  # fmt: skip
+        return text, weights, biases
+
+    def options(self, state, backbone) -> dict[str, Any]:
+        n_ctx = int(state["prompt_learner.ctx"].shape[0])
+        text, _, _ = self._deep(state)
+        return {"n_ctx": n_ctx, "depth": 1 + len(text), "placeholder": PHOTO if n_ctx <= PHOTO_WORDS else "{}.",
+                "init_from_placeholder": False}
+
+    def to_vlprompt(self, state, options):
+        text, weights, biases = self._deep(state)
+        # vlprompt stacks the layer-0 context and the deeper ones into one (depth, M, width) tensor
+        stacked = torch.stack([state["prompt_learner.ctx"], *(state[k] for k in text)])
+        out = {"prompt_learner.ctx": ("text_prompts", stacked)}
+        out.update({k: ("text_prompts", stacked) for k in text})
+        out["prompt_learner.proj.weight"] = ("couplings.0.weight", state["prompt_learner.proj.weight"])
+        out["prompt_learner.proj.bias"] = ("couplings.0.bias", state["prompt_learner.proj.bias"])
+        for j, (w, b) in enumerate(zip(weights, biases), start=1):
+            out[w] = (f"couplings.{j}.weight", state[w])
+            out[b] = (f"couplings.{j}.bias", state[b])
+        return out
+
+    def from_vlprompt(self, method):
+        prompts = method.text_prompts
+        out = {"prompt_learner.ctx": prompts[0], "prompt_learner.proj.weight": method.couplings[0].weight,
+               "prompt_learner.proj.bias": method.couplings[0].bias}  # fmt: skip
+        for j in range(1, prompts.shape[0]):
+            out[f"prompt_learner.compound_prompts_text.{j - 1}"] = prompts[j]
+            out[f"prompt_learner.compound_prompt_projections.{j - 1}.weight"] = method.couplings[j].weight
+            out[f"prompt_learner.compound_prompt_projections.{j - 1}.bias"] = method.couplings[j].bias
+        return out
+
+    def notes(self, options):
+        return [f"the text context replaces the words of {options['placeholder']!r} after [SOS], as the released "
+                "prompt learner builds it for this context length"]
+
+    def recompute_buffers(self, method):
+        n = method.config.n_ctx
+        return class_buffers(method, n, phrase_words=n <= PHOTO_WORDS, key_prefix="prompt_learner.")
+
+    def check_exportable(self, method) -> None:
+        check_placeholder("MaPLe", method.config.n_ctx, method.config.placeholder)
+
+
+# --------------------------------------------------------------------------------------------- IVLP and VPT
+TEXT_DEEP = r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow"
+IMAGE_DEEP = r"image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow"
+
+
+class IVLPLayout(ReferenceLayout):
+    repository = "IVLP (muzairkhattak/multimodal-prompt-learning, trainers/independentVL.py)"
+    method = "ivlp"
+    registered_name = "VLPromptLearner"
+    whole_model = True
+    recomputed = MaPLeLayout.recomputed
+
+    def claims(self, state) -> bool:
+        return "prompt_learner.ctx" in state and "prompt_learner.proj.weight" not in state
+
+    def known_keys(self, state) -> list[str]:
+        deep = [k for k in state if re.fullmatch(TEXT_DEEP, k) or re.fullmatch(IMAGE_DEEP, k)]
+        return ["prompt_learner.ctx", "image_encoder.VPT", *self.recomputed, *deep]
+
+    def is_prompt(self, key: str) -> bool:
+        return key == "image_encoder.VPT" or key.endswith(".VPT_shallow") or key.startswith("prompt_learner.")
+
+    def options(self, state, backbone) -> dict[str, Any]:
+        n_text = int(state["prompt_learner.ctx"].shape[0])
+        image = state.get("image_encoder.VPT")
+        text_deep = contiguous(deep_keys(state, TEXT_DEEP), 1, "text VPT_shallow prompts")
+        image_deep = contiguous(deep_keys(state, IMAGE_DEEP), 1, "image VPT_shallow prompts")
+        return {"n_text": n_text, "n_image": 0 if image is None else int(image.shape[0]),
+                "text_depth": 1 + len(text_deep), "image_depth": 1 + len(image_deep),
+                "placeholder": PHOTO if n_text <= PHOTO_WORDS else "{}.", "init_from_placeholder": False}  # fmt: skip
+
+    def to_vlprompt(self, state, options):
+        text_deep = contiguous(deep_keys(state, TEXT_DEEP), 1, "text VPT_shallow prompts")
+        image_deep = contiguous(deep_keys(state, IMAGE_DEEP), 1, "image VPT_shallow prompts")
+        text = torch.stack([state["prompt_learner.ctx"], *(state[k] for k in text_deep)])
+        out = {k: ("text_prompts", text) for k in ["prompt_learner.ctx", *text_deep]}
+        if "image_encoder.VPT" in state:
+            image = torch.stack([state["image_encoder.VPT"], *(state[k] for k in image_deep)])
+            out.update({k: ("image_prompts", image) for k in ["image_encoder.VPT", *image_deep]})
+        return out
+
+    def from_vlprompt(self, method):
+        out = {"prompt_learner.ctx": method.text_prompts[0]}
+        out.update({f"text_encoder.transformer.resblocks.{j}.VPT_shallow": method.text_prompts[j]
+                    for j in range(1, method.text_prompts.shape[0])})  # fmt: skip
+        if method.config.n_image:
+            out["image_encoder.VPT"] = method.image_prompts[0]
+            out.update({f"image_encoder.transformer.resblocks.{j}.VPT_shallow": method.image_prompts[j]
+                        for j in range(1, method.image_prompts.shape[0])})  # fmt: skip
+        return out
+
+    def notes(self, options):
+        return MaPLeLayout.notes(self, {"placeholder": options["placeholder"]})
+
+    def recompute_buffers(self, method):
+        n = method.config.n_text
+        return class_buffers(method, n, phrase_words=n <= PHOTO_WORDS, key_prefix="prompt_learner.")
+
+    def check_exportable(self, method) -> None:
+        check_placeholder("IVLP", method.config.n_text, method.config.placeholder)
+
+
+class VPTLayout(ReferenceLayout):
+    repository = "VPT (muzairkhattak/multimodal-prompt-learning, trainers/vpt.py)"
+    method = "vpt_deep"
+    registered_name = "prompt_learner"
+    whole_model = True
+
+    def claims(self, state) -> bool:
+        return "image_encoder.VPT" in state and not any(k.startswith("prompt_learner.") for k in state)
+
+    def known_keys(self, state) -> list[str]:
+        return ["image_encoder.VPT", *(k for k in state if re.fullmatch(IMAGE_DEEP, k))]
+
+    def is_prompt(self, key: str) -> bool:
+        return key == "image_encoder.VPT" or key.endswith(".VPT_shallow")
+
+    def options(self, state, backbone) -> dict[str, Any]:
+        deep = contiguous(deep_keys(state, IMAGE_DEEP), 1, "image VPT_shallow prompts")
+        return {"n_tokens": int(state["image_encoder.VPT"].shape[0]), "depth": 1 + len(deep)}
+
+    def template(self, options):
+        return PHOTO  # the released VPT scores every class with fixed "a photo of a <class>." features
+
+    def to_vlprompt(self, state, options):
+        deep = contiguous(deep_keys(state, IMAGE_DEEP), 1, "image VPT_shallow prompts")
+        stacked = torch.stack([state["image_encoder.VPT"], *(state[k] for k in deep)])
+        return {k: ("prompts", stacked) for k in ["image_encoder.VPT", *deep]}
+
+    def from_vlprompt(self, method):
+        out = {"image_encoder.VPT": method.prompts[0]}
+        out.update({f"image_encoder.transformer.resblocks.{j}.VPT_shallow": method.prompts[j]
+                    for j in range(1, method.prompts.shape[0])})  # fmt: skip
+        return out
+
+    def notes(self, options):
+        return ["the released VPT scores with the fixed template 'a photo of a {}.': the imported prompt uses it",
+                "visual prompts are placed as the MaPLe repository places them (after the patches, before the "
+                "pre-LayerNorm), which is vlprompt's vpt_deep"]
+
+    def accepts(self, method) -> bool:
+        return method.registered_name in ("vpt_deep", "vpt_shallow")
+
+    def check_exportable(self, method) -> None:
+        if method.template != PHOTO:
+            raise ReferenceError(f"the released VPT scores with {PHOTO!r}; this prompt was trained with template "
+                                 f"{method.template!r}: its logits there would differ")  # fmt: skip
+
+
+LAYOUTS: dict[str, ReferenceLayout] = {"coop": CoOpLayout(), "cocoop": CoCoOpLayout(), "maple": MaPLeLayout(),
+                                       "ivlp": IVLPLayout(), "vpt": VPTLayout()}  # fmt: skip

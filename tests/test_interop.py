@@ -1,0 +1,370 @@
+"""Checkpoints of the research code in and out (vlprompt.interop).
+
+For each released trainer a checkpoint is built with random values, laid out exactly as that trainer saves it
+(Dassl's ``{"state_dict", "epoch", "optimizer", "scheduler", "val_result"}``; the prompt learner's own state dict for
+CoOp and CoCoOp, the whole custom CLIP's for MaPLe, IVLP and VPT, frozen weights included):
+- importing it accounts for every key (used, a recomputed buffer, a frozen CLIP weight, trainer state);
+- export then import is the identity on the tensors;
+- for CoOp (shared and class-specific), CoCoOp and MaPLe, the imported prompt's logits equal the released forward
+  pass written here from its definition (the prompt learners' sentence built from token_prefix / ctx /
+  token_suffix, deep prompts replacing positions layer by layer, visual prompts appended before the
+  pre-LayerNorm), run on the same transformers CLIP modules, within 1e-5 relative;
+- faults: a checkpoint of another method, width or patch size, a folder, a file that is no checkpoint, a gap in
+  the prompted layers; all refused naming the fix.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlprompt
+from vlprompt.backbones import load_backbone
+from vlprompt.interop import LAYOUTS, ReferenceError, from_reference, read_checkpoint, save_reference, to_reference
+from vlprompt.interop.layouts import released_embeddings
+
+CLASSES = ["annual crop", "forest", "sea lake"]
+CONTEXT = 77
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("random:tiny")
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _trainer_state(params: list[torch.Tensor]) -> dict:
+    optimizer = torch.optim.SGD(params, lr=0.002, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 5)
+    return {"epoch": 5, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "val_result": None}
+
+
+def _buffers(backbone, n_ctx: int, phrase: bool, prefix: str = "") -> dict[str, torch.Tensor]:
+    words = "a photo of a" if phrase else " ".join(["X"] * n_ctx)
+    embeds = released_embeddings(backbone, [f"{words} {c}." for c in CLASSES])
+    return {f"{prefix}token_prefix": embeds[:, :1].clone(), f"{prefix}token_suffix": embeds[:, 1 + n_ctx:].clone()}
+
+
+def _frozen_clip(backbone, seed: int = 9) -> dict[str, torch.Tensor]:
+    """A few frozen weights as OpenAI CLIP names them inside the released custom CLIP (shapes of this backbone)."""
+    g, dv, dt = _g(seed), backbone.vision_width, backbone.text_width
+    return {
+        "image_encoder.conv1.weight": torch.randn(dv, 3, backbone.patch_size, backbone.patch_size, generator=g),
+        "image_encoder.class_embedding": torch.randn(dv, generator=g),
+        "image_encoder.transformer.resblocks.0.attn.in_proj_weight": torch.randn(3 * dv, dv, generator=g),
+        "image_encoder.proj": torch.randn(dv, backbone.embed_dim, generator=g),
+        "text_encoder.positional_embedding": torch.randn(CONTEXT, dt, generator=g),
+        "text_encoder.transformer.resblocks.0.ln_1.weight": torch.randn(dt, generator=g),
+        "text_encoder.text_projection": torch.randn(dt, backbone.embed_dim, generator=g),
+        "logit_scale": torch.tensor(4.6052),
+    }
+
+
+def coop_checkpoint(backbone, n_ctx=4, class_specific=False, seed=1) -> dict:
+    shape = (len(CLASSES), n_ctx, backbone.text_width) if class_specific else (n_ctx, backbone.text_width)
+    ctx = torch.randn(*shape, generator=_g(seed)) * 0.1
+    return {"state_dict": {"ctx": ctx, **_buffers(backbone, n_ctx, False)}, **_trainer_state([ctx])}
+
+
+def cocoop_checkpoint(backbone, n_ctx=4, seed=2) -> dict:
+    g, e, dt = _g(seed), backbone.embed_dim, backbone.text_width
+    hidden = e // 16
+    state = {"ctx": torch.randn(n_ctx, dt, generator=g) * 0.1,
+             "meta_net.linear1.weight": torch.randn(hidden, e, generator=g) * 0.3,
+             "meta_net.linear1.bias": torch.rand(hidden, generator=g) * 0.5,  # keeps the ReLU units alive
+             "meta_net.linear2.weight": torch.randn(dt, hidden, generator=g) * 0.3,
+             "meta_net.linear2.bias": torch.randn(dt, generator=g) * 0.1,
+             **_buffers(backbone, n_ctx, n_ctx == 4)}  # fmt: skip
+    return {"state_dict": state, **_trainer_state([state["ctx"]])}
+
+
+def maple_checkpoint(backbone, n_ctx=2, depth=2, seed=3) -> dict:
+    g, dt, dv = _g(seed), backbone.text_width, backbone.vision_width
+    state = {"prompt_learner.ctx": torch.randn(n_ctx, dt, generator=g) * 0.1,
+             "prompt_learner.proj.weight": torch.randn(dv, dt, generator=g) * 0.1,
+             "prompt_learner.proj.bias": torch.randn(dv, generator=g) * 0.1}  # fmt: skip
+    for i in range(depth - 1):
+        state[f"prompt_learner.compound_prompts_text.{i}"] = torch.randn(n_ctx, dt, generator=g) * 0.1
+        state[f"prompt_learner.compound_prompt_projections.{i}.weight"] = torch.randn(dv, dt, generator=g) * 0.1
+        state[f"prompt_learner.compound_prompt_projections.{i}.bias"] = torch.randn(dv, generator=g) * 0.1
+    state.update(_buffers(backbone, n_ctx, n_ctx <= 4, "prompt_learner."))
+    state.update(_frozen_clip(backbone))
+    return {"state_dict": state, **_trainer_state([state["prompt_learner.ctx"]])}
+
+
+def ivlp_checkpoint(backbone, n_text=2, n_image=3, text_depth=2, image_depth=2, seed=4) -> dict:
+    g, dt, dv = _g(seed), backbone.text_width, backbone.vision_width
+    state = {"prompt_learner.ctx": torch.randn(n_text, dt, generator=g) * 0.1,
+             "image_encoder.VPT": torch.randn(n_image, dv, generator=g) * 0.1}  # fmt: skip
+    for i in range(1, text_depth):
+        state[f"text_encoder.transformer.resblocks.{i}.VPT_shallow"] = torch.randn(n_text, dt, generator=g) * 0.1
+    for i in range(1, image_depth):
+        state[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = torch.randn(n_image, dv, generator=g) * 0.1
+    state.update(_buffers(backbone, n_text, n_text <= 4, "prompt_learner."))
+    state.update(_frozen_clip(backbone))
+    return {"state_dict": state, **_trainer_state([state["prompt_learner.ctx"]])}
+
+
+def vpt_checkpoint(backbone, n_tokens=3, depth=2, seed=5) -> dict:
+    g, dv = _g(seed), backbone.vision_width
+    state = {"image_encoder.VPT": torch.randn(n_tokens, dv, generator=g) * 0.1}
+    for i in range(1, depth):
+        state[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = torch.randn(n_tokens, dv, generator=g) * 0.1
+    state.update(_frozen_clip(backbone))
+    return {"state_dict": state, **_trainer_state([state["image_encoder.VPT"]])}
+
+
+BUILDERS = {"coop": coop_checkpoint, "cocoop": cocoop_checkpoint, "maple": maple_checkpoint,
+            "ivlp": ivlp_checkpoint, "vpt": vpt_checkpoint}  # fmt: skip
+CASES = {"coop": ("coop", {}), "coop_class_specific": ("coop", {"class_specific": True}), "cocoop": ("cocoop", {}),
+         "maple": ("maple", {}), "maple_deep3_ctx6": ("maple", {"n_ctx": 6, "depth": 2}), "ivlp": ("ivlp", {}),
+         "vpt": ("vpt", {}), "vpt_shallow": ("vpt", {"depth": 1})}  # fmt: skip
+
+
+def _write(tmp_path, checkpoint: dict, name: str = "model.pth.tar-5"):
+    path = tmp_path / name
+    torch.save(checkpoint, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- every key, round trip
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_key_is_accounted_for_and_export_then_import_is_the_identity(case, backbone, tmp_path):
+    repo, kwargs = CASES[case]
+    checkpoint = BUILDERS[repo](backbone, **kwargs)
+    path = _write(tmp_path, checkpoint)
+    method, report = from_reference(path, repo, backbone, CLASSES)
+    state = checkpoint["state_dict"]
+    assert set(report.used) | set(report.recomputed) | set(report.frozen) == set(state)
+    assert not (set(report.used) & set(report.recomputed)) and not (set(report.used) & set(report.frozen))
+    assert report.trainer_state == ["epoch", "optimizer", "scheduler", "val_result"]
+    assert method.registered_name == LAYOUTS[repo].method and report.method == method.registered_name
+    assert not [n for n in report.notes if "differs" in n]  # the buffers are this backbone's: no mismatch note
+    # every used tensor is in the method, unchanged
+    exported = to_reference(method, repo, epoch=5)
+    assert exported["epoch"] == 5 and set(exported) == {"state_dict", "epoch", "optimizer", "scheduler"}
+    for key in report.used:
+        assert torch.equal(exported["state_dict"][key], state[key].float()), key
+    for key in report.recomputed:  # the buffers written back are the released code's for these class names
+        torch.testing.assert_close(exported["state_dict"][key], state[key])
+    # and back again
+    again_path = save_reference(method, repo, tmp_path / "exported.pth.tar-5", epoch=5)
+    again, _ = from_reference(again_path, repo, backbone, CLASSES)
+    mine, theirs = method.prompt_state_dict(), again.prompt_state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+# ---------------------------------------------------------------------------------------------- the released forward
+def _causal(length: int) -> torch.Tensor:
+    return torch.full((length, length), float("-inf")).triu(1)[None, None]
+
+
+def released_text_features(model, prefix, ctx, suffix, eot, deep=()) -> torch.Tensor:
+    """CLIP's text tower over [prefix, ctx, suffix] (77 positions), deep contexts replacing positions 1..1+M at
+    layers 1.., pooled at each sentence's end-of-text token (argmax of the ids in the released code)."""
+    tm = model.text_model
+    x = torch.cat([prefix, ctx, suffix], dim=1)
+    x = x + tm.embeddings.position_embedding.weight[: x.shape[1]]
+    n = ctx.shape[1]
+    for j, layer in enumerate(tm.encoder.layers):
+        if 1 <= j <= len(deep):
+            x = torch.cat([x[:, :1], deep[j - 1].expand(x.shape[0], -1, -1), x[:, 1 + n:]], dim=1)
+        x = layer(x, _causal(x.shape[1]))
+        x = x[0] if isinstance(x, tuple) else x
+    x = tm.final_layer_norm(x)
+    return model.text_projection(x[torch.arange(x.shape[0]), eot])
+
+
+def released_image_features(model, pixels, first=None, deep=()) -> torch.Tensor:
+    """CLIP's image tower with visual prompts appended after the patches (before the pre-LayerNorm), the last M
+    positions replaced at layers 1.."""
+    vm = model.vision_model
+    x = vm.embeddings(pixels)
+    if first is not None:
+        x = torch.cat([x, first.expand(x.shape[0], -1, -1)], dim=1)
+    x = vm.pre_layrnorm(x)
+    for j, layer in enumerate(vm.encoder.layers):
+        if 1 <= j <= len(deep):
+            x = torch.cat([x[:, : x.shape[1] - deep[j - 1].shape[0]], deep[j - 1].expand(x.shape[0], -1, -1)], 1)
+        x = layer(x, None)
+        x = x[0] if isinstance(x, tuple) else x
+    return model.visual_projection(vm.post_layernorm(x[:, 0]))
+
+
+def _scores(model, image, text) -> torch.Tensor:
+    return model.logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()
+
+
+def _eot(backbone, n_ctx: int, phrase: bool) -> torch.Tensor:
+    words = "a photo of a" if phrase else " ".join(["X"] * n_ctx)
+    return backbone.tokenize([f"{words} {c}." for c in CLASSES]).lengths - 1
+
+
+@pytest.fixture(scope="module")
+def pixels(backbone):
+    return torch.randn(2, 3, backbone.image_size, backbone.image_size, generator=_g(11))
+
+
+@pytest.mark.parametrize("class_specific", [False, True])
+@torch.no_grad()
+def test_coop_logits_equal_the_released_forward(backbone, pixels, tmp_path, class_specific):
+    checkpoint = coop_checkpoint(backbone, class_specific=class_specific)
+    method, _ = from_reference(_write(tmp_path, checkpoint), "coop", backbone, CLASSES)
+    s, model = checkpoint["state_dict"], backbone.model
+    ctx = s["ctx"] if class_specific else s["ctx"].expand(len(CLASSES), -1, -1)
+    text = released_text_features(model, s["token_prefix"], ctx, s["token_suffix"], _eot(backbone, 4, False))
+    expected = _scores(model, released_image_features(model, pixels), text)
+    torch.testing.assert_close(method.eval()(pixel_values=pixels), expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_cocoop_logits_equal_the_released_forward(backbone, pixels, tmp_path):
+    checkpoint = cocoop_checkpoint(backbone)
+    method, _ = from_reference(_write(tmp_path, checkpoint), "cocoop", backbone, CLASSES)
+    s, model = checkpoint["state_dict"], backbone.model
+    image = released_image_features(model, pixels)
+    normed = F.normalize(image, dim=-1)
+    hidden = F.relu(normed @ s["meta_net.linear1.weight"].t() + s["meta_net.linear1.bias"])
+    shifts = hidden @ s["meta_net.linear2.weight"].t() + s["meta_net.linear2.bias"]  # (B, d_t)
+    rows = []
+    for b in range(len(pixels)):  # the released loop: one text pass per image with its shifted context
+        ctx = (s["ctx"] + shifts[b]).expand(len(CLASSES), -1, -1)
+        text = released_text_features(model, s["token_prefix"], ctx, s["token_suffix"], _eot(backbone, 4, True))
+        rows.append(_scores(model, image[b : b + 1], text))
+    torch.testing.assert_close(method.eval()(pixel_values=pixels), torch.cat(rows), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_ctx, depth", [(2, 2), (6, 2), (2, 1)])
+@torch.no_grad()
+def test_maple_logits_equal_the_released_forward(backbone, pixels, tmp_path, n_ctx, depth):
+    checkpoint = maple_checkpoint(backbone, n_ctx=n_ctx, depth=depth)
+    method, _ = from_reference(_write(tmp_path, checkpoint), "maple", backbone, CLASSES)
+    s, model = checkpoint["state_dict"], backbone.model
+    ctx = s["prompt_learner.ctx"]
+    text_deep = [s[f"prompt_learner.compound_prompts_text.{i}"] for i in range(depth - 1)]
+    visual_deep = [text_deep[i] @ s[f"prompt_learner.compound_prompt_projections.{i}.weight"].t()
+                   + s[f"prompt_learner.compound_prompt_projections.{i}.bias"] for i in range(depth - 1)]  # fmt: skip
+    shared = ctx @ s["prompt_learner.proj.weight"].t() + s["prompt_learner.proj.bias"]
+    text = released_text_features(model, s["prompt_learner.token_prefix"], ctx.expand(len(CLASSES), -1, -1),
+                                  s["prompt_learner.token_suffix"], _eot(backbone, n_ctx, n_ctx <= 4), text_deep)
+    image = released_image_features(model, pixels, shared, visual_deep)
+    torch.testing.assert_close(method.eval()(pixel_values=pixels), _scores(model, image, text), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+
+
+@torch.no_grad()
+def test_ivlp_and_vpt_logits_equal_the_same_construction(backbone, pixels, tmp_path):
+    """IVLP and VPT are written by the same clip/model.py blocks: checked with the same released-forward helpers."""
+    checkpoint = ivlp_checkpoint(backbone)
+    method, _ = from_reference(_write(tmp_path, checkpoint, "ivlp.pth"), "ivlp", backbone, CLASSES)
+    s, model = checkpoint["state_dict"], backbone.model
+    text = released_text_features(model, s["prompt_learner.token_prefix"],
+                                  s["prompt_learner.ctx"].expand(len(CLASSES), -1, -1),
+                                  s["prompt_learner.token_suffix"], _eot(backbone, 2, True),
+                                  [s["text_encoder.transformer.resblocks.1.VPT_shallow"]])  # fmt: skip
+    image = released_image_features(model, pixels, s["image_encoder.VPT"],
+                                     [s["image_encoder.transformer.resblocks.1.VPT_shallow"]])  # fmt: skip
+    torch.testing.assert_close(method.eval()(pixel_values=pixels), _scores(model, image, text), rtol=1e-5, atol=1e-5)
+
+    checkpoint = vpt_checkpoint(backbone)
+    method, report = from_reference(_write(tmp_path, checkpoint, "vpt.pth"), "vpt", backbone, CLASSES,
+                                    template="a centered satellite photo of {}.")  # fmt: skip
+    assert method.template == "a photo of a {}." and any("fixed template" in n for n in report.notes)
+    s = checkpoint["state_dict"]
+    text = backbone.encode_texts([f"a photo of a {c}." for c in CLASSES])
+    image = released_image_features(model, pixels, s["image_encoder.VPT"],
+                                     [s["image_encoder.transformer.resblocks.1.VPT_shallow"]])  # fmt: skip
+    torch.testing.assert_close(method.eval()(pixel_values=pixels), _scores(model, image, text), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- faults
+def test_a_checkpoint_of_another_method_is_refused_naming_the_right_one(backbone, tmp_path):
+    path = _write(tmp_path, maple_checkpoint(backbone))
+    with pytest.raises(ReferenceError, match="not a ivlp checkpoint.*looks like a maple checkpoint: use --from maple"):
+        from_reference(path, "ivlp", backbone, CLASSES)
+    path = _write(tmp_path, cocoop_checkpoint(backbone), "cocoop.pth")
+    with pytest.raises(ReferenceError, match="not a coop checkpoint.*meta_net.*use --from cocoop"):
+        from_reference(path, "coop", backbone, CLASSES)
+
+
+def test_a_checkpoint_of_another_width_or_patch_size_is_refused(backbone, tmp_path):
+    wide = load_backbone("random:vit-b-16")
+    path = _write(tmp_path, coop_checkpoint(wide))
+    with pytest.raises(ReferenceError, match=r"ctx has shape \(4, 512\).*needs \(4, 32\).*another CLIP"):
+        from_reference(path, "coop", backbone, CLASSES)
+    checkpoint = maple_checkpoint(backbone)
+    checkpoint["state_dict"]["image_encoder.conv1.weight"] = torch.zeros(backbone.vision_width, 3, 16, 16)
+    with pytest.raises(ReferenceError, match="16-pixel patches; this backbone has 8"):
+        from_reference(_write(tmp_path, checkpoint, "m.pth"), "maple", backbone, CLASSES)
+
+
+def test_other_class_names_and_a_clashing_option_are_reported(backbone, tmp_path):
+    path = _write(tmp_path, coop_checkpoint(backbone))
+    _, report = from_reference(path, "coop", backbone, ["cat", "dog"])
+    assert any("holds 3 classes, you gave 2" in n for n in report.notes)
+    _, report = from_reference(path, "coop", backbone, list(reversed(CLASSES)))
+    assert any("token_suffix differs" in n for n in report.notes)
+    with pytest.raises(ReferenceError, match="fixes n_ctx=4 by its tensors"):
+        from_reference(path, "coop", backbone, CLASSES, options={"n_ctx": 8})
+    method, _ = from_reference(path, "coop", backbone, CLASSES, options={"class_position": "middle"})
+    assert method.config.class_position == "middle"
+
+
+def test_files_that_are_not_checkpoints_are_refused(backbone, tmp_path):
+    (tmp_path / "run" / "prompt_learner").mkdir(parents=True)
+    torch.save(coop_checkpoint(backbone), tmp_path / "run" / "prompt_learner" / "model.pth.tar-50")
+    with pytest.raises(ReferenceError, match="is a folder: pass one of its files, e.g. model.pth.tar-50"):
+        read_checkpoint(tmp_path / "run" / "prompt_learner")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ReferenceError, match="cannot be read as a torch checkpoint"):
+        read_checkpoint(tmp_path / "notes.txt")
+    with pytest.raises(ReferenceError, match="unknown repository 'kgcoop'"):
+        from_reference(tmp_path / "run" / "prompt_learner" / "model.pth.tar-50", "kgcoop", backbone, CLASSES)
+    checkpoint = ivlp_checkpoint(backbone, text_depth=2)
+    state = checkpoint["state_dict"]
+    state["text_encoder.transformer.resblocks.3.VPT_shallow"] = state.pop("text_encoder.transformer.resblocks.1."
+                                                                          "VPT_shallow")  # fmt: skip
+    with pytest.raises(ReferenceError, match=r"at layers \[3\]"):
+        from_reference(_write(tmp_path, checkpoint, "gap.pth"), "ivlp", backbone, CLASSES)
+
+
+def test_a_prompt_the_released_code_cannot_reproduce_is_not_exported(backbone):
+    method = vlprompt.get_prompt_model(backbone, "maple", CLASSES, config={"n_ctx": 2, "placeholder": "{}."})
+    with pytest.raises(ReferenceError, match="places a 2-token context in 'a photo of a {}.'"):
+        to_reference(method, "maple")
+    coop = vlprompt.get_prompt_model(backbone, "coop", CLASSES, config={"n_ctx": 2})
+    with pytest.raises(ReferenceError, match="cannot be written as a maple checkpoint.*choose --to coop"):
+        to_reference(coop, "maple")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_import_and_export_through_the_command_line(backbone, tiny_model_dir, tmp_path, capsys):
+    from vlprompt.cli import main
+
+    checkpoint = maple_checkpoint(load_backbone(str(tiny_model_dir)))
+    path = _write(tmp_path, checkpoint)
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    code = main(["import", "--from", "maple", str(path), "--model", str(tiny_model_dir), "--classnames-file",
+                 str(tmp_path / "classes.txt"), "--output", str(tmp_path / "imported")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "read a MaPLe" in out and "frozen CLIP weight(s) not read" in out
+    report = json.loads((tmp_path / "imported" / "import_report.json").read_text())
+    assert set(report["used"]) | set(report["recomputed"]) | set(report["frozen"]) == set(checkpoint["state_dict"])
+    loaded = vlprompt.PromptMethod.from_pretrained(tmp_path / "imported")
+    assert loaded.registered_name == "maple" and loaded.classnames == CLASSES
+    code = main(["export", str(tmp_path / "imported"), "--to", "maple", "--output", str(tmp_path / "back.pth.tar-5")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    back = torch.load(tmp_path / "back.pth.tar-5", weights_only=True)["state_dict"]
+    assert torch.equal(back["prompt_learner.ctx"], checkpoint["state_dict"]["prompt_learner.ctx"])
+    code = main(["import", "--from", "coop", str(path), "--model", str(tiny_model_dir), "--classnames", "a,b",
+                 "--output", str(tmp_path / "wrong")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and "use --from maple" in err, err
+    assert not (tmp_path / "wrong").exists()
