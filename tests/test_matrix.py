@@ -204,6 +204,17 @@ def test_prompts_stay_fp32_on_bf16_weights(case):
         assert torch.isfinite(logits.float()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "float64"])
+@pytest.mark.parametrize("case", [c for c in TEST_CASES if c[1] != "grounding-dino"], ids=case_id)
+def test_every_method_runs_after_casting_the_whole_model(case, dtype):
+    """``method.to(dtype)`` casts prompts, buffers and backbone together (DPT with K < C once failed here)."""
+    name, family = case
+    backbone = load_backbone(BACKBONE_PRESETS[family])
+    method = build(name, backbone).to(dtype)
+    logits = outputs(method, inputs_for(backbone))
+    assert logits.dtype in (dtype, torch.float32) and torch.isfinite(logits.float()).all()
+
+
 # ----------------------------------------------------------------------------------------------- backbone contract
 @pytest.mark.parametrize("family", sorted(BACKBONE_PRESETS))
 def test_without_prompts_the_adapter_gives_the_models_own_outputs(family, dual_encoders):

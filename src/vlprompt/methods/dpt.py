@@ -235,7 +235,8 @@ class DPT(ClassificationMethod):
     @torch.no_grad()
     def top_k_classes(self, frozen_image_feats: torch.Tensor) -> torch.Tensor:
         """Indices ``(B, K)`` of the K best classes of frozen image features vs the hand-written template."""
-        scores = F.normalize(frozen_image_feats.float(), dim=-1) @ self.template_text.t()
+        # In float32 on both sides: the template features follow the module's dtype (.to(bf16) / .double()).
+        scores = F.normalize(frozen_image_feats.float(), dim=-1) @ self.template_text.float().t()
         return scores.topk(self.k, dim=-1).indices
 
     def ranks_classes(self) -> bool:

@@ -54,7 +54,8 @@ class LinearProbe(ClassificationMethod):
     def forward(self, pixel_values=None, image_feats=None, text_feats=None) -> torch.Tensor:
         if image_feats is None:
             image_feats = self.image_features(pixel_values)
-        logits = self.head(F.normalize(image_feats.float(), dim=-1))
+        # The head's own dtype (float32 unless the whole module was cast with .to(dtype)).
+        logits = self.head(F.normalize(image_feats.to(self.head.weight.dtype), dim=-1))
         return logits if self.class_rows is None else logits[:, self.class_rows]
 
     def fit_features(

@@ -106,9 +106,10 @@ class TipAdapter(ClassificationMethod):
         """``alpha * exp(-beta (1 - f K^T)) V`` over the fitted classes ``(B, C_fitted)``."""
         alpha = self.alpha if alpha is None else alpha
         beta = self.beta if beta is None else beta
+        # float32 whatever the module was cast to: the cache is compared in the precision it was fitted in
         f = F.normalize(image_feats.float(), dim=-1).to(self.cache_keys.device)
-        affinity = f @ self.cache_keys.t()
-        return alpha * (torch.exp(-beta * (1.0 - affinity)) @ self.cache_values)
+        affinity = f @ self.cache_keys.float().t()
+        return alpha * (torch.exp(-beta * (1.0 - affinity)) @ self.cache_values.float())
 
     def text_features(self) -> torch.Tensor:
         return self.zero_shot_text_features()
