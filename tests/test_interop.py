@@ -119,11 +119,27 @@ def vpt_checkpoint(backbone, n_tokens=3, depth=2, seed=5) -> dict:
     return {"state_dict": state, **_trainer_state([state["image_encoder.VPT"]])}
 
 
+def upt_checkpoint(backbone, seed=6) -> dict:
+    """UPT's prompt learner: uni_ctx (1, 8, d), a one-head nn.MultiheadAttention, two LayerNorms, the feed-forward
+    linear1 / linear2 and the visual ``mlp``."""
+    g, d, dv = _g(seed), backbone.text_width, backbone.vision_width
+
+    def r(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {"uni_ctx": r(1, 8, d, scale=0.5), "self_attn.in_proj_weight": r(3 * d, d),
+             "self_attn.in_proj_bias": r(3 * d), "self_attn.out_proj.weight": r(d, d), "self_attn.out_proj.bias": r(d),
+             "norm1.weight": 1 + r(d), "norm1.bias": r(d), "norm2.weight": 1 + r(d), "norm2.bias": r(d),
+             "linear1.weight": r(d, d), "linear1.bias": r(d), "linear2.weight": r(d, d), "linear2.bias": r(d),
+             "mlp.weight": r(dv, d), "mlp.bias": r(dv), **_buffers(backbone, 4, True)}  # fmt: skip
+    return {"state_dict": state, **_trainer_state([state["uni_ctx"]])}
+
+
 BUILDERS = {"coop": coop_checkpoint, "cocoop": cocoop_checkpoint, "maple": maple_checkpoint,
-            "ivlp": ivlp_checkpoint, "vpt": vpt_checkpoint}  # fmt: skip
+            "ivlp": ivlp_checkpoint, "vpt": vpt_checkpoint, "upt": upt_checkpoint}  # fmt: skip
 CASES = {"coop": ("coop", {}), "coop_class_specific": ("coop", {"class_specific": True}), "cocoop": ("cocoop", {}),
          "maple": ("maple", {}), "maple_deep3_ctx6": ("maple", {"n_ctx": 6, "depth": 2}), "ivlp": ("ivlp", {}),
-         "vpt": ("vpt", {}), "vpt_shallow": ("vpt", {"depth": 1})}  # fmt: skip
+         "vpt": ("vpt", {}), "vpt_shallow": ("vpt", {"depth": 1}), "upt": ("upt", {})}  # fmt: skip
 
 
 def _write(tmp_path, checkpoint: dict, name: str = "model.pth.tar-5"):
@@ -180,12 +196,14 @@ def released_text_features(model, prefix, ctx, suffix, eot, deep=()) -> torch.Te
     return model.text_projection(x[torch.arange(x.shape[0]), eot])
 
 
-def released_image_features(model, pixels, first=None, deep=()) -> torch.Tensor:
-    """CLIP's image tower with visual prompts appended after the patches (before the pre-LayerNorm), the last M
-    positions replaced at layers 1.."""
+def released_image_features(model, pixels, first=None, deep=(), front=False) -> torch.Tensor:
+    """CLIP's image tower with visual prompts appended after the patches (UPT: between the class token and the
+    patches) before the pre-LayerNorm, the last M positions replaced at layers 1.."""
     vm = model.vision_model
     x = vm.embeddings(pixels)
-    if first is not None:
+    if first is not None and front:
+        x = torch.cat([x[:, :1], first.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+    elif first is not None:
         x = torch.cat([x, first.expand(x.shape[0], -1, -1)], dim=1)
     x = vm.pre_layrnorm(x)
     for j, layer in enumerate(vm.encoder.layers):
@@ -280,6 +298,32 @@ def test_ivlp_and_vpt_logits_equal_the_same_construction(backbone, pixels, tmp_p
     image = released_image_features(model, pixels, s["image_encoder.VPT"],
                                      [s["image_encoder.transformer.resblocks.1.VPT_shallow"]])  # fmt: skip
     torch.testing.assert_close(method.eval()(pixel_values=pixels), _scores(model, image, text), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_upt_logits_equal_the_released_unmixed_network(backbone, pixels, tmp_path):
+    checkpoint = upt_checkpoint(backbone)
+    method, report = from_reference(_write(tmp_path, checkpoint), "upt", backbone, CLASSES)
+    assert method.config.mix_tokens is False and method.config.n_heads == 1
+    assert any("mix_tokens=false" in n for n in report.notes)
+    s, model, d = checkpoint["state_dict"], backbone.model, backbone.text_width
+    x = s["uni_ctx"][0]  # (8, d): a batch of 8 length-1 sequences in the released attention
+    value = x @ s["self_attn.in_proj_weight"][2 * d:].t() + s["self_attn.in_proj_bias"][2 * d:]
+    attended = value @ s["self_attn.out_proj.weight"].t() + s["self_attn.out_proj.bias"]  # softmax over 1 key = 1
+    a = F.layer_norm(x + attended, (d,), s["norm1.weight"], s["norm1.bias"])
+    hidden = F.relu(F.layer_norm(a, (d,), s["norm2.weight"], s["norm2.bias"]) @ s["linear1.weight"].t()
+                    + s["linear1.bias"])  # fmt: skip
+    f = a + hidden @ s["linear2.weight"].t() + s["linear2.bias"]
+    text_prompt, visual_prompt = f[:4], f[4:] @ s["mlp.weight"].t() + s["mlp.bias"]
+    text = released_text_features(model, s["token_prefix"], text_prompt.expand(len(CLASSES), -1, -1),
+                                  s["token_suffix"], _eot(backbone, 4, True))  # fmt: skip
+    image = released_image_features(model, pixels, visual_prompt, front=True)
+    torch.testing.assert_close(method.eval()(pixel_values=pixels), _scores(model, image, text), rtol=1e-5, atol=1e-5)
+    # the same tensors with the paper's mixing give other logits: the option is what reproduces the release
+    mixed = vlprompt.get_prompt_model(backbone, "upt", CLASSES, config={**method.config.to_dict(),
+                                                                        "mix_tokens": True})  # fmt: skip
+    mixed.load_prompt_state_dict(method.prompt_state_dict())
+    assert not torch.allclose(mixed.eval()(pixel_values=pixels), method(pixel_values=pixels), atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- faults

@@ -622,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vlprompt.interop.layouts import LAYOUTS
 
-    p = sub.add_parser("import", help="read a checkpoint of the research code (CoOp, CoCoOp, MaPLe, IVLP, VPT) as a "
+    p = sub.add_parser("import", help="read a checkpoint of the research code (CoOp, CoCoOp, MaPLe, IVLP, VPT, UPT) as a "
                                       "vlprompt prompt")  # fmt: skip
     p.add_argument("--from", dest="repository", required=True, choices=sorted(LAYOUTS),
                    help="the repository trainer that saved the checkpoint")

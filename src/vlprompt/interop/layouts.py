@@ -329,5 +329,60 @@ class VPTLayout(ReferenceLayout):
                                  f"{method.template!r}: its logits there would differ")  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------------- UPT
+# The prompt learner's tiny network, their name -> vlprompt's (UPT's trainers/unified.py, released 2025-05-02).
+UPT_NET = {f"{theirs}.{p}": f"{ours}.{p}" for theirs, ours in (("norm1", "net.norm1"), ("norm2", "net.norm2"),
+           ("linear1", "net.linear1"), ("linear2", "net.linear2"), ("mlp", "visual_proj")) for p in ("weight", "bias")}
+UPT_NET.update({f"self_attn.{p}": f"net.attn.{p}" for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight",
+                                                            "out_proj.bias")})  # fmt: skip
+UPT_TEXT_TOKENS = 4  # the released learner takes rows [:4] as the text prompt and [4:] as the visual one
+
+
+class UPTLayout(ReferenceLayout):
+    repository = "UPT (yuhangzang/UPT, trainers/unified.py)"
+    method = "upt"
+    registered_name = "prompt_learner"
+    recomputed = CoOpLayout.recomputed
+
+    def claims(self, state) -> bool:
+        return "uni_ctx" in state
+
+    def known_keys(self, state) -> list[str]:
+        return ["uni_ctx", "token_prefix", "token_suffix", *UPT_NET]
+
+    def is_prompt(self, key: str) -> bool:
+        return True
+
+    def options(self, state, backbone) -> dict[str, Any]:
+        shared = state["uni_ctx"]
+        if shared.dim() != 3 or shared.shape[0] != 1 or shared.shape[1] != 2 * UPT_TEXT_TOKENS:
+            raise ReferenceError(f"uni_ctx has shape {tuple(shared.shape)}; the released UPT runs only with 4 context "
+                                 f"tokens, saving (1, 8, width)")  # fmt: skip
+        return {"n_text": UPT_TEXT_TOKENS, "n_image": UPT_TEXT_TOKENS, "n_heads": 1, "mix_tokens": False,
+                "placeholder": PHOTO, "init_from_placeholder": False}  # fmt: skip
+
+    def to_vlprompt(self, state, options):
+        return {"uni_ctx": ("shared", state["uni_ctx"][0]),
+                **{theirs: (ours, state[theirs]) for theirs, ours in UPT_NET.items()}}  # fmt: skip
+
+    def from_vlprompt(self, method):
+        own = dict(method.named_parameters())
+        return {"uni_ctx": method.shared.unsqueeze(0), **{theirs: own[ours] for theirs, ours in UPT_NET.items()}}
+
+    def notes(self, options):
+        return ["behaviour option mix_tokens=false switched on: the released network runs each shared token alone "
+                "through its attention (no mixing), and this reproduces its logits; its single attention head too"]
+
+    def recompute_buffers(self, method):
+        return class_buffers(method, UPT_TEXT_TOKENS, phrase_words=True)
+
+    def check_exportable(self, method) -> None:
+        cfg = method.config
+        if (cfg.n_text, cfg.n_image, cfg.n_heads, cfg.mix_tokens, cfg.placeholder) != (4, 4, 1, False, PHOTO):
+            raise ReferenceError("the released UPT runs 4 + 4 tokens through one unmixed attention head in 'a photo "
+                                 "of a {}.': train with --set method.mix_tokens=false --set method.n_heads=1 (and "
+                                 "4 + 4 tokens) to export to it")  # fmt: skip
+
+
 LAYOUTS: dict[str, ReferenceLayout] = {"coop": CoOpLayout(), "cocoop": CoCoOpLayout(), "maple": MaPLeLayout(),
-                                       "ivlp": IVLPLayout(), "vpt": VPTLayout()}  # fmt: skip
+                                       "ivlp": IVLPLayout(), "vpt": VPTLayout(), "upt": UPTLayout()}  # fmt: skip

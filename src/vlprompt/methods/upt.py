@@ -1,8 +1,10 @@
 """UPT: one tiny network turns a shared token matrix into both the text and the visual prompts.
 
 The released code builds its attention without ``batch_first``, so the 8 shared tokens are treated as a batch of
-length-1 sequences and never attend to each other. Here they really mix (the paper's point): every output prompt
-depends on every shared token (tested).
+length-1 sequences and never attend to each other. Here they really mix by default (the paper's point): every output
+prompt depends on every shared token (tested). ``mix_tokens=false`` reproduces the released network (each token
+alone through the attention), so a checkpoint of the released code gives its own logits (``vlprompt import --from
+upt`` switches it on, with the released single head).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ class UPTConfig(MethodConfig):
     n_text: int = opt(4, min=0)
     n_image: int = opt(4, min=0)
     n_heads: int = opt(8, min=1)  # heads of the tiny network's self-attention (must divide the text width)
+    # True: the shared tokens attend to each other (the paper); False: each alone, as the released code runs them.
+    mix_tokens: bool = True
     placeholder: str = opt("a photo of a {}.", placeholder=True)  # prompts replace its first n_text words
     init_from_placeholder: bool = True  # text half of U starts from those words' embeddings
     init_std: float = opt(0.02, gt=0)
@@ -41,11 +45,13 @@ class UnifiedPromptNet(nn.Module):
         self.linear1 = nn.Linear(width, width)
         self.linear2 = nn.Linear(width, width)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = tokens.unsqueeze(0)  # one sequence of all shared tokens: they attend to each other
+    def forward(self, tokens: torch.Tensor, mix: bool = True) -> torch.Tensor:
+        # mix: one sequence of all shared tokens, which attend to each other; otherwise each token is its own
+        # length-1 sequence (the released code's layout), so attention only maps it through values and output.
+        x = tokens.unsqueeze(0) if mix else tokens.unsqueeze(1)
         a = self.norm1(x + self.attn(x, x, x, need_weights=False)[0])
         f = a + self.linear2(F.relu(self.linear1(self.norm2(a))))
-        return f.squeeze(0)
+        return f.squeeze(0) if mix else f.squeeze(1)
 
 
 class UPT(ClassificationMethod):
@@ -73,7 +79,7 @@ class UPT(ClassificationMethod):
 
     def prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(text prompts ``(n_text, d_t)``, visual prompts ``(n_image, d_v)``) from one pass of the tiny net."""
-        mixed = self.net(self.shared)
+        mixed = self.net(self.shared, mix=self.config.mix_tokens)
         return mixed[: self.config.n_text], self.visual_proj(mixed[self.config.n_text :])
 
     def text_features(self) -> torch.Tensor:
