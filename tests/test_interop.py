@@ -326,6 +326,85 @@ def test_upt_logits_equal_the_released_unmixed_network(backbone, pixels, tmp_pat
     assert not torch.allclose(mixed.eval()(pixel_values=pixels), method(pixel_values=pixels), atol=1e-4)
 
 
+# ---------------------------------------------------------------------------------------------- DPT repository
+def dpt_files(backbone, tmp_path, n_ctx=4, n_visual=3, cavpt_layers=1, tokens=5, epoch=60, seed=7):
+    """DPT's three registered models, each in its own folder as the trainer saves them."""
+    g, dt, dv, e = _g(seed), backbone.text_width, backbone.vision_width, backbone.embed_dim
+    bottom = backbone.vision_layers - cavpt_layers  # layers with plain visual prompts (BOTTOMLIMIT - 1)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    text = {"ctx": r(n_ctx, dt), **_buffers(backbone, n_ctx, False)}
+    visual = {"ctx": r(bottom, n_visual, dv)}
+    extractor = {"ctx": r(cavpt_layers, tokens, dv)}
+    for i in range(cavpt_layers):
+        extractor.update({f"meta_nets.{i}.weight": r(dv, e), f"meta_nets.{i}.bias": r(dv),
+                          f"attns.{i}.qmlp.weight": r(32, dv), f"attns.{i}.kmlp.weight": r(32, dv),
+                          f"attns.{i}.vmlp.weight": r(dv, dv), f"lns.{i}.weight": 1 + r(dv), f"lns.{i}.bias": r(dv),
+                          f"lns2.{i}.weight": 1 + r(dv), f"lns2.{i}.bias": r(dv),
+                          f"classfiers.{i}.weight": r(len(CLASSES), dv)})  # fmt: skip
+    merged = {}
+    for name, state in (("prompt_learner", text), ("image_encoder.transformer.ctx_learner", visual),
+                        ("image_encoder.transformer.extractor", extractor)):  # fmt: skip
+        (tmp_path / "dpt_out" / name).mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": state, **_trainer_state([state["ctx"]])},
+                   tmp_path / "dpt_out" / name / f"model.pth.tar-{epoch}")  # fmt: skip
+        merged.update({f"{name}.{k}": v for k, v in state.items()})
+    return tmp_path / "dpt_out", merged
+
+
+def test_dpt_reads_its_three_models_with_every_key_and_round_trips(backbone, tmp_path, pixels):
+    folder, merged = dpt_files(backbone, tmp_path)
+    torch.save({}, folder / "prompt_learner" / "model.pth.tar-30")  # an earlier epoch of one model only: ignored
+    method, report = from_reference(folder, "dpt", backbone, CLASSES)
+    assert set(report.used) | set(report.recomputed) == set(merged) and not report.frozen
+    assert method.config.bottom_limit == backbone.vision_layers and method.config.n_visual == 3
+    assert method.config.cavpt_tokens == 5
+    assert torch.equal(method.cavpt_layers[0].tokens.detach(), merged["image_encoder.transformer.extractor.ctx"][0])
+    exported = tmp_path / "exported"
+    save_reference(method, "dpt", exported, epoch=60)
+    assert sorted(p.name for p in exported.iterdir()) == ["image_encoder.transformer.ctx_learner",
+                                                          "image_encoder.transformer.extractor", "prompt_learner"]
+    again, _ = from_reference(exported / "prompt_learner" / "model.pth.tar-60", "dpt", backbone, CLASSES)
+    mine, theirs = method.prompt_state_dict(), again.prompt_state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(pixel_values=pixels), method.eval()(pixel_values=pixels))
+    (tmp_path / "partial" / "prompt_learner").mkdir(parents=True)
+    with pytest.raises(ReferenceError, match="partial lacks image_encoder.transformer.ctx_learner, "
+                                             "image_encoder.transformer.extractor: this trainer saves one model"):
+        from_reference(tmp_path / "partial", "dpt", backbone, CLASSES)
+
+
+@torch.no_grad()
+def test_the_dpt_repositorys_vpt_deep_baseline_is_read_with_its_placement(backbone, pixels, tmp_path):
+    ctx = torch.randn(backbone.vision_layers, 3, backbone.vision_width, generator=_g(8)) * 0.1
+    folder = tmp_path / "vpt_out" / "image_encoder.transformer.ctx_learner"
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": {"ctx": ctx}, **_trainer_state([ctx])}, folder / "model.pth.tar-50")
+    method, report = from_reference(folder / "model.pth.tar-50", "dpt_vpt", backbone, CLASSES,
+                                    template="a centered satellite photo of {}.")  # fmt: skip
+    assert method.config.placement == "after_pre_norm" and method.config.depth == backbone.vision_layers
+    assert any("placement=after_pre_norm" in n for n in report.notes)
+    # the released Transformer_VPTD: after the pre-LayerNorm, at every layer drop the previous tokens, append ctx[i]
+    vm, model = backbone.model.vision_model, backbone.model
+    x = vm.pre_layrnorm(vm.embeddings(pixels))
+    for i, layer in enumerate(vm.encoder.layers):
+        if i:
+            x = x[:, :-3]
+        x = layer(torch.cat([x, ctx[i].expand(len(pixels), -1, -1)], dim=1), None)
+        x = x[0] if isinstance(x, tuple) else x
+    image = model.visual_projection(vm.post_layernorm(x[:, 0]))
+    text = backbone.encode_texts([f"a centered satellite photo of {c}." for c in CLASSES])
+    torch.testing.assert_close(method.eval()(pixel_values=pixels), _scores(model, image, text), rtol=1e-5, atol=1e-5)
+    exported = to_reference(method, "dpt_vpt")["state_dict"]
+    assert torch.equal(exported["image_encoder.transformer.ctx_learner.ctx"], ctx)
+    plain = vlprompt.get_prompt_model(backbone, "vpt_deep", CLASSES, config={"n_tokens": 3})
+    with pytest.raises(ReferenceError, match="placement=after_pre_norm"):
+        to_reference(plain, "dpt_vpt")
+
+
 # ---------------------------------------------------------------------------------------------- faults
 def test_a_checkpoint_of_another_method_is_refused_naming_the_right_one(backbone, tmp_path):
     path = _write(tmp_path, maple_checkpoint(backbone))

@@ -332,10 +332,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     import vlprompt
     from vlprompt.interop import save_reference
 
+    from vlprompt.interop.layouts import LAYOUTS
+
     output = Path(args.output)
-    if output.is_dir():
+    files = LAYOUTS[args.repository].files
+    if files:  # a trainer saving several models: --output is its output folder, one subfolder per model
+        if output.exists() and not output.is_dir():
+            raise CLIError(f"--output {output} is a file; {args.repository} checkpoints are a folder holding "
+                           f"{', '.join(files)}")  # fmt: skip
+        taken = [str(output / name / f"model.pth.tar-{args.epoch}") for name in files
+                 if (output / name / f"model.pth.tar-{args.epoch}").exists()]  # fmt: skip
+        if taken and not args.overwrite:
+            raise CLIError(f"{taken[0]} exists; pass --overwrite to replace it")
+    elif output.is_dir():
         raise CLIError(f"--output {output} is a folder; pass the file to write, e.g. {output}/model.pth.tar-5")
-    if output.exists() and not args.overwrite:
+    elif output.exists() and not args.overwrite:
         raise CLIError(f"{output} exists; pass --overwrite to replace it")
     method = vlprompt.PromptMethod.from_pretrained(args.run_dir, backbone=_export_backbone(args))
     save_reference(method, args.repository, output, epoch=args.epoch)
@@ -622,11 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vlprompt.interop.layouts import LAYOUTS
 
-    p = sub.add_parser("import", help="read a checkpoint of the research code (CoOp, CoCoOp, MaPLe, IVLP, VPT, UPT) as a "
+    p = sub.add_parser("import", help="read a checkpoint of the research code (CoOp, CoCoOp, MaPLe, IVLP, VPT, UPT, DPT) as a "
                                       "vlprompt prompt")  # fmt: skip
     p.add_argument("--from", dest="repository", required=True, choices=sorted(LAYOUTS),
                    help="the repository trainer that saved the checkpoint")
-    p.add_argument("checkpoint", help="the checkpoint file, e.g. output/.../prompt_learner/model.pth.tar-50")
+    p.add_argument("checkpoint", help="the checkpoint file, e.g. output/.../prompt_learner/model.pth.tar-50 (dpt, "
+                                      "dpt_vpt: the trainer's output folder, or one of its files)")
     p.add_argument("--model", required=True, help="the CLIP it was trained on (folder, hub id or random:<preset>)")
     p.add_argument("--dataset", help="take the class names (and template) of this dataset")
     p.add_argument("--data-root", default=None)
@@ -642,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a vlprompt prompt as a checkpoint of the research code")
     p.add_argument("run_dir", help="a run folder or saved prompt")
     p.add_argument("--to", dest="repository", required=True, choices=sorted(LAYOUTS))
-    p.add_argument("--output", required=True, help="the checkpoint file to write, e.g. model.pth.tar-5")
+    p.add_argument("--output", required=True, help="the checkpoint file to write, e.g. model.pth.tar-5 (dpt, dpt_vpt: "
+                                                   "the output folder, one subfolder per saved model)")
     p.add_argument("--epoch", type=int, default=0, help="the epoch recorded in the checkpoint")
     p.add_argument("--model", help="override the backbone recorded in the run folder")
     p.add_argument("--overwrite", action="store_true")

@@ -65,6 +65,9 @@ class ReferenceLayout:
     # The Dassl name the trainer registers its model under: the checkpoint's folder name.
     registered_name: ClassVar[str] = ""
     whole_model: ClassVar[bool] = False  # the state dict is the whole custom CLIP's (frozen weights included)
+    # Several registered models, one file each (DPT): their state dicts are read together, each key prefixed with
+    # "<registered name>.". Empty: one file.
+    files: ClassVar[tuple[str, ...]] = ()
     # Buffers the released code recomputes from the class names (deleted by its own load_model).
     recomputed: ClassVar[dict[str, str]] = {}
 
@@ -75,8 +78,9 @@ class ReferenceLayout:
         """The class-name template the released forward uses with these options (None: the dataset's)."""
         return None
 
-    def to_vlprompt(self, state: dict[str, torch.Tensor], options: dict[str, Any]) -> dict[str, tuple[str, torch.Tensor]]:
-        """Their key -> (vlprompt tensor name, tensor) for every tensor the method uses."""
+    def to_vlprompt(self, state: dict[str, torch.Tensor], options: dict[str, Any]) -> dict[str, Any]:
+        """Their key -> (vlprompt tensor name, tensor), or a list of them when one of their tensors holds several
+        of vlprompt's (DPT's stacked CAVPT tokens), for every tensor the method uses."""
         raise NotImplementedError
 
     def from_vlprompt(self, method) -> dict[str, torch.Tensor]:
@@ -127,6 +131,47 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str
     return dict(state), extra
 
 
+def _epoch_files(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in folder.glob("model*.pth.tar*") if p.is_file()}
+
+
+def _epoch_of(name: str) -> int:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def read_files(path: str | Path, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """The state dicts of a trainer that saves several models (``<output>/<name>/model.pth.tar-<epoch>`` each),
+    merged with ``<name>.`` prefixes; ``path`` is the output folder or one of those files. Returns the state, the
+    trainer-state keys and the file name read (the same epoch for every model)."""
+    path = Path(path)
+    if path.is_file():
+        folder, wanted = path.parent.parent, path.name
+    elif path.is_dir():
+        folder, wanted = path, None
+    else:
+        raise ReferenceError(f"{path} does not exist: pass the trainer's output folder (holding {', '.join(names)})")
+    missing = [name for name in names if not (folder / name).is_dir()]
+    if missing:
+        raise ReferenceError(f"{folder} lacks {', '.join(missing)}: this trainer saves one model per folder "
+                             f"({', '.join(names)}); pass its output folder")  # fmt: skip
+    available = [set(_epoch_files(folder / name)) for name in names]
+    common = set.intersection(*available)
+    if wanted is None:
+        if not common:
+            raise ReferenceError(f"{folder}: no checkpoint file name is present for every model ({', '.join(names)})")
+        wanted = max(common, key=_epoch_of)  # the last epoch saved for all of them
+    elif wanted not in common:
+        raise ReferenceError(f"{wanted} is not present for every model in {folder} ({', '.join(names)})")
+    state: dict[str, torch.Tensor] = {}
+    extra: set[str] = set()
+    for name in names:
+        own, trainer = read_checkpoint(folder / name / wanted)
+        state.update({f"{name}.{key}": tensor for key, tensor in own.items()})
+        extra.update(trainer)
+    return state, sorted(extra), wanted
+
+
 def _looks_like(state: dict[str, torch.Tensor]) -> str | None:
     from vlprompt.interop.layouts import LAYOUTS
 
@@ -145,7 +190,10 @@ def from_reference(path: str | Path, repository: str, backbone, classnames: Sequ
     if repository not in LAYOUTS:
         raise ReferenceError(f"unknown repository {repository!r}; vlprompt reads {', '.join(sorted(LAYOUTS))}")
     layout = LAYOUTS[repository]
-    state, trainer_state = read_checkpoint(path)
+    if layout.files:
+        state, trainer_state, _ = read_files(path, layout.files)
+    else:
+        state, trainer_state = read_checkpoint(path)
     frozen = [k for k in state if layout.whole_model and k.startswith(FROZEN_PREFIXES) and not layout.is_prompt(k)]
     own = {k: v for k, v in state.items() if k not in set(frozen)}
     unknown = sorted(set(own) - set(layout.known_keys(own)))
@@ -163,11 +211,12 @@ def from_reference(path: str | Path, repository: str, backbone, classnames: Sequ
         raise ReferenceError(f"{path} fixes {', '.join(f'{k}={implied[k]!r}' for k in clash)} by its tensors; drop "
                              "those options")  # fmt: skip
     options = {**implied, **(options or {})}
-    tensors = layout.to_vlprompt(own, options)
+    tensors = {key: value if isinstance(value, list) else [value]
+               for key, value in layout.to_vlprompt(own, options).items()}  # fmt: skip
     template = layout.template(options) or template or "a photo of a {}."
     method = get_prompt_model(backbone, layout.method, list(classnames), template, dict(options))
     wanted = method.prompt_parameters()
-    theirs = {ours: (key, t) for key, (ours, t) in tensors.items()}
+    theirs = {ours: (key, t) for key, pairs in tensors.items() for ours, t in pairs}
     missing = sorted(set(wanted) - set(theirs))
     if missing:  # a layout bug, never a user fault
         raise ReferenceError(f"{repository} layout left {missing} unset")
@@ -181,7 +230,7 @@ def from_reference(path: str | Path, repository: str, backbone, classnames: Sequ
                 f"{backbone.vision_layers} layers) or another class count.")
     method.load_prompt_state_dict({name: tensor.float() for name, (_, tensor) in theirs.items()})
     report = ImportReport(repository=repository, source=layout.repository, method=layout.method, options=options,
-                          used={key: ours for key, (ours, _) in tensors.items()},
+                          used={key: ", ".join(dict.fromkeys(ours for ours, _ in pairs)) for key, pairs in tensors.items()},
                           recomputed={k: layout.recomputed[k] for k in own if k in layout.recomputed},
                           frozen=frozen, trainer_state=trainer_state, notes=layout.notes(options))  # fmt: skip
     report.notes += _check_recomputed(layout, own, method)
@@ -248,13 +297,28 @@ def _layout_for(method) -> str:
 
 
 def save_reference(method, repository: str, path: str | Path, epoch: int = 0) -> Path:
-    """Write ``method`` to ``path`` in the repository's layout (atomically)."""
+    """Write ``method`` to ``path`` in the repository's layout (atomically). A trainer that saves several models
+    (DPT) gets ``path`` as its output folder: ``<path>/<name>/model.pth.tar-<epoch>`` for each."""
+    from vlprompt.interop.layouts import LAYOUTS
+
+    checkpoint = to_reference(method, repository, epoch)
+    path = Path(path)
+    files = LAYOUTS[repository].files
+    if not files:
+        _write_torch(path, checkpoint)
+        return path
+    for name in files:
+        own = {k[len(name) + 1:]: v for k, v in checkpoint["state_dict"].items() if k.startswith(name + ".")}
+        _write_torch(path / name / f"model.pth.tar-{epoch}", {**checkpoint, "state_dict": own})
+    return path
+
+
+def _write_torch(path: Path, obj: Any) -> None:
     import io
 
     from vlprompt.engine.checkpoint import atomic_write_bytes
 
     buffer = io.BytesIO()
-    torch.save(to_reference(method, repository, epoch), buffer)
-    path = Path(path)
+    torch.save(obj, buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue())
-    return path

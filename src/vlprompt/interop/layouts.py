@@ -384,5 +384,124 @@ class UPTLayout(ReferenceLayout):
                                  "4 + 4 tokens) to export to it")  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------------- DPT repository
+DPT_TEXT, DPT_VISUAL, DPT_CAVPT = "prompt_learner", "image_encoder.transformer.ctx_learner", \
+    "image_encoder.transformer.extractor"
+# One CAVPT layer's modules: released name -> vlprompt's (CAVPTLayer documents the roles).
+DPT_CAVPT_PARTS = {"meta_nets.{i}.weight": "query_map.weight", "meta_nets.{i}.bias": "query_map.bias",
+                   "attns.{i}.qmlp.weight": "q_proj.weight", "attns.{i}.kmlp.weight": "k_proj.weight",
+                   "attns.{i}.vmlp.weight": "v_proj.weight", "lns.{i}.weight": "aux_norm.weight",
+                   "lns.{i}.bias": "aux_norm.bias", "lns2.{i}.weight": "prompt_norm.weight",
+                   "lns2.{i}.bias": "prompt_norm.bias", "classfiers.{i}.weight": "aux_head.weight"}  # fmt: skip
+
+
+class DPTLayout(ReferenceLayout):
+    repository = "DPT (fanrena/DPT, trainers/DPT.py)"
+    method = "dpt"
+    files = (DPT_TEXT, DPT_VISUAL, DPT_CAVPT)
+    recomputed = {f"{DPT_TEXT}.token_prefix": "[SOS] embedding per class",
+                  f"{DPT_TEXT}.token_suffix": "embeddings after the context"}
+
+    def claims(self, state) -> bool:
+        return f"{DPT_TEXT}.ctx" in state and f"{DPT_CAVPT}.ctx" in state
+
+    def _cavpt_layers(self, state) -> int:
+        return int(state[f"{DPT_CAVPT}.ctx"].shape[0])
+
+    def known_keys(self, state) -> list[str]:
+        n = self._cavpt_layers(state) if f"{DPT_CAVPT}.ctx" in state else 0
+        cavpt = [f"{DPT_CAVPT}.{part.format(i=i)}" for i in range(n) for part in DPT_CAVPT_PARTS]
+        return [f"{DPT_TEXT}.ctx", f"{DPT_VISUAL}.ctx", f"{DPT_CAVPT}.ctx", *self.recomputed, *cavpt]
+
+    def is_prompt(self, key: str) -> bool:
+        return True
+
+    def options(self, state, backbone) -> dict[str, Any]:
+        visual = state[f"{DPT_VISUAL}.ctx"]
+        bottom = int(visual.shape[0]) + 1  # BOTTOMLIMIT: visual prompts in layers 1..B-1, CAVPT in B..L
+        n_cavpt = self._cavpt_layers(state)
+        if bottom - 1 + n_cavpt != backbone.vision_layers:
+            raise ReferenceError(f"the checkpoint prompts {bottom - 1} layers and has {n_cavpt} CAVPT layers, "
+                                 f"{bottom - 1 + n_cavpt} in all; this backbone's image tower has "
+                                 f"{backbone.vision_layers}: pass the CLIP it was trained on as --model")  # fmt: skip
+        return {"n_ctx": int(state[f"{DPT_TEXT}.ctx"].shape[0]), "n_visual": int(visual.shape[1]),
+                "bottom_limit": bottom, "cavpt": True, "cavpt_tokens": int(state[f"{DPT_CAVPT}.ctx"].shape[1]),
+                "attn_dim": int(state[f"{DPT_CAVPT}.attns.0.qmlp.weight"].shape[0]), "aux_input": "attention"}  # fmt: skip
+
+    def to_vlprompt(self, state, options):
+        out = {f"{DPT_TEXT}.ctx": ("ctx", state[f"{DPT_TEXT}.ctx"]),
+               f"{DPT_VISUAL}.ctx": ("visual_prompts", state[f"{DPT_VISUAL}.ctx"])}  # fmt: skip
+        tokens = state[f"{DPT_CAVPT}.ctx"]
+        for i in range(self._cavpt_layers(state)):
+            for theirs, ours in DPT_CAVPT_PARTS.items():
+                key = f"{DPT_CAVPT}.{theirs.format(i=i)}"
+                out[key] = (f"cavpt_layers.{i}.{ours}", state[key])
+        # the learned key/value tokens of every CAVPT layer are one (layers, tokens, width) tensor there
+        out[f"{DPT_CAVPT}.ctx"] = [(f"cavpt_layers.{i}.tokens", tokens[i]) for i in range(tokens.shape[0])]
+        return out
+
+    def notes(self, options):
+        return [f"the checkpoint does not record CPN (classes whose prompts CAVPT builds): top_k={10} as released "
+                "unless you set it", "the frozen ranking pass uses the dataset's template (the released "
+                "CUSTOM_TEMPLATES); pass --dataset or --template so that it is the same"]
+
+    def from_vlprompt(self, method):
+        own = dict(method.named_parameters())
+        out = {f"{DPT_TEXT}.ctx": method.ctx, f"{DPT_VISUAL}.ctx": method.visual_prompts,
+               f"{DPT_CAVPT}.ctx": torch.stack([layer.tokens for layer in method.cavpt_layers])}  # fmt: skip
+        for i in range(len(method.cavpt_layers)):
+            for theirs, ours in DPT_CAVPT_PARTS.items():
+                out[f"{DPT_CAVPT}.{theirs.format(i=i)}"] = own[f"cavpt_layers.{i}.{ours}"]
+        return out
+
+    def recompute_buffers(self, method):
+        return class_buffers(method, method.config.n_ctx, phrase_words=False, key_prefix=f"{DPT_TEXT}.")
+
+    def check_exportable(self, method) -> None:
+        cfg = method.config
+        if not cfg.cavpt or method.visual_prompts is None or not cfg.cavpt_tokens or cfg.aux_input != "attention":
+            raise ReferenceError("the released DPT always has visual prompts, CAVPT with its learned tokens and the "
+                                 "auxiliary head on the attention output; this prompt lacks one of them")
+
+
+class DPTVPTLayout(ReferenceLayout):
+    repository = "VPT-deep baseline of the DPT repository (fanrena/DPT, trainers/VPT.py)"
+    method = "vpt_deep"
+    files = (DPT_VISUAL,)
+
+    def claims(self, state) -> bool:
+        return f"{DPT_VISUAL}.ctx" in state and len(state) == 1
+
+    def known_keys(self, state) -> list[str]:
+        return [f"{DPT_VISUAL}.ctx"]
+
+    def is_prompt(self, key: str) -> bool:
+        return True
+
+    def options(self, state, backbone) -> dict[str, Any]:
+        ctx = state[f"{DPT_VISUAL}.ctx"]
+        return {"n_tokens": int(ctx.shape[1]), "depth": int(ctx.shape[0]), "placement": "after_pre_norm"}
+
+    def to_vlprompt(self, state, options):
+        return {f"{DPT_VISUAL}.ctx": ("prompts", state[f"{DPT_VISUAL}.ctx"])}
+
+    def from_vlprompt(self, method):
+        return {f"{DPT_VISUAL}.ctx": method.prompts}
+
+    def notes(self, options):
+        return ["behaviour option placement=after_pre_norm switched on: this baseline appends its tokens after the "
+                "pre-LayerNorm at every layer (vlprompt's vpt_deep places them before it by default, as the MaPLe "
+                "repository), and scores with the dataset's template"]
+
+    def accepts(self, method) -> bool:
+        return method.registered_name in ("vpt_deep", "vpt_shallow")
+
+    def check_exportable(self, method) -> None:
+        if method.config.placement != "after_pre_norm":
+            raise ReferenceError("this baseline appends its tokens after the pre-LayerNorm: train with --set "
+                                 "method.placement=after_pre_norm to export to it")
+
+
 LAYOUTS: dict[str, ReferenceLayout] = {"coop": CoOpLayout(), "cocoop": CoCoOpLayout(), "maple": MaPLeLayout(),
-                                       "ivlp": IVLPLayout(), "vpt": VPTLayout(), "upt": UPTLayout()}  # fmt: skip
+                                       "ivlp": IVLPLayout(), "vpt": VPTLayout(), "upt": UPTLayout(),
+                                       "dpt": DPTLayout(), "dpt_vpt": DPTVPTLayout()}  # fmt: skip
