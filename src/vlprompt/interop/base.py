@@ -71,6 +71,18 @@ class ReferenceLayout:
     # Buffers the released code recomputes from the class names (deleted by its own load_model).
     recomputed: ClassVar[dict[str, str]] = {}
 
+    def claims(self, state: dict[str, torch.Tensor]) -> bool:
+        """Whether ``state`` has this layout's defining keys (used to name the right ``--from`` on a mismatch)."""
+        raise NotImplementedError
+
+    def known_keys(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Every key this layout reads or recomputes, for the deep layers ``state`` holds."""
+        raise NotImplementedError
+
+    def is_prompt(self, key: str) -> bool:
+        """Whether ``key`` of a whole-model state dict is learned (not a frozen CLIP weight)."""
+        return True
+
     def options(self, state: dict[str, torch.Tensor], backbone) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -82,9 +82,6 @@ class CoOpLayout(ReferenceLayout):
     def known_keys(self, state) -> list[str]:
         return ["ctx", "token_prefix", "token_suffix"]
 
-    def is_prompt(self, key: str) -> bool:
-        return True
-
     def options(self, state, backbone) -> dict[str, Any]:
         ctx = state["ctx"]
         if ctx.dim() not in (2, 3):
@@ -124,9 +121,6 @@ class CoCoOpLayout(ReferenceLayout):
 
     def known_keys(self, state) -> list[str]:
         return ["ctx", "token_prefix", "token_suffix", *META]
-
-    def is_prompt(self, key: str) -> bool:
-        return True
 
     def options(self, state, backbone) -> dict[str, Any]:
         return {"n_ctx": int(state["ctx"].shape[0]), "init": None}
@@ -350,9 +344,6 @@ class UPTLayout(ReferenceLayout):
     def known_keys(self, state) -> list[str]:
         return ["uni_ctx", "token_prefix", "token_suffix", *UPT_NET]
 
-    def is_prompt(self, key: str) -> bool:
-        return True
-
     def options(self, state, backbone) -> dict[str, Any]:
         shared = state["uni_ctx"]
         if shared.dim() != 3 or shared.shape[0] != 1 or shared.shape[1] != 2 * UPT_TEXT_TOKENS:
@@ -413,9 +404,6 @@ class DPTLayout(ReferenceLayout):
         cavpt = [f"{DPT_CAVPT}.{part.format(i=i)}" for i in range(n) for part in DPT_CAVPT_PARTS]
         return [f"{DPT_TEXT}.ctx", f"{DPT_VISUAL}.ctx", f"{DPT_CAVPT}.ctx", *self.recomputed, *cavpt]
 
-    def is_prompt(self, key: str) -> bool:
-        return True
-
     def options(self, state, backbone) -> dict[str, Any]:
         visual = state[f"{DPT_VISUAL}.ctx"]
         bottom = int(visual.shape[0]) + 1  # BOTTOMLIMIT: visual prompts in layers 1..B-1, CAVPT in B..L
@@ -474,9 +462,6 @@ class DPTVPTLayout(ReferenceLayout):
 
     def known_keys(self, state) -> list[str]:
         return [f"{DPT_VISUAL}.ctx"]
-
-    def is_prompt(self, key: str) -> bool:
-        return True
 
     def options(self, state, backbone) -> dict[str, Any]:
         ctx = state[f"{DPT_VISUAL}.ctx"]
