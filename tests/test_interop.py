@@ -240,6 +240,32 @@ def test_coop_logits_equal_the_released_forward(backbone, pixels, tmp_path, clas
     torch.testing.assert_close(method.eval()(pixel_values=pixels), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("position", ["middle", "front"])
+@torch.no_grad()
+def test_coop_with_the_class_name_inside_the_context_equals_the_released_forward(backbone, pixels, tmp_path,
+                                                                                  position):  # fmt: skip
+    """CoOp's CLASS_TOKEN_POSITION middle / front: the released learner cuts the class name's tokens (its BPE length)
+    from the front of token_suffix and puts them between the context halves, or before the context."""
+    checkpoint = coop_checkpoint(backbone)
+    method, _ = from_reference(_write(tmp_path, checkpoint), "coop", backbone, CLASSES,
+                               options={"class_position": position})  # fmt: skip
+    s, model = checkpoint["state_dict"], backbone.model
+    name_lens = backbone.tokenize(CLASSES, special_tokens=False).lengths
+    rows = []
+    for i, name_len in enumerate(name_lens.tolist()):
+        prefix, suffix, ctx = s["token_prefix"][i:i + 1], s["token_suffix"][i:i + 1], s["ctx"].unsqueeze(0)
+        name, rest = suffix[:, :name_len], suffix[:, name_len:]
+        if position == "middle":
+            rows.append(torch.cat([prefix, ctx[:, :2], name, ctx[:, 2:], rest], dim=1))
+        else:
+            rows.append(torch.cat([prefix, name, ctx, rest], dim=1))
+    sentences = torch.cat(rows)
+    eot = _eot(backbone, 4, False)
+    text = released_text_features(model, sentences[:, :1], sentences[:, 1:5], sentences[:, 5:], eot)
+    expected = _scores(model, released_image_features(model, pixels), text)
+    torch.testing.assert_close(method.eval()(pixel_values=pixels), expected, rtol=1e-5, atol=1e-5)
+
+
 @torch.no_grad()
 def test_cocoop_logits_equal_the_released_forward(backbone, pixels, tmp_path):
     checkpoint = cocoop_checkpoint(backbone)
@@ -375,6 +401,42 @@ def test_dpt_reads_its_three_models_with_every_key_and_round_trips(backbone, tmp
     with pytest.raises(ReferenceError, match="partial lacks image_encoder.transformer.ctx_learner, "
                                              "image_encoder.transformer.extractor: this trainer saves one model"):
         from_reference(tmp_path / "partial", "dpt", backbone, CLASSES)
+
+
+@torch.no_grad()
+def test_dpt_logits_equal_the_released_forward(backbone, pixels, tmp_path):
+    """The released CustomCLIP_Selected_CoVPTDeep at evaluation: rank classes with the frozen image features against
+    the template features, CoOp text features, visual prompts appended after the pre-LayerNorm and dropped per
+    bottom layer, then CAVPT: the learned text features of the top K classes, mapped, attend over the layer's tokens
+    plus the learned ones; LayerNorm(attention + query) are appended for that layer and dropped."""
+    folder, s = dpt_files(backbone, tmp_path, tokens=5)
+    template = "a centered satellite photo of {}."
+    method, _ = from_reference(folder, "dpt", backbone, CLASSES, template=template, options={"top_k": 2})
+    model, vm = backbone.model, backbone.model.vision_model
+    frozen = F.normalize(released_image_features(model, pixels), dim=-1)
+    template_feats = F.normalize(backbone.encode_texts([template.format(c) for c in CLASSES]), dim=-1)
+    top = (frozen @ template_feats.t()).sort(dim=-1, descending=True).indices[:, :2]
+    ctx = s["prompt_learner.ctx"].expand(len(CLASSES), -1, -1)
+    text = released_text_features(model, s["prompt_learner.token_prefix"], ctx, s["prompt_learner.token_suffix"],
+                                  _eot(backbone, 4, False))  # fmt: skip
+    selected = text[top]  # (B, K, d): learned, unnormalised
+    e = "image_encoder.transformer.extractor."
+    visual = s["image_encoder.transformer.ctx_learner.ctx"]
+    x = vm.pre_layrnorm(vm.embeddings(pixels))
+    for i, layer in enumerate(vm.encoder.layers):
+        if i < visual.shape[0]:
+            extra = visual[i].expand(len(pixels), -1, -1)
+        else:
+            j = i - visual.shape[0]
+            query = selected @ s[f"{e}meta_nets.{j}.weight"].t() + s[f"{e}meta_nets.{j}.bias"]
+            keys = torch.cat([x, s[f"{e}ctx"][j].expand(len(pixels), -1, -1)], dim=1)
+            u = (query @ s[f"{e}attns.{j}.qmlp.weight"].t()) @ (keys @ s[f"{e}attns.{j}.kmlp.weight"].t()).transpose(1, 2)
+            attended = ((u / 32 ** 0.5).softmax(-1) @ keys) @ s[f"{e}attns.{j}.vmlp.weight"].t()
+            extra = F.layer_norm(attended + query, (query.shape[-1],), s[f"{e}lns2.{j}.weight"], s[f"{e}lns2.{j}.bias"])
+        out = layer(torch.cat([x, extra], dim=1), None)
+        x = (out[0] if isinstance(out, tuple) else out)[:, : x.shape[1]]
+    image = model.visual_projection(vm.post_layernorm(x[:, 0]))
+    torch.testing.assert_close(method.eval()(pixel_values=pixels), _scores(model, image, text), rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
