@@ -482,6 +482,9 @@ def test_a_checkpoint_of_another_width_or_patch_size_is_refused(backbone, tmp_pa
     path = _write(tmp_path, coop_checkpoint(wide))
     with pytest.raises(ReferenceError, match=r"ctx has shape \(4, 512\).*needs \(4, 32\).*another CLIP"):
         from_reference(path, "coop", backbone, CLASSES)
+    deep = ivlp_checkpoint(backbone, text_depth=3)  # the tiny text tower has 2 layers
+    with pytest.raises(ReferenceError, match=r"'text_depth': 3.*exceeds the 2 layers.*pass the CLIP it was trained on"):
+        from_reference(_write(tmp_path, deep, "deep.pth"), "ivlp", backbone, CLASSES)
     checkpoint = maple_checkpoint(backbone)
     checkpoint["state_dict"]["image_encoder.conv1.weight"] = torch.zeros(backbone.vision_width, 3, 16, 16)
     with pytest.raises(ReferenceError, match="16-pixel patches; this backbone has 8"):

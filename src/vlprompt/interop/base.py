@@ -197,7 +197,7 @@ def from_reference(path: str | Path, repository: str, backbone, classnames: Sequ
     returns it with the report of where every key went. ``options`` add method options the checkpoint does not
     record (CoOp's ``class_position``)."""
     from vlprompt.interop.layouts import LAYOUTS
-    from vlprompt.methods import get_prompt_model
+    from vlprompt.methods import MethodConfigError, get_prompt_model
 
     if repository not in LAYOUTS:
         raise ReferenceError(f"unknown repository {repository!r}; vlprompt reads {', '.join(sorted(LAYOUTS))}")
@@ -226,7 +226,11 @@ def from_reference(path: str | Path, repository: str, backbone, classnames: Sequ
     tensors = {key: value if isinstance(value, list) else [value]
                for key, value in layout.to_vlprompt(own, options).items()}  # fmt: skip
     template = layout.template(options) or template or "a photo of a {}."
-    method = get_prompt_model(backbone, layout.method, list(classnames), template, dict(options))
+    try:
+        method = get_prompt_model(backbone, layout.method, list(classnames), template, dict(options))
+    except MethodConfigError as err:  # e.g. more prompted layers than this backbone has
+        raise ReferenceError(f"{path} holds a {layout.method} with {options}, which this backbone cannot carry "
+                             f"({err}): pass the CLIP it was trained on as --model") from None
     wanted = method.prompt_parameters()
     theirs = {ours: (key, t) for key, pairs in tensors.items() for ours, t in pairs}
     missing = sorted(set(wanted) - set(theirs))
