@@ -239,6 +239,41 @@ CASES: list[Case] = [
     Case("t03", "an existing file as pretrain-toy --output", "pretrain-toy --output afile.txt --set steps=1",
          guard=("afile.txt",)),
     Case("d01", "an existing file as demo --output", "demo --output afile.txt --quick", guard=("afile.txt",)),
+    # -- import / export of research-code checkpoints ---------------------------------------------------------------
+    Case("i01", "import of a checkpoint file that does not exist", "import --from coop missing.pth.tar-50 "
+         "--model embedded --dataset toy:shapes --output runs/i01"),
+    Case("i02", "import of a folder that holds no checkpoint", "import --from coop notarun --model embedded "
+         "--dataset toy:shapes --output runs/i02"),
+    Case("i03", "import of a text file as a checkpoint", "import --from coop afile.txt --model embedded "
+         "--dataset toy:shapes --output runs/i03", guard=("afile.txt",)),
+    Case("i04", "import with the wrong --from (a CoOp file read as MaPLe)", "import --from maple "
+         "released/prompt_learner/model.pth.tar-1 --model embedded --dataset toy:shapes --output runs/i04",
+         guard=("released",), needs=("released",)),
+    Case("i05", "import without class names", "import --from coop released/prompt_learner/model.pth.tar-1 "
+         "--model embedded --output runs/i05", needs=("released",)),
+    Case("i06", "import into a finished run folder", "import --from coop released/prompt_learner/model.pth.tar-1 "
+         "--model embedded --dataset toy:shapes --output runs/base", guard=("runs/base",), needs=("released",)),
+    Case("i07", "import onto a CLIP of another width", "import --from coop released/prompt_learner/model.pth.tar-1 "
+         "--model random:vit-b-16 --dataset toy:shapes --output runs/i07", needs=("released",)),
+    Case("i08", "import with a method option the file fixes", "import --from coop "
+         "released/prompt_learner/model.pth.tar-1 --model embedded --dataset toy:shapes --output runs/i08 "
+         "--set method.n_ctx=8", needs=("released",)),
+    Case("i09", "import as a user would (the checkpoint of a CoOp run)", "import --from coop "
+         "released/prompt_learner/model.pth.tar-1 --model embedded --dataset toy:shapes --output runs/i09",
+         expect="ok", needs=("released",)),
+    Case("i10", "export over an existing file", "export runs/base --to coop --output afile.txt",
+         guard=("afile.txt", "runs/base"), needs=("base",)),
+    Case("i11", "export of a CoOp run as MaPLe", "export runs/base --to maple --output released/maple.pth.tar-1",
+         guard=("runs/base",), needs=("base",)),
+    Case("i12", "export of a folder that is no run", "export notarun --to coop --output released/x.pth.tar-1"),
+    # -- the current methods' options ------------------------------------------------------------------------------
+    Case("n01", "CLIP-LoRA with dropout 1", f"train --method clip_lora {TINY} --output runs/n01 "
+         "--set method.dropout=1.0"),
+    Case("n02", "PromptSRC with an unknown template ensemble", f"train --method promptsrc {TINY} --output runs/n02 "
+         "--set method.text_templates=coco"),
+    Case("n03", "CLIP-LoRA adapting an unknown projection", f"train --method clip_lora {TINY} --output runs/n03 "
+         "--set 'method.projections=[q, x]'"),
+    Case("n04", "params of Tip-Adapter-F at 0 shots", "params --model random:tiny --methods tip_adapter_f --shots 0"),
     # -- recipes ----------------------------------------------------------------------------------------------------
     Case("r02", "a recipe file that does not exist", f"{TRAIN} --recipe missing.yaml --output runs/r02"),
     Case("r10", "a folder as the recipe", f"{TRAIN} --recipe rec --output runs/r10"),
@@ -387,6 +422,12 @@ def models(root: Path) -> None:
 def base(root: Path) -> None:
     """runs/base: a finished CoOp run (toy:shapes, 2 shots, 1 epoch)."""
     setup_cli(root, BASE)
+
+
+@fixture("base")
+def released(root: Path) -> None:
+    """released/prompt_learner/model.pth.tar-1: runs/base written as CoOp's trainer saves its prompt learner."""
+    setup_cli(root, "export runs/base --to coop --output released/prompt_learner/model.pth.tar-1 --epoch 1")
 
 
 @fixture("base")

@@ -509,7 +509,7 @@ def test_files_that_are_not_checkpoints_are_refused(backbone, tmp_path):
     with pytest.raises(ReferenceError, match="is a folder: pass one of its files, e.g. model.pth.tar-50"):
         read_checkpoint(tmp_path / "run" / "prompt_learner")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(ReferenceError, match="cannot be read as a torch checkpoint"):
+    with pytest.raises(ReferenceError, match=r"cannot be read as a torch checkpoint \(UnpicklingError\): is it a"):
         read_checkpoint(tmp_path / "notes.txt")
     with pytest.raises(ReferenceError, match="unknown repository 'kgcoop'"):
         from_reference(tmp_path / "run" / "prompt_learner" / "model.pth.tar-50", "kgcoop", backbone, CLASSES)
@@ -519,6 +519,30 @@ def test_files_that_are_not_checkpoints_are_refused(backbone, tmp_path):
                                                                           "VPT_shallow")  # fmt: skip
     with pytest.raises(ReferenceError, match=r"at layers \[3\]"):
         from_reference(_write(tmp_path, checkpoint, "gap.pth"), "ivlp", backbone, CLASSES)
+
+
+def test_trainer_objects_pickled_beside_the_tensors_are_read_without_running_code(backbone, tmp_path, monkeypatch):
+    """Dassl pickles its warm-up scheduler (a class of its own, holding the cosine scheduler it hands over to) in
+    the checkpoint; those classes are not importable here and no code of the file may run."""
+    import sys
+    import types
+
+    module = types.ModuleType("dassl_like_scheduler")
+
+    class ConstantWarmupScheduler:
+        def __init__(self) -> None:
+            self.warmup_epoch, self.successor = 1, {"T_max": 50}
+
+    ConstantWarmupScheduler.__module__ = module.__name__
+    ConstantWarmupScheduler.__qualname__ = "ConstantWarmupScheduler"
+    module.ConstantWarmupScheduler = ConstantWarmupScheduler
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    checkpoint = coop_checkpoint(backbone)
+    checkpoint["scheduler"] = ConstantWarmupScheduler()
+    path = _write(tmp_path, checkpoint)
+    monkeypatch.delitem(sys.modules, module.__name__)  # as on a machine without Dassl
+    method, report = from_reference(path, "coop", backbone, CLASSES)
+    assert torch.equal(method.ctx.detach(), checkpoint["state_dict"]["ctx"]) and "scheduler" in report.trainer_state
 
 
 def test_a_prompt_the_released_code_cannot_reproduce_is_not_exported(backbone):

@@ -8,6 +8,8 @@ VPT: ``prompt_learner.*``, prompts inside ``image_encoder`` / ``text_encoder``, 
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +116,34 @@ class ReferenceLayout:
 
 
 # ----------------------------------------------------------------------------------------------- reading
+class TrainerObject:
+    """Stands in for a Python object of the trainer's pickled beside the tensors (Dassl's warm-up scheduler keeps
+    its successor scheduler): its state is kept as data, no code of the file runs, and no prompt needs it."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+MAX_TRAINER_CLASSES = 32  # distinct trainer classes a checkpoint may pickle before the reader gives up
+
+
+def _load_safely(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` (no code from the file runs); classes of the trainer it meets are
+    read as :class:`TrainerObject` stand-ins instead of failing the whole file."""
+    stand_ins: list[tuple[type, str]] = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(stand_ins):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = UNSUPPORTED_GLOBAL.search(str(err))
+            name = found.group(1) if found else None
+            if name is None or len(stand_ins) >= MAX_TRAINER_CLASSES or any(n == name for _, n in stand_ins):
+                raise
+            stand_ins.append((type(name.rsplit(".", 1)[-1], (TrainerObject,), {}), name))
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The state dict of a Dassl checkpoint file (or of a bare state dict), and the trainer-state keys beside it."""
     path = Path(path)
@@ -125,10 +155,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str
         raise ReferenceError(f"{path} is not a checkpoint file.{hint} Released trainers save "
                              "<output>/<name>/model.pth.tar-<epoch> (or model-best.pth.tar).")  # fmt: skip
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = _load_safely(path)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is the same user-facing fault
-        raise ReferenceError(f"{path} cannot be read as a torch checkpoint ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0][:200]}): is it a Dassl model.pth.tar file?") from None
+        raise ReferenceError(f"{path} cannot be read as a torch checkpoint ({type(err).__name__}): is it a "
+                             "model.pth.tar file saved by the trainer?") from None
     if not isinstance(loaded, dict):
         raise ReferenceError(f"{path} holds a {type(loaded).__name__}, not a checkpoint dictionary")
     if "state_dict" in loaded:
