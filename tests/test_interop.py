@@ -545,7 +545,58 @@ def test_trainer_objects_pickled_beside_the_tensors_are_read_without_running_cod
     assert torch.equal(method.ctx.detach(), checkpoint["state_dict"]["ctx"]) and "scheduler" in report.trainer_state
 
 
+def test_incomplete_files_and_unequal_layers_are_refused_in_one_line(backbone, tmp_path):
+    checkpoint = cocoop_checkpoint(backbone)
+    del checkpoint["state_dict"]["meta_net.linear2.bias"]
+    with pytest.raises(ReferenceError, match="lacks meta_net.linear2.bias, which a cocoop checkpoint holds"):
+        from_reference(_write(tmp_path, checkpoint, "c.pth"), "cocoop", backbone, CLASSES)
+    checkpoint = ivlp_checkpoint(backbone, n_text=2, text_depth=2)
+    checkpoint["state_dict"]["text_encoder.transformer.resblocks.1.VPT_shallow"] = torch.zeros(4, backbone.text_width)
+    with pytest.raises(ReferenceError, match="per-layer tensors do not agree in shape"):
+        from_reference(_write(tmp_path, checkpoint, "i.pth"), "ivlp", backbone, CLASSES)
+    checkpoint = maple_checkpoint(backbone)
+    del checkpoint["state_dict"]["prompt_learner.compound_prompt_projections.0.bias"]
+    with pytest.raises(ReferenceError, match="1 compound text prompts but 1 projection weights and 0 biases"):
+        from_reference(_write(tmp_path, checkpoint, "m.pth"), "maple", backbone, CLASSES)
+    with pytest.raises(ReferenceError, match="invalid options.*check the method options you set"):
+        from_reference(_write(tmp_path, coop_checkpoint(backbone), "o.pth"), "coop", backbone, CLASSES,
+                       options={"class_position": "centre"})  # fmt: skip
+
+
+def test_import_never_mixes_into_a_started_run_and_export_says_what_the_file_cannot(backbone, tiny_model_dir,
+                                                                                     tmp_path, capsys):  # fmt: skip
+    from vlprompt.cli import main
+
+    path = _write(tmp_path, coop_checkpoint(load_backbone(str(tiny_model_dir))))
+    started = tmp_path / "started"
+    (started / "checkpoint-last").mkdir(parents=True)
+    (started / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    args = ["import", "--from", "coop", str(path), "--model", str(tiny_model_dir), "--classnames", ",".join(CLASSES),
+            "--output", str(started)]  # fmt: skip
+    assert main(args) == 2
+    assert "already holds a prompt or a run (metrics.jsonl, checkpoint-last)" in capsys.readouterr().err
+    assert not (started / "prompt.safetensors").exists()
+    assert main(args + ["--set", "train.epochs=3"]) == 2 and "import reads method options only" in \
+        capsys.readouterr().err  # fmt: skip
+    assert main(args + ["--overwrite"]) == 0
+    assert not (started / "checkpoint-last").exists() and (started / "prompt.safetensors").exists()
+    capsys.readouterr()
+    middle = tmp_path / "middle"
+    assert main(["import", "--from", "coop", str(path), "--model", str(tiny_model_dir), "--classnames",
+                 ",".join(CLASSES), "--output", str(middle), "--set", "method.class_position=middle"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(middle), "--to", "coop", "--output", str(tmp_path / "m.pth.tar-1")]) == 0
+    assert "CLASS_TOKEN_POSITION middle" in capsys.readouterr().out
+    (tmp_path / "afile").write_text("x")
+    assert main(["export", str(middle), "--to", "coop", "--output", str(tmp_path / "afile" / "m.pth")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
 def test_a_prompt_the_released_code_cannot_reproduce_is_not_exported(backbone):
+    placed = vlprompt.get_prompt_model(backbone, "vpt_deep", CLASSES, "a photo of a {}.",
+                                       config={"n_tokens": 2, "placement": "after_pre_norm"})  # fmt: skip
+    with pytest.raises(ReferenceError, match="placement=after_pre_norm.*--to dpt_vpt"):
+        to_reference(placed, "vpt")
     method = vlprompt.get_prompt_model(backbone, "maple", CLASSES, config={"n_ctx": 2, "placeholder": "{}."})
     with pytest.raises(ReferenceError, match="places a 2-token context in 'a photo of a {}.'"):
         to_reference(method, "maple")

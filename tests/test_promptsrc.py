@@ -58,7 +58,8 @@ def test_defaults_are_the_released_ones_and_the_count_follows_the_formula(classn
 
 
 @pytest.mark.parametrize("bad", [{"text_templates": "coco"}, {"text_templates": []}, {"text_templates": ["no slot"]},
-                                 {"gpa_std": 0.0}, {"text_weight": -1.0}, {"gpa_mean": float("nan")}])
+                                 {"gpa_std": 0.0}, {"text_weight": -1.0}, {"gpa_mean": float("nan")},
+                                 {"text_templates": ["art of {} {x}"]}, {"text_templates": ["a {} {0}"]}])
 def test_bad_options_are_refused_naming_the_option(tiny_backbone, classnames, bad):
     with pytest.raises(vlprompt.MethodConfigError, match="promptsrc"):
         _model(tiny_backbone, classnames, bad)
@@ -135,6 +136,25 @@ def test_the_aggregate_is_the_gaussian_weighted_mean_of_the_per_epoch_prompts(ti
     method.on_train_end()
     for name, p in method.prompt_parameters().items():
         assert torch.equal(p.detach(), aggregate[name])
+
+
+def test_a_second_fresh_run_of_the_same_method_object_starts_a_fresh_aggregate(tiny_model_dir, engine_data_root,
+                                                                                 engine_run_options, tmp_path):  # fmt: skip
+    from vlprompt.engine.api import load_splits
+    from vlprompt.engine.trainer import Trainer
+    from vlprompt.tasks import ClassificationTask
+
+    options = engine_run_options(tiny_model_dir, engine_data_root, tmp_path / "one", method="promptsrc",
+                                 method_options={"text_depth": 1, "image_depth": 1, "gpa_mean": 1.0}, epochs=2)
+    backbone = load_backbone(str(tiny_model_dir))
+    splits = load_splits(options.data)
+    method = vlprompt.get_prompt_model(backbone, "promptsrc", splits.classnames, splits.template,
+                                       dict(options.method_options))  # fmt: skip
+    for run in ("one", "two"):
+        Trainer(options.train, tmp_path / run, progress=False, log=lambda _: None).fit(
+            method, ClassificationTask(splits, backbone, augment=False))
+        expected = math.log(sum(_gauss(e, 1.0, 1.0) for e in (1, 2)))  # this run's two epochs only
+        assert method._log_total == pytest.approx(expected), run
 
 
 def test_the_aggregate_survives_a_training_state_round_trip(tiny_backbone, classnames):

@@ -310,19 +310,44 @@ def cmd_import(args: argparse.Namespace) -> int:
     from vlprompt.engine.checkpoint import CONFIG_FILE, atomic_write_json
     from vlprompt.interop import from_reference
 
+    import shutil
+
+    from vlprompt.engine.checkpoint import METRICS_FILE, PROMPT_FILE, RESUME_DIR, RUN_CONFIG_FILE
+    from vlprompt.fileio import FolderBusyError, exclusive_folder
+
+    typed = parse_set(args.set or [])
+    if set(typed) - {"method_options"}:
+        raise CLIError(f"import reads method options only (--set method.<option>=VALUE), not "
+                       f"{sorted(set(typed) - {'method_options'})}")  # fmt: skip
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise CLIError(f"--output {output} is a file; pass a folder")
-    if (output / CONFIG_FILE).exists() and not args.overwrite:
-        raise CLIError(f"{output} already holds a prompt; pass --overwrite to replace it or another --output")
+    # A finished or started training run (or an earlier import) is never mixed with an imported prompt.
+    held = [name for name in (CONFIG_FILE, PROMPT_FILE, RUN_CONFIG_FILE, METRICS_FILE, RESUME_DIR)
+            if (output / name).exists()]  # fmt: skip
+    if held and not args.overwrite:
+        raise CLIError(f"{output} already holds a prompt or a run ({', '.join(held)}); pass --overwrite to replace "
+                       "it, or another --output")  # fmt: skip
     classnames, template = _import_classes(args)
-    options = parse_set(args.set or []).get("method_options", {})
     backbone = load_backbone(args.model)
     method, report = from_reference(args.checkpoint, args.repository, backbone, classnames,
-                                    args.template or template, options)  # fmt: skip
-    method.save_pretrained(output)
-    atomic_write_json(output / "import_report.json", {"checkpoint": str(Path(args.checkpoint).resolve()),
-                                                      **report.to_dict()})  # fmt: skip
+                                    args.template or template, typed.get("method_options", {}))  # fmt: skip
+    try:
+        with exclusive_folder(output):
+            for name in held:  # --overwrite: the previous prompt or run goes, as `train --overwrite` does
+                target = output / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
+            method.save_pretrained(output)
+            atomic_write_json(output / "import_report.json", {"checkpoint": str(Path(args.checkpoint).resolve()),
+                                                              **report.to_dict()})  # fmt: skip
+    except FolderBusyError as err:
+        raise CLIError(str(err)) from None
+    except OSError as err:
+        raise CLIError(f"cannot write {err.filename or output}: {err.strerror or err}; choose a writable "
+                       "--output") from None
     print(report.summary())
     print(f"wrote {output} (and import_report.json): evaluate it with `vlprompt eval {output} --dataset ...`")
     return 0
@@ -349,9 +374,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     elif output.exists() and not args.overwrite:
         raise CLIError(f"{output} exists; pass --overwrite to replace it")
     method = vlprompt.PromptMethod.from_pretrained(args.run_dir, backbone=_export_backbone(args))
-    save_reference(method, args.repository, output, epoch=args.epoch)
+    try:
+        save_reference(method, args.repository, output, epoch=args.epoch)
+    except OSError as err:
+        raise CLIError(f"cannot write {err.filename or output}: {err.strerror or err}; choose a writable "
+                       "--output") from None
     print(f"wrote {output}: a {args.repository} checkpoint of the {method.registered_name} prompt in {args.run_dir} "
           f"({len(method.classnames)} classes)")
+    for note in LAYOUTS[args.repository].export_notes(method):
+        print(f"  note: {note}")
     return 0
 
 

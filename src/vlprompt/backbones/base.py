@@ -264,6 +264,8 @@ class Backbone(nn.Module, ABC):
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, module.get_base_layer())
+        if hasattr(self.model, "peft_config"):  # peft's record of the adapters, read by the next injection
+            del self.model.peft_config
 
     @property
     def device(self) -> torch.device:

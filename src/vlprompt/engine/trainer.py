@@ -486,6 +486,8 @@ class Trainer:
         step_module, optimizer = prepare_training(method, cfg, self.accelerator)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         start_epoch = self._load_resume_state(method, optimizer, scheduler) if resume else 0
+        if start_epoch == 0:  # a fresh run starts from an empty training state, even on a method fitted before
+            method.load_training_state({})
         params = list(method.prompt_parameters().values())
         task.prepare_training(method, self.accelerator, cfg.eval_batch_size)  # after configure(): cfg.augment
         dataset = task.train_dataset()

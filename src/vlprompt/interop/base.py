@@ -114,6 +114,10 @@ class ReferenceLayout:
     def check_exportable(self, method) -> None:
         """Refuse a prompt whose options the released code cannot reproduce, naming the option."""
 
+    def export_notes(self, method) -> list[str]:
+        """What a user must set in the released code for this prompt (options its files do not record)."""
+        return []
+
 
 # ----------------------------------------------------------------------------------------------- reading
 class TrainerObject:
@@ -132,14 +136,18 @@ def _load_safely(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True`` (no code from the file runs); classes of the trainer it meets are
     read as :class:`TrainerObject` stand-ins instead of failing the whole file."""
     stand_ins: list[tuple[type, str]] = []
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; older ones load plainly
     while True:
         try:
-            with torch.serialization.safe_globals(stand_ins):
+            if allow is None:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            with allow(stand_ins):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             found = UNSUPPORTED_GLOBAL.search(str(err))
             name = found.group(1) if found else None
-            if name is None or len(stand_ins) >= MAX_TRAINER_CLASSES or any(n == name for _, n in stand_ins):
+            if (allow is None or name is None or len(stand_ins) >= MAX_TRAINER_CLASSES
+                    or any(n == name for _, n in stand_ins)):  # fmt: skip
                 raise
             stand_ins.append((type(name.rsplit(".", 1)[-1], (TrainerObject,), {}), name))
 
@@ -253,14 +261,23 @@ def from_reference(path: str | Path, repository: str, backbone, classnames: Sequ
         raise ReferenceError(f"{path} fixes {', '.join(f'{k}={implied[k]!r}' for k in clash)} by its tensors; drop "
                              "those options")  # fmt: skip
     options = {**implied, **(options or {})}
-    tensors = {key: value if isinstance(value, list) else [value]
-               for key, value in layout.to_vlprompt(own, options).items()}  # fmt: skip
+    try:
+        tensors = {key: value if isinstance(value, list) else [value]
+                   for key, value in layout.to_vlprompt(own, options).items()}  # fmt: skip
+    except KeyError as err:
+        raise ReferenceError(f"{path} lacks {err.args[0]}, which a {repository} checkpoint holds beside the keys it "
+                             "has: the file is incomplete or of another layout") from None
+    except RuntimeError as err:  # e.g. per-layer prompts of different sizes cannot be stacked
+        raise ReferenceError(f"{path}: its per-layer tensors do not agree in shape ({str(err).splitlines()[0]}); the "
+                             f"{repository} trainer saves every layer's prompt with the same shape") from None
     template = layout.template(options) or template or "a photo of a {}."
     try:
         method = get_prompt_model(backbone, layout.method, list(classnames), template, dict(options))
-    except MethodConfigError as err:  # e.g. more prompted layers than this backbone has
-        raise ReferenceError(f"{path} holds a {layout.method} with {options}, which this backbone cannot carry "
-                             f"({err}): pass the CLIP it was trained on as --model") from None
+    except MethodConfigError as err:
+        if "exceeds" in str(err):  # more prompted layers than this backbone has
+            raise ReferenceError(f"{path} holds a {layout.method} with {options}, which this backbone cannot carry "
+                                 f"({err}): pass the CLIP it was trained on as --model") from None
+        raise ReferenceError(f"{err} (check the method options you set)") from None
     wanted = method.prompt_parameters()
     theirs = {ours: (key, t) for key, pairs in tensors.items() for ours, t in pairs}
     missing = sorted(set(wanted) - set(theirs))

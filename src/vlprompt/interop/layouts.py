@@ -98,6 +98,13 @@ class CoOpLayout(ReferenceLayout):
         return ["the checkpoint does not record CoOp's CLASS_TOKEN_POSITION: the class name goes at the end unless "
                 "you set class_position (middle, front)"]
 
+    def export_notes(self, method) -> list[str]:
+        position = method.config.class_position
+        if position == "end":
+            return []
+        return [f"the file does not record the class position: run the released CoOp with CLASS_TOKEN_POSITION "
+                f"{position} (and import it back with --set method.class_position={position})"]
+
     def recompute_buffers(self, method):
         return class_buffers(method, method.config.n_ctx, phrase_words=False)
 
@@ -169,8 +176,9 @@ class MaPLeLayout(ReferenceLayout):
         biases = contiguous(deep_keys(state, r"prompt_learner\.compound_prompt_projections\.(\d+)\.bias"), 0,
                             "compound_prompt_projections")  # fmt: skip
         if not len(text) == len(weights) == len(biases):
-            raise ReferenceError(f"{len(text)} compound text prompts but {len(weights)} projections: MaPLe saves one "
-                                 "projection per deep prompt")  # fmt: skip
+            raise ReferenceError(f"{len(text)} compound text prompts but {len(weights)} projection weights and "
+                                 f"{len(biases)} biases: MaPLe saves one projection (weight and bias) per deep "
+                                 "prompt")  # fmt: skip
         return text, weights, biases
 
     def options(self, state, backbone) -> dict[str, Any]:
@@ -318,6 +326,9 @@ class VPTLayout(ReferenceLayout):
         return method.registered_name in ("vpt_deep", "vpt_shallow")
 
     def check_exportable(self, method) -> None:
+        if method.config.placement != "embeddings":
+            raise ReferenceError(f"the released VPT places its tokens before the pre-LayerNorm; this prompt was "
+                                 f"trained with placement={method.config.placement} (export it --to dpt_vpt)")
         if method.template != PHOTO:
             raise ReferenceError(f"the released VPT scores with {PHOTO!r}; this prompt was trained with template "
                                  f"{method.template!r}: its logits there would differ")  # fmt: skip

@@ -219,7 +219,8 @@ class PromptMethod(nn.Module):
         return {}
 
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`training_state` returned (an empty dict from a method that keeps nothing)."""
+        """Restore what :meth:`training_state` returned; an empty dict starts afresh (the trainer passes one at the
+        start of every run that is not resumed, and a state saved before the method kept one is empty too)."""
 
     @property
     def cacheable_towers(self) -> frozenset[str]:

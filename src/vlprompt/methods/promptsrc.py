@@ -82,8 +82,17 @@ class PromptSRCConfig(IVLPConfig):
             return
         require(len(self.text_templates) > 0, "promptsrc.text_templates needs at least one template")
         for template in self.text_templates:
-            require(isinstance(template, str) and template.count("{}") == 1,
-                    f"promptsrc.text_templates: {template!r} needs exactly one '{{}}' where the class name goes")
+            require(isinstance(template, str) and template.count("{}") == 1 and _formats(template),
+                    f"promptsrc.text_templates: {template!r} needs exactly one '{{}}' where the class name goes "
+                    "and no other braces")
+
+
+def _formats(template: str) -> bool:
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        return False
+    return True
 
 
 def gaussian_log_weight(epoch: int, mean: float, std: float) -> float:

@@ -26,7 +26,9 @@ Tip-Adapter-F (``tip_adapter_f``) starts from the same fit (cache and alpha/beta
 trains the keys by gradient steps through the engine with cross-entropy on the same logits (the released code's
 ``adapter``, a linear layer initialised from the keys), and finally searches alpha/beta again on validation with the
 trained keys. Trainable: the keys, N x d numbers (N = training images). Deviations: the released code keeps the
-epoch with the best *test* accuracy; here the last epoch's keys are kept (nothing is chosen on test). AdamW's eps
+epoch with the best *test* accuracy; here the last epoch's keys are kept (nothing is chosen on test). It trains with
+per-dataset initial alpha / beta from its configs (ImageNet 1.17 / 1); here training uses the pair the first search
+chose on validation. AdamW's eps
 is torch's default (1e-8), not the released 1e-4; the schedule is the engine's per-epoch cosine, not per step.
 """
 from __future__ import annotations
