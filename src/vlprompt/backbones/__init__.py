@@ -13,6 +13,8 @@ from vlprompt.backbones.base import (
     DualEncoderBackbone,
     FamilyInfo,
     FusionDetectorBackbone,
+    FusionEncoderBackbone,
+    SITE_JOINT_SEQUENCE,
     register_backbone,
     SITE_BLOCK,
     SITE_DETECTION_TEXT,
@@ -36,6 +38,7 @@ from vlprompt.backbones.clip import CLIPBackbone
 from vlprompt.backbones.grounding_dino import GroundingDinoBackbone
 from vlprompt.backbones import presets as _clip_presets, grounding_dino_presets as _gdino_presets  # noqa: F401
 from vlprompt.backbones import siglip as _siglip, siglip_presets as _siglip_presets  # noqa: F401
+from vlprompt.backbones import vilt as _vilt, vilt_presets as _vilt_presets  # noqa: F401
 
 RANDOM_PREFIX = "random:"
 
@@ -95,6 +98,8 @@ __all__ = [
     "DualEncoderBackbone",
     "FamilyInfo",
     "FusionDetectorBackbone",
+    "FusionEncoderBackbone",
+    "SITE_JOINT_SEQUENCE",
     "register_backbone",
     "SITE_LINEAR_PROJECTIONS",
     "SITE_TOWER_WEIGHTS",

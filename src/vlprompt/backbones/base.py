@@ -30,7 +30,9 @@ SITE_TOWER_WEIGHTS = "tower_weights"
 # Kinds of model: each has its own abstract adapter base below, and its own task.
 KIND_DUAL_ENCODER = "dual_encoder"  # CLIP, SigLIP: two towers scored in a joint space (classification, retrieval)
 KIND_FUSION_DETECTOR = "fusion_detector"  # Grounding DINO family: text-conditioned boxes (detection)
-KIND_FUSION_ENCODER = "fusion_encoder"  # ViLT, BridgeTower: one joint sequence (VQA, pairs, retrieval): no adapter yet
+KIND_FUSION_ENCODER = "fusion_encoder"  # ViLT, BridgeTower: text and image tokens in shared layers (VQA, pairs, ...)
+# Tokens appended to a fusion encoder's joint sequence at any layer's input and replaced layer by layer (deep prompts).
+SITE_JOINT_SEQUENCE = "joint_sequence"
 
 # Where image prompts can go in a ViT sequence: after the patches, or before them (after a class token, if any).
 IMAGE_PROMPTS_END = "end"
@@ -82,7 +84,8 @@ def register_random_preset(name: str, build: Any) -> None:
 
 def register_backbone(model_types: Sequence[str], adapter: type["Backbone"]) -> type["Backbone"]:
     """Register an adapter for transformers ``model_type`` values, checking it fulfils its kind's contract."""
-    bases = {KIND_DUAL_ENCODER: DualEncoderBackbone, KIND_FUSION_DETECTOR: FusionDetectorBackbone}
+    bases = {KIND_DUAL_ENCODER: DualEncoderBackbone, KIND_FUSION_DETECTOR: FusionDetectorBackbone,
+             KIND_FUSION_ENCODER: FusionEncoderBackbone}
     info = getattr(adapter, "info", None)
     if not isinstance(info, FamilyInfo):
         raise TypeError(f"{adapter.__name__} must declare `info = FamilyInfo(...)`")
@@ -524,6 +527,55 @@ class FusionDetectorBackbone(Backbone):
     @abstractmethod
     def category_scores(self, logits: torch.Tensor, prompt: nn.Module) -> torch.Tensor:
         """Per-category scores ``(B, Q, C)`` from the detector's token logits."""
+
+
+class FusionEncoderBackbone(Backbone):
+    """A fusion encoder (ViLT: one joint sequence of text and patch tokens; BridgeTower: co-attention layers): its
+    layers see both modalities, and task heads read its pooled output. Methods see only this contract.
+
+    ``embed`` builds the joint sequence and its padding mask; ``run_layers`` runs the fusion layers over it with deep
+    prompts appended (``joint_sequence``) and an attention-block adapter (``attention_block``: called on each
+    attach point with the block's LayerNorm'd input and its attention output); ``pool`` is the model's own pooler.
+    """
+
+    @property
+    @abstractmethod
+    def width(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_layers(self) -> int: ...
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> TokenizedText:
+        """Token ids ``(B, T)`` padded to the model's text length, with lengths (the padding mask's row sums)."""
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+              pixel_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The joint sequence ``(B, N, C)`` entering the first fusion layer and its mask ``(B, N)`` (1 = attend)."""
+
+    @abstractmethod
+    def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, prompts: DeepPrompts | None = None,
+                   block: BlockAdapter | None = None) -> torch.Tensor:  # fmt: skip
+        """The fusion layers over ``hidden``; ``prompts.tokens[j]`` appended at layer j's input (layer 0) or
+        replacing the prompt positions (j >= 1); the returned sequence excludes the prompt positions."""
+
+    @abstractmethod
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The pooled output ``(B, C)`` task heads read (the model's final norm and pooler)."""
+
+    @abstractmethod
+    def attach_points(self) -> list[nn.Module]:
+        """The modules whose output the ``attention_block`` site changes, in layer order (APT's attach points)."""
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+               pixel_mask: torch.Tensor | None = None, prompts: DeepPrompts | None = None,
+               block: BlockAdapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(final sequence ``(B, N, C)``, pooled output ``(B, C)``) of one batch of text-image pairs."""
+        hidden, mask = self.embed(input_ids, attention_mask, pixel_values, pixel_mask)
+        hidden = self.run_layers(hidden, mask, prompts, block)
+        return hidden, self.pool(hidden)
 
 
 def without_hub_kernels(model_kwargs: dict) -> dict:
