@@ -70,6 +70,8 @@ class ReferenceLayout:
     # Several registered models, one file each (DPT): their state dicts are read together, each key prefixed with
     # "<registered name>.". Empty: one file.
     files: ClassVar[tuple[str, ...]] = ()
+    # Registered method names this layout writes (empty: ``method`` only), e.g. VPT-shallow as a one-layer VPT.
+    exports: ClassVar[tuple[str, ...]] = ()
     # Buffers the released code recomputes from the class names (deleted by its own load_model).
     recomputed: ClassVar[dict[str, str]] = {}
 
@@ -108,8 +110,8 @@ class ReferenceLayout:
         return {}
 
     def accepts(self, method) -> bool:
-        """Whether ``method`` can be written in this layout (its registered name is the layout's method)."""
-        return method.registered_name == self.method
+        """Whether ``method`` can be written in this layout (its registered name is one the layout exports)."""
+        return method.registered_name in (self.exports or (self.method,))
 
     def check_exportable(self, method) -> None:
         """Refuse a prompt whose options the released code cannot reproduce, naming the option."""

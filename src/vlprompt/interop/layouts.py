@@ -287,6 +287,7 @@ class IVLPLayout(ReferenceLayout):
 class VPTLayout(ReferenceLayout):
     repository = "VPT (muzairkhattak/multimodal-prompt-learning, trainers/vpt.py)"
     method = "vpt_deep"
+    exports = ("vpt_deep", "vpt_shallow")
     registered_name = "prompt_learner"
     whole_model = True
 
@@ -321,9 +322,6 @@ class VPTLayout(ReferenceLayout):
         return ["the released VPT scores with the fixed template 'a photo of a {}.': the imported prompt uses it",
                 "visual prompts are placed as the MaPLe repository places them (after the patches, before the "
                 "pre-LayerNorm), which is vlprompt's vpt_deep"]
-
-    def accepts(self, method) -> bool:
-        return method.registered_name in ("vpt_deep", "vpt_shallow")
 
     def check_exportable(self, method) -> None:
         if method.config.placement != "embeddings":
@@ -466,6 +464,7 @@ class DPTLayout(ReferenceLayout):
 class DPTVPTLayout(ReferenceLayout):
     repository = "VPT-deep baseline of the DPT repository (fanrena/DPT, trainers/VPT.py)"
     method = "vpt_deep"
+    exports = ("vpt_deep", "vpt_shallow")
     files = (DPT_VISUAL,)
 
     def claims(self, state) -> bool:
@@ -488,9 +487,6 @@ class DPTVPTLayout(ReferenceLayout):
         return ["behaviour option placement=after_pre_norm switched on: this baseline appends its tokens after the "
                 "pre-LayerNorm at every layer (vlprompt's vpt_deep places them before it by default, as the MaPLe "
                 "repository), and scores with the dataset's template"]
-
-    def accepts(self, method) -> bool:
-        return method.registered_name in ("vpt_deep", "vpt_shallow")
 
     def check_exportable(self, method) -> None:
         if method.config.placement != "after_pre_norm":
