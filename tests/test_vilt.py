@@ -143,3 +143,25 @@ def test_the_public_vilt_b32_architecture_and_a_saved_folder_load(tmp_path):
         (folder / name).unlink(missing_ok=True)
     with pytest.raises(vlprompt.backbones.BackboneLoadError, match="reads ordinary words as unknown"):
         load_backbone(str(folder))
+
+
+@torch.no_grad()
+def test_apt_on_every_block_costs_its_formula_in_flops(vilt, batch):
+    """APT's module (methods/apt.py) on the attention-block site: per block `X K~^T` and `S P` (2 T M C FLOPs each)
+    plus the low-rank keys (2 M C r twice); what benchmarks/fusion_cost.py reports for ViLT-B/32."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlprompt.methods.apt import APTConfig, ApproximatedPrompts
+
+    def flops(**sites):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            vilt.encode(*batch, **sites)
+        return counter.get_total_flops()
+
+    m, r = 5, 4
+    apt = ApproximatedPrompts(vilt.num_layers, vilt.width, APTConfig(n_prompts=m, rank=r))
+    tokens = vilt.embed(*batch)[0].shape[1]
+    b, c, layers = len(TEXTS), vilt.width, vilt.num_layers
+    assert flops(block=apt) - flops() == layers * (2 * 2 * b * tokens * m * c + 2 * 2 * m * c * r)
+    assert sum(p.numel() for p in apt.parameters()) == layers * (m * c + 2 * r * c + 1)
