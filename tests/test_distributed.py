@@ -88,6 +88,13 @@ CASES = {
     # fitted on gathered features; the main process's fit is broadcast
     "linear_probe": dict(method="linear_probe", method_options={"c_values": [0.1, 10.0], "max_iter": 50},
                          batch_size=4, augment=False),
+    # regularisers against the frozen model and a prompt aggregate updated after every epoch in every process
+    "promptsrc": dict(method="promptsrc", method_options={"text_depth": 2, "image_depth": 2, "gpa_mean": 2.0},
+                      batch_size=5, augment=True),
+    # LoRA weights inside the backbone are the trained tensors (dropout 0: each process draws its own masks)
+    "clip_lora": dict(method="clip_lora", method_options={"dropout": 0.0}, batch_size=5, augment=True),
+    # fitted on gathered features, broadcast, then its keys trained by steps and alpha / beta searched again
+    "tip_adapter_f": dict(method="tip_adapter_f", method_options={}, batch_size=5, augment=False),
 }
 
 
