@@ -149,7 +149,7 @@ def expected_counts(model: str, num_classes: int = 10) -> dict[str, int | None]:
     counts: dict[str, int | None] = {}
     for name, spec in METHODS.items():
         try:
-            if spec.method_class.required_sites - backbone.sites:
+            if spec.method_class.required_sites - backbone.sites or spec.method_class.backbone_kind != backbone.kind:
                 raise UnsupportedBackboneError(name)
             method = get_prompt_model(backbone, name, classnames, config=make_config(name, {}, backbone))
             fitted = method.trainable_once_fitted(16 * num_classes)  # Tip-Adapter-F: keys of 16 shots per class

@@ -16,10 +16,11 @@ from vlprompt.methods.registry import unsupported_reason
 from vlprompt.engine.trainer import TrainConfig, make_accelerator, prepare_training, run_training_step
 from vlprompt.methods import METHODS, ClassificationMethod, MethodConfig, get_prompt_model
 from vlprompt.options import opt
-from vlprompt.tasks.batches import ClassificationBatch, DetectionBatch
+from vlprompt.tasks.batches import ClassificationBatch, DetectionBatch, VQABatch
 
 # The backbones of the matrix: the tiny / micro presets of each kind of family.
-BACKBONE_PRESETS = {"clip": "random:tiny", "siglip": "random:siglip-tiny", "grounding-dino": "random:grounding-dino-micro"}
+BACKBONE_PRESETS = {"clip": "random:tiny", "siglip": "random:siglip-tiny", "grounding-dino": "random:grounding-dino-micro",
+                    "vilt": "random:vilt-micro"}
 CLASSES = ["cat", "dog", "red car"]
 # Options that keep the cases fast; each method's defining property is tested in its own file.
 FAST_OPTIONS = {"deep_prompt": {"n_text": 4, "n_image": 4}, "apt": {"n_prompts": 4}, "dpt": {"top_k": 2},
@@ -54,6 +55,8 @@ ZERO_SIZE = {
     "det_lora": ({}, None),  # LoRA's up-projection starts at zero
     "det_heads": ({}, None),
     "det_full": ({}, None),
+    "apt_native": ({"n_prompts": 0}, None),  # no memory tokens: the head on the frozen encoder
+    "deep_prompt_native": ({"n_prompts": 0}, None),
 }
 
 
@@ -84,6 +87,13 @@ def build(name: str, backbone, options: dict | None = None, seed: int = 0):
 
 def inputs_for(backbone, batch: int = 2, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
+    if backbone.kind == "fusion_encoder":
+        tokens = backbone.tokenize(["how many red circles?", "is the star left of the square?"][:batch])
+        mask = (torch.arange(tokens.input_ids.shape[1]) < tokens.lengths.unsqueeze(1)).long()
+        pixels = torch.randn(batch, 3, backbone.image_size, backbone.image_size, generator=g)
+        targets = torch.zeros(batch, len(CLASSES))
+        targets[torch.arange(batch), torch.arange(batch) % len(CLASSES)] = 1.0
+        return VQABatch(tokens.input_ids, mask, pixels, targets)
     if backbone.kind == "fusion_detector":
         size = backbone.image_config.shortest_edge
         pixels = torch.randn(batch, 3, size, size, generator=g)
@@ -97,6 +107,8 @@ def inputs_for(backbone, batch: int = 2, seed: int = 1):
 @torch.no_grad()
 def outputs(method, batch) -> torch.Tensor:
     method.eval()
+    if isinstance(batch, VQABatch):
+        return method(batch.input_ids, batch.attention_mask, batch.pixel_values)
     if isinstance(batch, DetectionBatch):
         scores, boxes = method.predict(batch.pixel_values, batch.pixel_mask)
         return torch.cat([scores.flatten(), boxes.flatten()])
@@ -165,6 +177,9 @@ def test_zero_size_prompts_equal_the_bare_model(case, dual_encoders):
     method = build(name, backbone, options)
     if backbone.kind == "fusion_detector":
         bare = get_prompt_model(backbone, "det_zeroshot", CLASSES)
+    elif backbone.kind == "fusion_encoder":  # the same head on the untouched encoder
+        bare = get_prompt_model(backbone, "fusion_head", CLASSES)
+        bare.head.load_state_dict(method.head.state_dict())
     else:
         bare = get_prompt_model(backbone, "zeroshot", CLASSES, template or method.template)
     batch = inputs_for(backbone)
@@ -222,6 +237,15 @@ def test_without_prompts_the_adapter_gives_the_models_own_outputs(family, dual_e
     model = backbone.model
     batch = inputs_for(backbone)
     with torch.no_grad():
+        if backbone.kind == "fusion_encoder":  # tests/test_vilt.py checks the adapter against ViltModel
+            from vlprompt.backbones.vilt import PATCH_ORDER_SEED
+
+            sequence, pooled = backbone.encode(batch.input_ids, batch.attention_mask, batch.pixel_values)
+            torch.manual_seed(PATCH_ORDER_SEED)
+            theirs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           pixel_values=batch.pixel_values)  # fmt: skip
+            torch.testing.assert_close(pooled, theirs.pooler_output)
+            return
         if backbone.kind == "fusion_detector":
             prompt = backbone.category_prompt(CLASSES)
             ours = backbone.detect(batch.pixel_values, prompt, pixel_mask=batch.pixel_mask)

@@ -18,6 +18,7 @@ from vlprompt.options import OptionError, check_keys
 from vlprompt.recipes import AUTO, choose_recipe, describe_train
 from vlprompt.specs import DatasetSpec, SpecError
 from vlprompt.tasks import Task, task_class
+from vlprompt.tasks.base import TASKS
 from vlprompt.tasks.classification import transform_config  # noqa: F401 - part of this module's API
 
 @dataclass
@@ -145,6 +146,9 @@ def dataset_task(dataset: str) -> str:
 def check_method_fits_dataset(method: str, dataset: str) -> str:
     """The task of ``method``, refusing a dataset of another task with the fix."""
     task = method_task(method)
+    if task not in TASKS:  # a method written ahead of its task (the fusion-encoder methods before the VQA task)
+        raise DatasetError(f"{canonical_method_name(method)!r} is a {task} method, and vlprompt has no {task} task to "
+                           "train or score it yet; `vlprompt params` counts its parameters")  # fmt: skip
     data_task = dataset_task(dataset)
     if task != data_task:
         same_task = sorted(name for name in METHODS if method_task(name) == data_task)

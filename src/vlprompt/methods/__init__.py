@@ -4,7 +4,7 @@ from __future__ import annotations
 # Importing a method module registers it (register_method at its end); this order is the registry's order.
 from vlprompt.methods import (  # noqa: F401
     zeroshot, linear_probe, coop, vpt, ivlp, cocoop, maple, upt, sdpt, dpt, apt, kgcoop, clip_adapter, tip_adapter,
-    promptsrc, clip_lora,
+    promptsrc, clip_lora, fusion,
 )
 from vlprompt.methods import detection, sdpt_native  # noqa: F401
 from vlprompt.methods.apt import APT, APTConfig

@@ -34,6 +34,21 @@ class DetectionBatch:
 
 
 @dataclass
+class VQABatch:
+    """Questions (token ids and padding mask) about images, with soft answer targets ``(B, answers)`` (min(1, k/3)
+    for an answer k annotators gave; zeros where unknown)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    targets: torch.Tensor
+    pixel_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
 class StepOutput:
     """One training step's named loss terms (their sum is minimised), the logits if the task scores them (training
     accuracy), and scalars worth logging that are not part of the loss."""

@@ -1,0 +1,151 @@
+"""Methods on fusion encoders (ViLT; backbones/vilt.py), native homes of APT: a VQA head on the pooled output, plus
+what each method tunes inside the encoder.
+
+- ``fusion_head``: the head only (the frozen encoder's pooled output, classified).
+- ``apt_native``: APT (methods/apt.py's module) on every block's attention output (the ``attention_block`` site):
+  ``O' = (O + w E) exp(s)`` with ``E = ReLU(X K~^T) P``, M prompts per block; the released placement on ViLT.
+- ``deep_prompt_native``: M tokens of the joint sequence at every block (``joint_sequence``): APT's baseline.
+
+The head is ViLT's VQA classifier: ``Linear(C, 2C) -> LayerNorm -> GELU -> Linear(2C, answers)``, trained with
+ViLT's loss, binary cross-entropy against the soft answer targets, times the number of answers. The answers are the
+method's class names: the head is tied to them.
+
+Not here yet (issue 17): the VQA task that loads data and scores VQA accuracy through the engine, NLVR2-style pairs
+and retrieval heads, LoRA and full fine-tuning on fusion encoders, and the release's training of the pooler and the
+token-type embeddings besides APT.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlprompt.backbones.base import KIND_FUSION_ENCODER, SITE_BLOCK, SITE_JOINT_SEQUENCE, DeepPrompts
+from vlprompt.methods.apt import APTConfig, ApproximatedPrompts
+from vlprompt.methods.base import MethodConfig, PromptMethod, subset_rows
+from vlprompt.methods.registry import register_method
+from vlprompt.options import opt
+from vlprompt.tasks.batches import StepOutput, VQABatch
+
+
+class VQAHead(nn.Module):
+    """ViLT's VQA classifier on the pooled output."""
+
+    def __init__(self, width: int, n_answers: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(),
+                                    nn.Linear(2 * width, n_answers))  # fmt: skip
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.layers(pooled.to(self.layers[0].weight.dtype))
+
+
+@dataclass
+class FusionHeadConfig(MethodConfig):
+    method_name = "fusion_head"
+
+
+class FusionMethod(PromptMethod):
+    """A VQA head on a fusion encoder, and the hooks a method fills to change the encoder (prompts, block adapter)."""
+
+    name = "fusion_head"
+    config_class = FusionHeadConfig
+    backbone_kind = KIND_FUSION_ENCODER
+    task = "vqa"
+
+    @classmethod
+    def tied_to_classes(cls, config: MethodConfig) -> bool:
+        return True  # the head scores its answer vocabulary
+
+    def __init__(self, backbone, config: MethodConfig, classnames, template: str = "{}") -> None:
+        super().__init__(backbone, config, classnames, template)
+        self.answers = list(self.classnames)
+        self.head = VQAHead(backbone.width, len(self.answers))
+        self.answer_rows: list[int] | None = None
+
+    def _on_classes_changed(self) -> None:
+        self.answer_rows = subset_rows(self.answers, self.classnames, "a VQA head")
+
+    # ----------------------------------------------------------------- what a method changes in the encoder
+    def joint_prompts(self) -> DeepPrompts | None:
+        """Tokens for the joint sequence (``joint_sequence``), or None."""
+        return None
+
+    def block_adapter(self):
+        """The attention-block adapter (``attention_block``), or None."""
+        return None
+
+    # ----------------------------------------------------------------- forward and loss
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                pixel_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Answer logits ``(B, answers)``."""
+        _, pooled = self.backbone.encode(input_ids, attention_mask, pixel_values, pixel_mask,
+                                         prompts=self.joint_prompts(), block=self.block_adapter())  # fmt: skip
+        logits = self.head(pooled)
+        return logits if self.answer_rows is None else logits[:, self.answer_rows]
+
+    def training_step(self, batch: VQABatch) -> StepOutput:
+        logits = self(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.pixel_mask)
+        targets = batch.targets.to(logits.device, torch.float32)
+        # ViLT's VQA loss: per-answer binary cross-entropy against the soft scores, summed over answers
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
+        return StepOutput({"main": loss}, logits=logits)
+
+
+@dataclass
+class APTNativeConfig(MethodConfig):
+    method_name = "apt_native"
+    n_prompts: int = opt(50, min=0)  # M per block; the release uses 50, its README's counts match 200
+    rank: int = opt(4, min=0)
+    init_std: float = opt(0.02, gt=0)
+
+
+class APTNative(FusionMethod):
+    name = "apt_native"
+    config_class = APTNativeConfig
+    required_sites = frozenset({SITE_BLOCK})
+
+    def __init__(self, backbone, config: APTNativeConfig, classnames, template: str = "{}") -> None:
+        super().__init__(backbone, config, classnames, template)
+        module_config = APTConfig(n_prompts=config.n_prompts, rank=config.rank, init_std=config.init_std)
+        self.apt = ApproximatedPrompts(backbone.num_layers, backbone.width, module_config) if config.n_prompts else None
+
+    def block_adapter(self):
+        return self.apt
+
+
+@dataclass
+class DeepPromptNativeConfig(MethodConfig):
+    method_name = "deep_prompt_native"
+    n_prompts: int = opt(50, min=0)  # M tokens at every block
+    depth: int | Literal["all"] = opt("all", min=1, help="blocks that receive fresh tokens (1: shallow)")
+    init_std: float = opt(0.02, gt=0)
+
+
+class DeepPromptNative(FusionMethod):
+    name = "deep_prompt_native"
+    config_class = DeepPromptNativeConfig
+    required_sites = frozenset({SITE_JOINT_SEQUENCE})
+
+    def __init__(self, backbone, config: DeepPromptNativeConfig, classnames, template: str = "{}") -> None:
+        super().__init__(backbone, config, classnames, template)
+        depth = backbone.num_layers if config.depth == "all" else int(config.depth)
+        if depth > backbone.num_layers:
+            from vlprompt.methods.base import MethodConfigError
+
+            raise MethodConfigError(f"deep_prompt_native.depth={depth} exceeds the {backbone.num_layers} blocks of "
+                                    f"this {backbone.family} backbone; use at most {backbone.num_layers} (or 'all')")
+        config.depth = depth
+        self.prompts = nn.Parameter(torch.randn(depth, config.n_prompts, backbone.width) * config.init_std)
+
+    def joint_prompts(self) -> DeepPrompts | None:
+        return DeepPrompts(list(self.prompts)) if self.config.n_prompts else None
+
+
+register_method("fusion_head", FusionMethod, summary="VQA head on a fusion encoder's pooled output (ViLT)")
+register_method("apt_native", APTNative, summary="APT on every attention block of a fusion encoder, with a VQA head")
+register_method("deep_prompt_native", DeepPromptNative,
+                summary="deep prompts in a fusion encoder's joint sequence, with a VQA head")
