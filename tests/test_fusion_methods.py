@@ -9,6 +9,7 @@ head on the untouched encoder, refused answer changes, bf16 / float64).
 - a batch equals its single examples; the VQA loss is ViLT's (BCE on soft scores, times the number of answers);
 - trainable counts on the public ViLT-B/32: APT 12 x (M x 768 + 2 x 4 x 768 + 1), deep prompts 12 x M x 768, plus the
   head ``Linear(768, 1536) + LayerNorm(1536) + Linear(1536, answers)``.
+Training through the engine on VQA data: tests/test_vqa_task.py.
 """
 from __future__ import annotations
 
@@ -105,10 +106,10 @@ def test_trainable_counts_on_vilt_b32_follow_the_formulas():
     assert deep.num_trainable() - head == 12 * 200 * 768 == 1_843_200  # the paper's deep-prompt 1.84M
 
 
-def test_training_through_the_engine_is_refused_until_the_vqa_task_exists(tmp_path):
+def test_training_on_a_classification_dataset_is_refused_naming_the_vqa_form(tmp_path):
     from vlprompt.engine.api import RunOptions, DataOptions
 
-    with pytest.raises(vlprompt.data.DatasetError, match="no vqa task to train or score it yet"):
+    with pytest.raises(vlprompt.data.DatasetError, match="is a vqa method; use a classification method .* or a vqa dataset \\(vqa:<a folder"):
         vlprompt.train(RunOptions(model="random:vilt-micro", method="apt_native", data=DataOptions("toy:shapes"),
                                   output=str(tmp_path / "run")), progress=False, log=lambda _: None)  # fmt: skip
     assert not (tmp_path / "run").exists()

@@ -17,14 +17,14 @@ from vlprompt.assets import DEFAULT_EMBEDDED
 __all__ = ["DatasetSpec", "ModelSpec", "SpecError"]
 
 ModelScheme = Literal["embedded", "random", "local", "hub"]
-DatasetScheme = Literal["toy", "toydet", "coco", "imagefolder", "named"]
+DatasetScheme = Literal["toy", "toydet", "coco", "vqa", "imagefolder", "named"]
 
 MODEL_FORMS = (
     "embedded or embedded:<name> (the shipped toy CLIP), random:<preset> (random weights, e.g. random:tiny), "
     "a local folder (./path, /path or ~/path) or a Hugging Face hub id (org/name or hf-hub:org/name)"
 )
 DATASET_FORMS = (
-    "toy:<name>, toydet:<name>, coco:<path>, imagefolder:<path> (or imagefolder with --data-root the folder) "
+    "toy:<name>, toydet:<name>, coco:<path>, vqa:<path>, imagefolder:<path> (or imagefolder with --data-root the folder) "
     "or a dataset name such as eurosat"
 )
 # A hub repo id: letters, digits, '.', '_' and '-', optionally under an organisation.
@@ -134,7 +134,7 @@ def _exists(path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------------ datasets
 # Schemes whose name cannot be empty -> the form a message shows.
-_NAMED_FORMS = {"toy": "toy:<name>", "toydet": "toydet:<name>", "coco": "coco:<path>"}
+_NAMED_FORMS = {"toy": "toy:<name>", "toydet": "toydet:<name>", "coco": "coco:<path>", "vqa": "vqa:<path>"}
 _DETECTION_SCHEMES = frozenset({"toydet", "coco"})
 
 
@@ -175,9 +175,11 @@ class DatasetSpec:
         return f"{self.scheme}:{self.name}"
 
     @property
-    def task(self) -> Literal["classification", "detection"]:
+    def task(self) -> Literal["classification", "detection", "vqa"]:
+        if self.scheme == "vqa":
+            return "vqa"
         return "detection" if self.scheme in _DETECTION_SCHEMES else "classification"
 
 
 def _example(scheme: str) -> str:
-    return {"toy": "toy:shapes", "toydet": "toydet:shapes", "coco": "coco:data/coco"}[scheme]
+    return {"toy": "toy:shapes", "toydet": "toydet:shapes", "coco": "coco:data/coco", "vqa": "vqa:data/vqa_v2"}[scheme]

@@ -100,7 +100,7 @@ def recorded_data(data: DataOptions) -> dict[str, Any]:
     if root is not None:
         values["root"] = str(root)
     spec = DatasetSpec.parse(data.dataset)
-    if spec.scheme in ("imagefolder", "coco") and spec.name and not Path(spec.name).expanduser().is_absolute():
+    if spec.scheme in ("imagefolder", "coco", "vqa") and spec.name and not Path(spec.name).expanduser().is_absolute():
         path = Path(spec.name).expanduser()
         if not path.exists() and root is not None and (root / path).exists():
             path = root / path
