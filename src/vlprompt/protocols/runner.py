@@ -30,7 +30,7 @@ from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.api import DataOptions, RunOptions, evaluate_checkpoint, train
 from vlprompt.engine.trainer import TrainConfig
 from vlprompt.recipes import AUTO, Recipe, RecipeSet, choose_recipe, epochs_by_shots_mapping
-from vlprompt.methods import canonical_method_name
+from vlprompt.methods import canonical_method_name, method_task
 from vlprompt.options import OptionError, check_options, opt
 
 PROTOCOLS = ("fewshot", "base2novel", "crossdataset", "domain")
@@ -102,6 +102,14 @@ class BenchConfig:
             )
         if not self.datasets:
             raise ValueError("the bench needs at least one dataset")
+        vqa = [d for d in self.datasets if str(d).strip().lower().startswith("vqa:")]
+        if vqa:
+            raise ValueError(f"the bench runs classification and detection protocols; {vqa[0]} is a VQA dataset: train "
+                             "and score VQA runs with `vlprompt train` and `vlprompt eval` for now")  # fmt: skip
+        vqa_methods = [m for m in self.methods if method_task(m) == "vqa"]
+        if vqa_methods:
+            raise ValueError(f"{vqa_methods[0]} is a VQA method and the bench has no VQA protocol yet: train and score "
+                             "it with `vlprompt train --dataset vqa:<folder>` and `vlprompt eval` for now")  # fmt: skip
         if "crossdataset" in self.protocols and not cross_targets(self):
             raise ValueError("crossdataset needs a source and at least one target dataset: give two or more "
                              "--datasets")
