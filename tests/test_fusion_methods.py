@@ -113,3 +113,23 @@ def test_training_on_a_classification_dataset_is_refused_naming_the_vqa_form(tmp
         vlprompt.train(RunOptions(model="random:vilt-micro", method="apt_native", data=DataOptions("toy:shapes"),
                                   output=str(tmp_path / "run")), progress=False, log=lambda _: None)  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_and_full_tuning_train_the_encoders_own_weights(batch):
+    vilt = load_backbone("random:vilt-micro")  # LoRA is injected into the backbone it is built on: a fresh one
+    lora = _model(vilt, "lora_native")
+    bare = _model(load_backbone("random:vilt-micro"), "fusion_head")
+    bare.head.load_state_dict(lora.head.state_dict())
+    torch.testing.assert_close(_logits(lora, batch), _logits(bare, batch))  # B = 0: the untouched encoder
+    adapters = [n for n in lora.prompt_parameters() if n.startswith("backbone.")]
+    assert adapters and all("lora_" in n and (".query." in n or ".value." in n) for n in adapters)
+    assert len(adapters) == 2 * 2 * vilt.num_layers  # A and B of q and v in every block
+    full = _model(load_backbone("random:vilt-micro"), "full_native")
+    encoder = sum(p.numel() for p in full.backbone.model.parameters())
+    assert full.num_trainable() == encoder + sum(p.numel() for p in full.head.parameters())
+
+
+def test_lora_on_vilt_b32_is_the_papers_baseline_size():
+    b32 = load_backbone("random:vilt-b32")
+    head = 768 * 1536 + 1536 + 2 * 1536 + 1536 * len(ANSWERS) + len(ANSWERS)
+    assert _model(b32, "lora_native").num_trainable() - head == 12 * 2 * 4 * (768 + 768) == 147_456  # the paper's 0.15M

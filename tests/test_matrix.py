@@ -11,7 +11,7 @@ from torch import nn
 
 import vlprompt
 from vlprompt.backbones import BACKBONES, load_backbone
-from vlprompt.backbones.base import SITE_JOINT_SPACE, SITE_TOWER_WEIGHTS
+from vlprompt.backbones.base import SITE_FUSION_WEIGHTS, SITE_JOINT_SPACE, SITE_TOWER_WEIGHTS
 from vlprompt.methods.registry import unsupported_reason
 from vlprompt.engine.trainer import TrainConfig, make_accelerator, prepare_training, run_training_step
 from vlprompt.methods import METHODS, ClassificationMethod, MethodConfig, get_prompt_model
@@ -57,6 +57,8 @@ ZERO_SIZE = {
     "det_full": ({}, None),
     "apt_native": ({"n_prompts": 0}, None),  # no memory tokens: the head on the frozen encoder
     "deep_prompt_native": ({"n_prompts": 0}, None),
+    "lora_native": ({}, None),  # LoRA's up-projection starts at zero
+    "full_native": ({}, None),
 }
 
 
@@ -74,7 +76,7 @@ def dual_encoders():
 def backbone_for(family: str, dual_encoders, name: str = ""):
     # Detection methods may train or extend the detector's own weights (heads, full, LoRA), and CLIP-LoRA injects
     # adapters into the towers: a fresh backbone each time for those.
-    adds_weights = name and SITE_TOWER_WEIGHTS in METHODS[name].method_class.required_sites
+    adds_weights = name and bool({SITE_TOWER_WEIGHTS, SITE_FUSION_WEIGHTS} & METHODS[name].method_class.required_sites)
     if family in dual_encoders and not adds_weights:
         return dual_encoders[family]
     return load_backbone(BACKBONE_PRESETS[family])

@@ -59,7 +59,8 @@ def test_a_head_learns_the_answers_and_the_run_is_scored_with_vqa_accuracy(vqa_s
     assert sorted(loaded.classnames) == ["blue", "green", "red"]
 
 
-@pytest.mark.parametrize("method, options", [("apt_native", {"n_prompts": 4}), ("deep_prompt_native", {"n_prompts": 4})])
+@pytest.mark.parametrize("method, options", [("apt_native", {"n_prompts": 4}), ("deep_prompt_native", {"n_prompts": 4}),
+                                             ("lora_native", {}), ("full_native", {})])
 def test_the_prompt_methods_train_through_the_engine(vqa_setup, tmp_path, method, options):
     vlprompt.train(_options(vqa_setup, tmp_path / method, method, epochs=6, lr=0.01, **options), progress=False,
                    log=lambda _: None)  # fmt: skip

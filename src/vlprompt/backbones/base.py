@@ -33,6 +33,8 @@ KIND_FUSION_DETECTOR = "fusion_detector"  # Grounding DINO family: text-conditio
 KIND_FUSION_ENCODER = "fusion_encoder"  # ViLT, BridgeTower: text and image tokens in shared layers (VQA, pairs, ...)
 # Tokens appended to a fusion encoder's joint sequence at any layer's input and replaced layer by layer (deep prompts).
 SITE_JOINT_SEQUENCE = "joint_sequence"
+# A fusion encoder's own weights: LoRA adapters (peft) on its attention projections, or all of them (full tuning).
+SITE_FUSION_WEIGHTS = "fusion_weights"
 
 # Where image prompts can go in a ViT sequence: after the patches, or before them (after a class token, if any).
 IMAGE_PROMPTS_END = "end"

@@ -4,6 +4,8 @@ Sites (``VILT_INFO``):
 - ``attention_block``: each block's attention output after its output projection (``ViltSelfOutput``), before the
   residual, changed by a ``BlockAdapter`` that also sees the block's LayerNorm'd input (the ``input_tensor``
   transformers passes to ``ViltSelfOutput``): where APT sits in its native form.
+- ``fusion_weights``: the model's own weights, all of them (full fine-tuning) or LoRA adapters (``peft``) on each
+  block's attention projections.
 - ``joint_sequence``: deep prompts appended after the text and patch tokens at the first block's input (attended
   by every token, unmasked) and replaced at each later block; the returned sequence drops them, so the pooler reads
   the same first token.
@@ -26,6 +28,7 @@ from torch import nn
 from vlprompt.backbones.base import (
     KIND_FUSION_ENCODER,
     SITE_BLOCK,
+    SITE_FUSION_WEIGHTS,
     SITE_JOINT_SEQUENCE,
     BackboneLoadError,
     BlockAdapter,
@@ -38,7 +41,9 @@ from vlprompt.backbones.base import (
 )
 
 PATCH_ORDER_SEED = 0  # the seed of the patch order ViLT's embeddings draw (see ViltBackbone.embed)
-VILT_INFO = FamilyInfo(kind=KIND_FUSION_ENCODER, sites=frozenset({SITE_BLOCK, SITE_JOINT_SEQUENCE}))
+VILT_INFO = FamilyInfo(kind=KIND_FUSION_ENCODER, sites=frozenset({SITE_BLOCK, SITE_JOINT_SEQUENCE, SITE_FUSION_WEIGHTS}),
+                       attention_projections={"q": "attention.attention.query", "k": "attention.attention.key",
+                                              "v": "attention.attention.value", "o": "attention.output.dense"})
 # Config fields that make a ViLT architecture: a prompt trained on one refuses another that differs in them.
 VILT_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
                     "max_position_embeddings", "image_size", "patch_size", "modality_type_vocab_size",
@@ -176,6 +181,30 @@ class ViltBackbone(FusionEncoderBackbone):
 
     def attach_points(self) -> list[nn.Module]:
         return [layer.attention.output for layer in self.model.encoder.layer]
+
+    # ------------------------------------------------------------------ the encoder's own weights
+    def named_weights(self) -> dict[str, nn.Parameter]:
+        """Every weight of the model by its name (LoRA adapters a method injected excluded): full fine-tuning."""
+        return {n: p for n, p in self.model.named_parameters() if "lora_" not in n}
+
+    def add_lora(self, r: int, alpha: float, dropout: float,
+                 projections: Sequence[str] = ("q", "v")) -> dict[str, nn.Parameter]:  # fmt: skip
+        """Inject LoRA adapters (``peft``) into the attention ``projections`` (roles of ``info.attention_projections``)
+        of every block; returns them by their name in ``model``. A backbone takes one set of adapters."""
+        roles = self.info.attention_projections
+        unknown = [p for p in projections if p not in roles]
+        if unknown or not projections:
+            raise ValueError(f"LoRA projections {list(projections)}: choose from {sorted(roles)}")
+        if self.has_lora():
+            raise ValueError("this backbone already carries LoRA adapters (a LoRA method was built on it): load a "
+                             "fresh backbone for each LoRA method")
+        from peft import LoraConfig, inject_adapter_in_model
+
+        names = {id(module): name for name, module in self.model.named_modules()}
+        targets = [f"{names[id(layer)]}.{roles[p]}" for layer in self.model.encoder.layer for p in projections]
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+        inject_adapter_in_model(config, self.model)
+        return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
 
 
 @contextmanager

@@ -5,14 +5,16 @@ what each method tunes inside the encoder.
 - ``apt_native``: APT (methods/apt.py's module) on every block's attention output (the ``attention_block`` site):
   ``O' = (O + w E) exp(s)`` with ``E = ReLU(X K~^T) P``, M prompts per block; the released placement on ViLT.
 - ``deep_prompt_native``: M tokens of the joint sequence at every block (``joint_sequence``): APT's baseline.
+- ``lora_native``: LoRA (``peft``) on each block's query and value projections, rank 4 (``fusion_weights``): about
+  the 0.15M trainable APT's paper lists for its LoRA baseline on ViLT.
+- ``full_native``: every weight of the encoder with the head (``fusion_weights``): the paper's upper reference.
 
 The head is ViLT's VQA classifier: ``Linear(C, 2C) -> LayerNorm -> GELU -> Linear(2C, answers)``, trained with
 ViLT's loss, binary cross-entropy against the soft answer targets, times the number of answers. The answers are the
 method's class names: the head is tied to them.
 
-Not here yet (issue 17): the VQA task that loads data and scores VQA accuracy through the engine, NLVR2-style pairs
-and retrieval heads, LoRA and full fine-tuning on fusion encoders, and the release's training of the pooler and the
-token-type embeddings besides APT.
+The VQA task that trains and scores them is tasks/vqa.py. Not here yet (issue 17): NLVR2-style pairs and retrieval
+heads, and the release's training of the pooler and the token-type embeddings besides APT.
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlprompt.backbones.base import KIND_FUSION_ENCODER, SITE_BLOCK, SITE_JOINT_SEQUENCE, DeepPrompts
+from vlprompt.backbones.base import KIND_FUSION_ENCODER, SITE_BLOCK, SITE_FUSION_WEIGHTS, SITE_JOINT_SEQUENCE, DeepPrompts
 from vlprompt.methods.apt import APTConfig, ApproximatedPrompts
-from vlprompt.methods.base import MethodConfig, PromptMethod, subset_rows
+from vlprompt.methods.base import MethodConfig, PromptMethod, require, set_lora_dropout_mode, subset_rows
 from vlprompt.methods.registry import register_method
 from vlprompt.options import opt
 from vlprompt.tasks.batches import StepOutput, VQABatch
@@ -145,7 +147,69 @@ class DeepPromptNative(FusionMethod):
         return DeepPrompts(list(self.prompts)) if self.config.n_prompts else None
 
 
+class _EncoderWeights(FusionMethod):
+    """A method that trains some of the encoder's own weights: they join its trained tensors (and its saved state)
+    under ``backbone.model.<name>``."""
+
+    required_sites = frozenset({SITE_FUSION_WEIGHTS})
+
+    def _train_weights(self, weights: dict[str, nn.Parameter]) -> None:
+        for p in weights.values():
+            p.requires_grad_(True)
+        self._weights = dict(weights)
+
+    def prompt_parameters(self) -> dict[str, nn.Parameter]:
+        own = super().prompt_parameters()
+        own.update({f"backbone.model.{n}": p for n, p in self._weights.items()})
+        return own
+
+
+@dataclass
+class LoRANativeConfig(MethodConfig):
+    method_name = "lora_native"
+    r: int = opt(4, min=1)
+    alpha: float = opt(8.0, gt=0)
+    dropout: float = opt(0.0, min=0)
+    projections: list[str] = opt(["q", "v"], help="attention projections of every block: q, k, v, o")
+
+    def validate(self) -> None:
+        require(self.dropout < 1, f"lora_native.dropout must be in [0, 1), got {self.dropout}")
+        require(bool(self.projections) and len(set(self.projections)) == len(self.projections)
+                and set(self.projections) <= {"q", "k", "v", "o"},
+                f"lora_native.projections must be distinct names from q, k, v, o, got {self.projections}")  # fmt: skip
+
+
+class LoRANative(_EncoderWeights):
+    name = "lora_native"
+    config_class = LoRANativeConfig
+
+    def __init__(self, backbone, config: LoRANativeConfig, classnames, template: str = "{}") -> None:
+        super().__init__(backbone, config, classnames, template)
+        self._train_weights(backbone.add_lora(config.r, config.alpha, config.dropout, config.projections))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        set_lora_dropout_mode(self.backbone.model, mode)
+        return self
+
+
+@dataclass
+class FullNativeConfig(MethodConfig):
+    method_name = "full_native"
+
+
+class FullNative(_EncoderWeights):
+    name = "full_native"
+    config_class = FullNativeConfig
+
+    def __init__(self, backbone, config: FullNativeConfig, classnames, template: str = "{}") -> None:
+        super().__init__(backbone, config, classnames, template)
+        self._train_weights(backbone.named_weights())
+
+
 register_method("fusion_head", FusionMethod, summary="VQA head on a fusion encoder's pooled output (ViLT)")
 register_method("apt_native", APTNative, summary="APT on every attention block of a fusion encoder, with a VQA head")
 register_method("deep_prompt_native", DeepPromptNative,
                 summary="deep prompts in a fusion encoder's joint sequence, with a VQA head")
+register_method("lora_native", LoRANative, summary="LoRA (peft) on a fusion encoder's q/v projections, with a VQA head")
+register_method("full_native", FullNative, summary="every weight of a fusion encoder, with a VQA head (reference)")
