@@ -7,8 +7,9 @@ head on the untouched encoder, refused answer changes, bf16 / float64).
   model (documented in APT: the memory tokens act from the first step);
 - deep prompts: the joint sequence with M tokens per block (the adapter's loop is tested in tests/test_vilt.py);
 - a batch equals its single examples; the VQA loss is ViLT's (BCE on soft scores, times the number of answers);
-- trainable counts on the public ViLT-B/32: APT 12 x (M x 768 + 2 x 4 x 768 + 1), deep prompts 12 x M x 768, plus the
-  head ``Linear(768, 1536) + LayerNorm(1536) + Linear(1536, answers)``.
+- trainable counts on the public ViLT-B/32: APT 12 x (M x 768 + 2 x 4 x 768 + 1) (with the release's pooler and
+  modality-type embeddings besides), deep prompts 12 x M x 768, plus the head
+  ``Linear(768, 1536) + LayerNorm(1536) + Linear(1536, answers)``.
 Training through the engine on VQA data: tests/test_vqa_task.py.
 """
 from __future__ import annotations
@@ -100,8 +101,13 @@ def test_trainable_counts_on_vilt_b32_follow_the_formulas():
     b32 = load_backbone("random:vilt-b32")
     head = 768 * 1536 + 1536 + 2 * 1536 + 1536 * len(ANSWERS) + len(ANSWERS)
     assert _model(b32, "fusion_head").num_trainable() == head
-    apt = _model(b32, "apt_native", {"n_prompts": 200})
-    assert apt.num_trainable() - head == 12 * (200 * 768 + 2 * 4 * 768 + 1) == 1_916_940  # APT's 1.92M
+    apt_only = _model(b32, "apt_native", {"n_prompts": 200, "train_pooler": False, "train_token_types": False})
+    assert apt_only.num_trainable() - head == 12 * (200 * 768 + 2 * 4 * 768 + 1) == 1_916_940  # APT's 1.92M
+    released = _model(load_backbone("random:vilt-b32"), "apt_native", {"n_prompts": 200})
+    extras = {n: p.numel() for n, p in released.prompt_parameters().items() if n.startswith("backbone.")}
+    assert extras == {"backbone.model.embeddings.token_type_embeddings.weight": 2 * 768,  # the release's trainable set
+                      "backbone.model.pooler.dense.weight": 768 * 768, "backbone.model.pooler.dense.bias": 768}
+    assert released.num_trainable() == apt_only.num_trainable() + sum(extras.values())
     deep = _model(b32, "deep_prompt_native", {"n_prompts": 200})
     assert deep.num_trainable() - head == 12 * 200 * 768 == 1_843_200  # the paper's deep-prompt 1.84M
 

@@ -183,9 +183,18 @@ class ViltBackbone(FusionEncoderBackbone):
         return [layer.attention.output for layer in self.model.encoder.layer]
 
     # ------------------------------------------------------------------ the encoder's own weights
-    def named_weights(self) -> dict[str, nn.Parameter]:
-        """Every weight of the model by its name (LoRA adapters a method injected excluded): full fine-tuning."""
-        return {n: p for n, p in self.model.named_parameters() if "lora_" not in n}
+    def named_weights(self, parts: Sequence[str] = ()) -> dict[str, nn.Parameter]:
+        """The model's weights by their name (LoRA adapters excluded): all of them (full fine-tuning), or the
+        ``parts`` named: ``pooler``, ``token_types`` (the modality-type embeddings)."""
+        prefixes = {"pooler": "pooler.", "token_types": "embeddings.token_type_embeddings."}
+        unknown = [p for p in parts if p not in prefixes]
+        if unknown:
+            raise ValueError(f"unknown ViLT weight parts {unknown}; choose from {sorted(prefixes)}")
+        weights = {n: p for n, p in self.model.named_parameters() if "lora_" not in n}
+        if not parts:
+            return weights
+        wanted = tuple(prefixes[p] for p in parts)
+        return {n: p for n, p in weights.items() if n.startswith(wanted)}
 
     def add_lora(self, r: int, alpha: float, dropout: float,
                  projections: Sequence[str] = ("q", "v")) -> dict[str, nn.Parameter]:  # fmt: skip

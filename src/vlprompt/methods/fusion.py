@@ -3,7 +3,8 @@ what each method tunes inside the encoder.
 
 - ``fusion_head``: the head only (the frozen encoder's pooled output, classified).
 - ``apt_native``: APT (methods/apt.py's module) on every block's attention output (the ``attention_block`` site):
-  ``O' = (O + w E) exp(s)`` with ``E = ReLU(X K~^T) P``, M prompts per block; the released placement on ViLT.
+  ``O' = (O + w E) exp(s)`` with ``E = ReLU(X K~^T) P``, M prompts per block; the released placement on ViLT, and
+  its trainable set: besides APT and the head, the pooler and the token-type (modality) embeddings.
 - ``deep_prompt_native``: M tokens of the joint sequence at every block (``joint_sequence``): APT's baseline.
 - ``lora_native``: LoRA (``peft``) on each block's query and value projections, rank 4 (``fusion_weights``): about
   the 0.15M trainable APT's paper lists for its LoRA baseline on ViLT.
@@ -14,7 +15,7 @@ ViLT's loss, binary cross-entropy against the soft answer targets, times the num
 method's class names: the head is tied to them.
 
 The VQA task that trains and scores them is tasks/vqa.py. Not here yet (issue 17): NLVR2-style pairs and retrieval
-heads, and the release's training of the pooler and the token-type embeddings besides APT.
+heads.
 """
 from __future__ import annotations
 
@@ -97,26 +98,6 @@ class FusionMethod(PromptMethod):
         return StepOutput({"main": loss}, logits=logits)
 
 
-@dataclass
-class APTNativeConfig(MethodConfig):
-    method_name = "apt_native"
-    n_prompts: int = opt(50, min=0)  # M per block; the release uses 50, its README's counts match 200
-    rank: int = opt(4, min=0)
-    init_std: float = opt(0.02, gt=0)
-
-
-class APTNative(FusionMethod):
-    name = "apt_native"
-    config_class = APTNativeConfig
-    required_sites = frozenset({SITE_BLOCK})
-
-    def __init__(self, backbone, config: APTNativeConfig, classnames, template: str = "{}") -> None:
-        super().__init__(backbone, config, classnames, template)
-        module_config = APTConfig(n_prompts=config.n_prompts, rank=config.rank, init_std=config.init_std)
-        self.apt = ApproximatedPrompts(backbone.num_layers, backbone.width, module_config) if config.n_prompts else None
-
-    def block_adapter(self):
-        return self.apt
 
 
 @dataclass
@@ -162,6 +143,34 @@ class _EncoderWeights(FusionMethod):
         own = super().prompt_parameters()
         own.update({f"backbone.model.{n}": p for n, p in self._weights.items()})
         return own
+
+
+@dataclass
+class APTNativeConfig(MethodConfig):
+    method_name = "apt_native"
+    n_prompts: int = opt(50, min=0)  # M per block; the release uses 50, its README's counts match 200
+    rank: int = opt(4, min=0)
+    init_std: float = opt(0.02, gt=0)
+    # The release also trains the encoder's pooler and its token-type (modality) embeddings besides APT and the head.
+    train_pooler: bool = True
+    train_token_types: bool = True
+
+
+class APTNative(_EncoderWeights):
+    name = "apt_native"
+    config_class = APTNativeConfig
+    required_sites = frozenset({SITE_BLOCK, SITE_FUSION_WEIGHTS})
+
+    def __init__(self, backbone, config: APTNativeConfig, classnames, template: str = "{}") -> None:
+        super().__init__(backbone, config, classnames, template)
+        module_config = APTConfig(n_prompts=config.n_prompts, rank=config.rank, init_std=config.init_std)
+        self.apt = ApproximatedPrompts(backbone.num_layers, backbone.width, module_config) if config.n_prompts else None
+        parts = [part for part, wanted in (("pooler", config.train_pooler),
+                                           ("token_types", config.train_token_types)) if wanted]  # fmt: skip
+        self._train_weights(backbone.named_weights(parts) if parts else {})
+
+    def block_adapter(self):
+        return self.apt
 
 
 @dataclass
