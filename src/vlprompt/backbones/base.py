@@ -260,6 +260,26 @@ class Backbone(nn.Module, ABC):
     def has_lora(self) -> bool:
         return any("lora_" in n for n, _ in self.model.named_parameters())
 
+    def inject_lora(self, layers: Sequence[nn.Module], projections: Sequence[str], r: int, alpha: float,
+                    dropout: float) -> dict[str, nn.Parameter]:  # fmt: skip
+        """Inject LoRA adapters (``peft``) into the ``projections`` (roles of ``info.attention_projections``) of each of
+        ``layers``; returns the adapters by their name in ``model``. A backbone takes one set of adapters: a second
+        method needs a freshly loaded backbone (``remove_lora`` takes them out)."""
+        roles = self.info.attention_projections
+        unknown = [p for p in projections if p not in roles]
+        if unknown or not projections:
+            raise ValueError(f"LoRA projections {list(projections)}: choose from {sorted(roles)}")
+        if self.has_lora():
+            raise ValueError("this backbone already carries LoRA adapters (a LoRA method was built on it): load a "
+                             "fresh backbone for each LoRA method")
+        from peft import LoraConfig, inject_adapter_in_model
+
+        names = {id(module): name for name, module in self.model.named_modules()}
+        targets = [f"{names[id(layer)]}.{roles[p]}" for layer in layers for p in projections]
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+        inject_adapter_in_model(config, self.model)  # peft puts the adapters on their layer's device
+        return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
+
     def remove_lora(self) -> None:
         """Take out every LoRA adapter a method injected: each adapted layer becomes its original layer again."""
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -130,23 +130,8 @@ class TransformersTwoTowers(DualEncoderBackbone):
         takes one set of adapters: a second method needs a freshly loaded backbone."""
         if SITE_TOWER_WEIGHTS not in self.sites:
             raise UnsupportedBackboneError(f"the {self.family} backbone offers no LoRA site ({SITE_TOWER_WEIGHTS})")
-        roles = self.info.attention_projections
-        unknown = [p for p in projections if p not in roles]
-        if unknown or not projections:
-            raise ValueError(f"LoRA projections {list(projections)}: choose from {sorted(roles)}")
-        if self.has_lora():
-            raise ValueError("this backbone already carries LoRA adapters (a LoRA method was built on it): load a "
-                             "fresh backbone for each LoRA method")
-        names = {id(module): name for name, module in self.model.named_modules()}
-        targets = [f"{names[id(layer)]}.{roles[p]}" for tower in towers for layer in self.encoder_layers(tower)
-                   for p in projections]  # fmt: skip
-        try:
-            from peft import LoraConfig, inject_adapter_in_model
-        except ImportError as err:  # pragma: no cover - peft is a dependency
-            raise ImportError("LoRA needs peft: pip install peft") from err
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
-        inject_adapter_in_model(config, self.model)  # peft puts the adapters on their layer's device
-        return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
+        layers = [layer for tower in towers for layer in self.encoder_layers(tower)]
+        return self.inject_lora(layers, projections, r, alpha, dropout)
 
     def attention_blocks(self, tower: str) -> list[nn.Module]:
         """The self-attention module of every layer of ``tower`` ("text" or "image"), for block-site methods."""

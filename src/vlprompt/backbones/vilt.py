@@ -200,20 +200,7 @@ class ViltBackbone(FusionEncoderBackbone):
                  projections: Sequence[str] = ("q", "v")) -> dict[str, nn.Parameter]:  # fmt: skip
         """Inject LoRA adapters (``peft``) into the attention ``projections`` (roles of ``info.attention_projections``)
         of every block; returns them by their name in ``model``. A backbone takes one set of adapters."""
-        roles = self.info.attention_projections
-        unknown = [p for p in projections if p not in roles]
-        if unknown or not projections:
-            raise ValueError(f"LoRA projections {list(projections)}: choose from {sorted(roles)}")
-        if self.has_lora():
-            raise ValueError("this backbone already carries LoRA adapters (a LoRA method was built on it): load a "
-                             "fresh backbone for each LoRA method")
-        from peft import LoraConfig, inject_adapter_in_model
-
-        names = {id(module): name for name, module in self.model.named_modules()}
-        targets = [f"{names[id(layer)]}.{roles[p]}" for layer in self.model.encoder.layer for p in projections]
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
-        inject_adapter_in_model(config, self.model)
-        return {n: p for n, p in self.model.named_parameters() if "lora_" in n}
+        return self.inject_lora(list(self.model.encoder.layer), projections, r, alpha, dropout)
 
 
 @contextmanager

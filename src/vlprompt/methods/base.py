@@ -166,6 +166,7 @@ class PromptMethod(nn.Module):
         self.classnames: list[str] = list(classnames)
         self.template = template
         self.registered_name = self.name  # the registry's name, e.g. "vpt_deep" rather than the class's "vpt"
+        self._weights: dict[str, nn.Parameter] = {}  # backbone weights this method trains (by their model name)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -239,8 +240,17 @@ class PromptMethod(nn.Module):
 
     # ----------------------------------------------------------------- trainable state
     def prompt_parameters(self) -> dict[str, nn.Parameter]:
-        """The method's own trainable parameters (the backbone is never included)."""
-        return {n: p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad}
+        """The method's own trainable parameters, plus the backbone weights it trains (``_train_weights``: heads,
+        LoRA adapters, all of them) as ``backbone.model.<name>``; no other backbone parameter."""
+        own = {n: p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad}
+        own.update({f"backbone.model.{n}": p for n, p in self._weights.items()})
+        return own
+
+    def _train_weights(self, weights: dict[str, nn.Parameter]) -> None:
+        """Train these weights of the backbone (by their name in ``backbone.model``) with the method's own."""
+        for p in weights.values():
+            p.requires_grad_(True)
+        self._weights = dict(weights)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.prompt_parameters().values())

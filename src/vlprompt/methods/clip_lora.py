@@ -19,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from torch import nn
-
 from vlprompt.backbones.base import SITE_TOWER_WEIGHTS
 from vlprompt.methods.base import ClassificationMethod, MethodConfig, require, set_lora_dropout_mode
 from vlprompt.methods.registry import register_method
@@ -59,9 +57,7 @@ class ClipLoRA(ClassificationMethod):
         super().__init__(backbone, config, classnames, template)
         weights = backbone.add_lora(config.r, config.alpha, config.dropout, TOWERS[config.towers],
                                     config.projections)  # fmt: skip
-        for p in weights.values():
-            p.requires_grad_(True)
-        self._weights: dict[str, nn.Parameter] = dict(weights)
+        self._train_weights(weights)
 
     @property
     def cacheable_towers(self) -> frozenset[str]:
@@ -72,11 +68,6 @@ class ClipLoRA(ClassificationMethod):
         super().train(mode)
         set_lora_dropout_mode(self.backbone.model, mode)
         return self
-
-    def prompt_parameters(self) -> dict[str, nn.Parameter]:
-        own = super().prompt_parameters()
-        own.update({f"backbone.model.{n}": p for n, p in self._weights.items()})
-        return own
 
 
 register_method(

@@ -41,7 +41,6 @@ class DetectionMethod(PromptMethod):
 
     def __init__(self, backbone, config: MethodConfig, classnames, template: str = DETECTION_TEMPLATE) -> None:
         super().__init__(backbone, config, classnames, template)
-        self._weights: dict[str, nn.Parameter] = {}  # detector weights this method trains (by model name)
         self._build_text()
 
     # ----------------------------------------------------------------- category prompt
@@ -99,15 +98,6 @@ class DetectionMethod(PromptMethod):
         set_lora_dropout_mode(self.backbone.model, mode)  # det_lora's own dropout is part of what trains
         return self
 
-    def _train_weights(self, weights: dict[str, nn.Parameter]) -> None:
-        for p in weights.values():
-            p.requires_grad_(True)
-        self._weights = dict(weights)
-
-    def prompt_parameters(self) -> dict[str, nn.Parameter]:
-        own = super().prompt_parameters()
-        own.update({f"backbone.model.{n}": p for n, p in self._weights.items()})
-        return own
 
 
 # --------------------------------------------------------------------------------------------- zero-shot

@@ -129,20 +129,10 @@ class DeepPromptNative(FusionMethod):
 
 
 class _EncoderWeights(FusionMethod):
-    """A method that trains some of the encoder's own weights: they join its trained tensors (and its saved state)
-    under ``backbone.model.<name>``."""
+    """A method that trains some of the encoder's own weights (``PromptMethod._train_weights``): they join its
+    trained tensors and its saved state under ``backbone.model.<name>``."""
 
     required_sites = frozenset({SITE_FUSION_WEIGHTS})
-
-    def _train_weights(self, weights: dict[str, nn.Parameter]) -> None:
-        for p in weights.values():
-            p.requires_grad_(True)
-        self._weights = dict(weights)
-
-    def prompt_parameters(self) -> dict[str, nn.Parameter]:
-        own = super().prompt_parameters()
-        own.update({f"backbone.model.{n}": p for n, p in self._weights.items()})
-        return own
 
 
 @dataclass
