@@ -574,8 +574,15 @@ class FusionEncoderBackbone(Backbone):
 
     @abstractmethod
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-              pixel_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """The joint sequence ``(B, N, C)`` entering the first fusion layer and its mask ``(B, N)`` (1 = attend)."""
+              pixel_mask: torch.Tensor | None = None, image_index: int = 0,
+              image_type_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The joint sequence ``(B, N, C)`` entering the first fusion layer and its mask ``(B, N)`` (1 = attend).
+
+        ``image_index`` is which image of a pair this is (NLVR2: 0 or 1). As ViLT and METER embed pairs, image ``i``
+        takes modality type ``1 + i`` when the model has that many types, else the image type 1;
+        ``image_type_offset`` ``(C,)`` is then added to every image token: a head's stand-in for the extra type
+        the released recipes add (initialised as a copy of the image type, i.e. a zero offset).
+        """
 
     @abstractmethod
     def run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, prompts: DeepPrompts | None = None,
@@ -593,11 +600,24 @@ class FusionEncoderBackbone(Backbone):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                pixel_mask: torch.Tensor | None = None, prompts: DeepPrompts | None = None,
-               block: BlockAdapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """(final sequence ``(B, N, C)``, pooled output ``(B, C)``) of one batch of text-image pairs."""
-        hidden, mask = self.embed(input_ids, attention_mask, pixel_values, pixel_mask)
+               block: BlockAdapter | None = None, image_index: int = 0,
+               image_type_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(final sequence ``(B, N, C)``, pooled output ``(B, C)``) of one batch of text-image pairs (``image_index``
+        and ``image_type_offset`` as in :meth:`embed`)."""
+        hidden, mask = self.embed(input_ids, attention_mask, pixel_values, pixel_mask, image_index, image_type_offset)
         hidden = self.run_layers(hidden, mask, prompts, block)
         return hidden, self.pool(hidden)
+
+    @property
+    def num_image_types(self) -> int:
+        """How many images of a pair have their own modality type in this model (1 for a model pretrained on
+        single images)."""
+        return 1
+
+    def matching_head(self) -> nn.Linear | None:
+        """The checkpoint's image-text matching score ``Linear(C, 1)`` on the pooled output (a retrieval head, or
+        a pretraining ITM head's match-minus-no-match logit), frozen; None when the checkpoint has none."""
+        return None
 
 
 def without_hub_kernels(model_kwargs: dict) -> dict:

@@ -129,18 +129,31 @@ class ViltBackbone(FusionEncoderBackbone):
         return TokenizedText(input_ids=enc["input_ids"], lengths=enc["attention_mask"].sum(dim=1))
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-              pixel_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+              pixel_mask: torch.Tensor | None = None, image_index: int = 0,
+              image_type_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         if pixel_mask is None:
             pixel_mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.long,
                                     device=pixel_values.device)  # fmt: skip
         weight_dtype = self.model.embeddings.patch_embeddings.projection.weight.dtype
+        image_type = 1 + image_index if image_index < self.num_image_types else 1
         # ViLT's embeddings draw the order of the patch tokens from the global random generator on every call.
         # The outputs do not depend on that order (up to float rounding), but drawing it from a fixed seed makes
         # every forward reproducible and leaves the caller's random stream (data order, dropout) untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(PATCH_ORDER_SEED)
-            return self.model.embeddings(input_ids, attention_mask, None, pixel_values.to(weight_dtype), pixel_mask,
-                                         None, None, image_token_type_idx=1)  # fmt: skip
+            hidden, mask = self.model.embeddings(input_ids, attention_mask, None, pixel_values.to(weight_dtype),
+                                                 pixel_mask, None, None, image_token_type_idx=image_type)  # fmt: skip
+        if image_type_offset is not None:
+            text_length = input_ids.shape[1]
+            offset = torch.zeros_like(hidden[0])
+            offset[text_length:] = image_type_offset.to(hidden.dtype)
+            hidden = hidden + offset
+        return hidden, mask
+
+    @property
+    def num_image_types(self) -> int:
+        # modality types: 0 text, then one per image of a pair (ViLT's NLVR2 checkpoints have 3)
+        return max(1, self.model.config.modality_type_vocab_size - 1)
 
     def _attention_mask(self, hidden: torch.Tensor, mask: torch.Tensor):
         from transformers.masking_utils import create_bidirectional_mask

@@ -154,7 +154,10 @@ class APTNative(_EncoderWeights):
     def __init__(self, backbone, config: APTNativeConfig, classnames, template: str = "{}") -> None:
         super().__init__(backbone, config, classnames, template)
         module_config = APTConfig(n_prompts=config.n_prompts, rank=config.rank, init_std=config.init_std)
-        self.apt = ApproximatedPrompts(backbone.num_layers, backbone.width, module_config) if config.n_prompts else None
+        # one set of M approximated prompts per attach point (ViLT: a block's attention; BridgeTower: each self- and
+        # cross-attention of both streams)
+        n_points = len(backbone.attach_points())
+        self.apt = ApproximatedPrompts(n_points, backbone.width, module_config) if config.n_prompts else None
         parts = [part for part, wanted in (("pooler", config.train_pooler),
                                            ("token_types", config.train_token_types)) if wanted]  # fmt: skip
         self._train_weights(backbone.named_weights(parts) if parts else {})
