@@ -1,4 +1,5 @@
-"""The ``vlprompt`` command line: demo, train, eval, predict, bench, pretrain-toy, params, methods.
+"""The ``vlprompt`` command line: demo, train, eval, predict, bench, pretrain-toy, pretrain-toy-vilt, params,
+methods.
 
 Options come from flags or a YAML file (``--config``); ``--set key=value`` overrides either (dotted keys, YAML
 values), e.g. ``--set train.lr=0.01 --set method_options.n_ctx=4``. Precedence: defaults < YAML < flags < --set.
@@ -595,6 +596,24 @@ def cmd_pretrain_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_toy_vilt(args: argparse.Namespace) -> int:
+    from vlprompt.pretraining.vilt_pretrain import ViltPretrainConfig, pretrain_vilt
+
+    values = parse_set(args.set or [])
+    try:
+        check_keys(values, ViltPretrainConfig, "ViLT pretraining option")
+    except OptionError as err:
+        raise CLIError(err.problems[0]) from None
+    try:
+        config = ViltPretrainConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"bad ViLT pretraining option: {err}") from err
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise CLIError(f"--output {args.output} is a file; give a folder for the model")
+    pretrain_vilt(config, args.output, args.cache_dir)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlprompt.demo import run_demo
 
@@ -735,6 +754,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the rendered corpus is cached")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="PretrainConfig field, e.g. steps=3000")
     p.set_defaults(func=cmd_pretrain_toy)
+
+    p = sub.add_parser("pretrain-toy-vilt", help="pretrain the small ViLT of embedded-vilt on the toy world "
+                                                 "(image-text matching + masked words)")
+    p.add_argument("--output", required=True, help="model folder to write")
+    p.add_argument("--cache-dir", default=str(Path("~/.cache/vlprompt/pretrain").expanduser()),
+                   help="where the rendered corpus is cached")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="ViltPretrainConfig field, e.g. steps=3000")
+    p.set_defaults(func=cmd_pretrain_toy_vilt)
 
     p = sub.add_parser("demo", help="the main job: zero-shot vs tuned prompts on the embedded default")
     p.add_argument("--output", default="runs/demo")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vlprompt.assets import DEFAULT_EMBEDDED
+from vlprompt.assets import DEFAULT_EMBEDDED, EMBEDDED_MODELS
 
 __all__ = ["DatasetSpec", "ModelSpec", "SpecError"]
 
@@ -62,6 +62,9 @@ class ModelSpec:
         if key == "embedded":
             # "embedded:" with nothing after it is the default too, as the asset loader reads it.
             return cls("embedded", rest or DEFAULT_EMBEDDED)
+        if not sep and key.startswith("embedded-"):
+            if key.removeprefix("embedded-") in EMBEDDED_MODELS:  # embedded-vilt: the same as embedded:vilt
+                return cls("embedded", key.removeprefix("embedded-"))
         if sep and key == "random":
             if not rest:
                 raise SpecError(f"{raw!r}: write random:<preset>, e.g. random:tiny or random:vit-b-16")

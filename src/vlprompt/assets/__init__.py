@@ -1,11 +1,14 @@
-"""Files shipped inside the package: the embedded default CLIP pretrained on the toy world."""
+"""Files shipped inside the package: the embedded default CLIP (``embedded``) and the ViLT (``embedded-vilt``)
+pretrained on the toy world."""
 from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-EMBEDDED_MODELS = {"toyclip": Path(__file__).parent / "toyclip"}
+EMBEDDED_MODELS = {"toyclip": Path(__file__).parent / "toyclip", "vilt": Path(__file__).parent / "toyvilt"}
+# How each embedded model is rebuilt (the message of a missing one names it).
+REBUILD_COMMANDS = {"toyclip": "vlprompt pretrain-toy", "vilt": "vlprompt pretrain-toy-vilt"}
 DEFAULT_EMBEDDED = "toyclip"
 
 
@@ -18,7 +21,7 @@ def embedded_model_path(spec: str = "embedded") -> Path:
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"the embedded model {name!r} is not in this installation ({path}). Rebuild it with "
-            f"`vlprompt pretrain-toy --output {path}`."
+            f"`{REBUILD_COMMANDS[name]} --output {path}`."
         )
     return path
 
