@@ -20,7 +20,7 @@ from vlprompt.tasks.batches import ClassificationBatch, DetectionBatch, VQABatch
 
 # The backbones of the matrix: the tiny / micro presets of each kind of family.
 BACKBONE_PRESETS = {"clip": "random:tiny", "siglip": "random:siglip-tiny", "grounding-dino": "random:grounding-dino-micro",
-                    "vilt": "random:vilt-micro"}
+                    "vilt": "random:vilt-micro", "bridgetower": "random:bridgetower-micro"}
 CLASSES = ["cat", "dog", "red car"]
 # Options that keep the cases fast; each method's defining property is tested in its own file.
 FAST_OPTIONS = {"deep_prompt": {"n_text": 4, "n_image": 4}, "apt": {"n_prompts": 4}, "dpt": {"top_k": 2},

@@ -397,6 +397,7 @@ def _method_rows(backbone, names: Sequence[str], num_classes: int, overrides: di
     from vlprompt.backbones import UnsupportedBackboneError
     from vlprompt.methods import METHODS, get_prompt_model, make_config
     from vlprompt.methods.registry import unsupported_reason
+    from vlprompt.tasks.batches import FIXED_TASK_LABELS
 
     classnames = [f"class {i}" for i in range(num_classes)]
     total = backbone.num_parameters()
@@ -408,7 +409,9 @@ def _method_rows(backbone, names: Sequence[str], num_classes: int, overrides: di
             continue
         try:
             config = make_config(name, overrides.get(name, {}), backbone)
-            method = get_prompt_model(backbone, name, classnames, config=config)
+            # a head with fixed outputs (NLVR2, retrieval: --set method.task=...) is built with its task's labels
+            labels = FIXED_TASK_LABELS.get(config.to_dict().get("task"), classnames)
+            method = get_prompt_model(backbone, name, list(labels), config=config)
         except UnsupportedBackboneError as err:
             yield name, None, str(err)
             continue
@@ -630,13 +633,15 @@ def _add_common_run_flags(p: argparse.ArgumentParser, with_method: bool = True) 
                                        "random:<preset>")
         p.add_argument("--method", help="method name (see `vlprompt methods`)")
         p.add_argument("--dataset", help="dataset: eurosat, imagenet, ... (with --data-root), toy:<name> (the "
-                                         "default: toy:shapes), imagefolder:<path>, coco:<path> or toydet:<name>")
+                                         "default: toy:shapes), imagefolder:<path>, coco:<path> or toydet:<name>; "
+                                         "for fusion encoders (ViLT) vqa:<path>, nlvr2:<path> or retrieval:<path>")
     else:
         p.add_argument("--model", help="backbone to evaluate on (default: the one recorded in the run folder)")
         p.add_argument("--dataset", help="dataset to evaluate on (default: the run's own training dataset)")
     p.add_argument("--data-root", help="folder holding the datasets in the CoOp layout (toy:<name> datasets: default ~/.cache/vlprompt/toyworld)")
     if with_method:  # eval scores whole splits: no few-shot sampling, no training seed
-        p.add_argument("--shots", type=int, help="images per class for training (few-shot); default: all")
+        p.add_argument("--shots", type=int, help="images per class for training (few-shot; not for nlvr2: or "
+                                                 "retrieval:, which have no classes); default: all")
         p.add_argument("--seed", type=int, help="seed for few-shot sampling and training (default 1)")
     p.add_argument("--subsample", choices=["all", "base", "novel"], help="base-to-novel class subset")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="numeric precision (default fp32)")

@@ -1,8 +1,9 @@
 """Model and dataset names, parsed once into an explicit scheme and name.
 
 A model is ``embedded[:<name>]``, ``random:<preset>``, a local folder or a hub id (``org/name`` or
-``hf-hub:org/name``); a dataset is ``toy:<name>``, ``toydet:<name>``, ``coco:<path>``, ``imagefolder[:<path>]`` or
-a dataset name such as ``eurosat``. Parsing is syntactic (plus, for models, whether a path exists on disk): which
+``hf-hub:org/name``); a dataset is ``toy:<name>``, ``toydet:<name>``, ``coco:<path>``, ``imagefolder[:<path>]``, a
+fusion-encoder task's folder (``vqa:<path>``, ``nlvr2:<path>``, ``retrieval:<path>``) or a dataset name such as
+``eurosat``. Parsing is syntactic (plus, for models, whether a path exists on disk): which
 presets, toy worlds or datasets exist is checked by the loaders, which know them.
 """
 from __future__ import annotations
@@ -17,15 +18,15 @@ from vlprompt.assets import DEFAULT_EMBEDDED, EMBEDDED_MODELS
 __all__ = ["DatasetSpec", "ModelSpec", "SpecError"]
 
 ModelScheme = Literal["embedded", "random", "local", "hub"]
-DatasetScheme = Literal["toy", "toydet", "coco", "vqa", "imagefolder", "named"]
+DatasetScheme = Literal["toy", "toydet", "coco", "vqa", "nlvr2", "retrieval", "imagefolder", "named"]
 
 MODEL_FORMS = (
     "embedded or embedded:<name> (the shipped toy CLIP), random:<preset> (random weights, e.g. random:tiny), "
     "a local folder (./path, /path or ~/path) or a Hugging Face hub id (org/name or hf-hub:org/name)"
 )
 DATASET_FORMS = (
-    "toy:<name>, toydet:<name>, coco:<path>, vqa:<path>, imagefolder:<path> (or imagefolder with --data-root the folder) "
-    "or a dataset name such as eurosat"
+    "toy:<name>, toydet:<name>, coco:<path>, vqa:<path>, nlvr2:<path>, retrieval:<path>, imagefolder:<path> (or "
+    "imagefolder with --data-root the folder) or a dataset name such as eurosat"
 )
 # A hub repo id: letters, digits, '.', '_' and '-', optionally under an organisation.
 _HUB_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -137,8 +138,12 @@ def _exists(path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------------ datasets
 # Schemes whose name cannot be empty -> the form a message shows.
-_NAMED_FORMS = {"toy": "toy:<name>", "toydet": "toydet:<name>", "coco": "coco:<path>", "vqa": "vqa:<path>"}
+_NAMED_FORMS = {"toy": "toy:<name>", "toydet": "toydet:<name>", "coco": "coco:<path>", "vqa": "vqa:<path>",
+                "nlvr2": "nlvr2:<path>", "retrieval": "retrieval:<path>"}
 _DETECTION_SCHEMES = frozenset({"toydet", "coco"})
+_FUSION_SCHEMES = frozenset({"vqa", "nlvr2", "retrieval"})  # each scheme is its task's name
+# Schemes whose name is a path, resolved against the data root when not found as written.
+PATH_SCHEMES = frozenset({"imagefolder", "coco", *_FUSION_SCHEMES})
 
 
 @dataclass(frozen=True)
@@ -178,11 +183,12 @@ class DatasetSpec:
         return f"{self.scheme}:{self.name}"
 
     @property
-    def task(self) -> Literal["classification", "detection", "vqa"]:
-        if self.scheme == "vqa":
-            return "vqa"
+    def task(self) -> Literal["classification", "detection", "vqa", "nlvr2", "retrieval"]:
+        if self.scheme in _FUSION_SCHEMES:
+            return self.scheme  # type: ignore[return-value]  # vqa, nlvr2 or retrieval
         return "detection" if self.scheme in _DETECTION_SCHEMES else "classification"
 
 
 def _example(scheme: str) -> str:
-    return {"toy": "toy:shapes", "toydet": "toydet:shapes", "coco": "coco:data/coco", "vqa": "vqa:data/vqa_v2"}[scheme]
+    return {"toy": "toy:shapes", "toydet": "toydet:shapes", "coco": "coco:data/coco", "vqa": "vqa:data/vqa_v2",
+            "nlvr2": "nlvr2:data/nlvr2", "retrieval": "retrieval:data/flickr30k"}[scheme]

@@ -40,6 +40,7 @@ from vlprompt.backbones.grounding_dino import GroundingDinoBackbone
 from vlprompt.backbones import presets as _clip_presets, grounding_dino_presets as _gdino_presets  # noqa: F401
 from vlprompt.backbones import siglip as _siglip, siglip_presets as _siglip_presets  # noqa: F401
 from vlprompt.backbones import vilt as _vilt, vilt_presets as _vilt_presets  # noqa: F401
+from vlprompt.backbones import bridgetower as _bridgetower, bridgetower_presets as _bridgetower_presets  # noqa: F401
 
 RANDOM_PREFIX = "random:"
 

@@ -592,7 +592,7 @@ class FusionEncoderBackbone(Backbone):
 
     @abstractmethod
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The pooled output ``(B, C)`` task heads read (the model's final norm and pooler)."""
+        """The pooled output ``(B, pooled_width)`` task heads read (the model's final norm and pooler)."""
 
     @abstractmethod
     def attach_points(self) -> list[nn.Module]:
@@ -607,6 +607,21 @@ class FusionEncoderBackbone(Backbone):
         hidden, mask = self.embed(input_ids, attention_mask, pixel_values, pixel_mask, image_index, image_type_offset)
         hidden = self.run_layers(hidden, mask, prompts, block)
         return hidden, self.pool(hidden)
+
+    @property
+    def pooled_width(self) -> int:
+        """Width of :meth:`pool`'s output, what task heads are sized by: ``width``, unless the family's pooled output
+        is wider (BridgeTower concatenates its text and image poolers)."""
+        return self.width
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        """Per-channel mean the model's images are normalised with (ViLT's 0.5; BridgeTower's CLIP statistics)."""
+        return (0.5, 0.5, 0.5)
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return (0.5, 0.5, 0.5)
 
     @property
     def num_image_types(self) -> int:

@@ -12,7 +12,9 @@ Sites (``VILT_INFO``):
 
 The adapter loops over transformers' own ``ViltLayer`` modules and calls the model's own embeddings, final norm and
 pooler: nothing of the model is rewritten. Loading keeps the base model of any ViLT checkpoint folder (task heads
-come with the tasks that train them).
+come with the tasks that train them), and of a retrieval checkpoint (``ViltForImageAndTextRetrieval``, e.g.
+``dandelin/vilt-b32-finetuned-coco``) its image-text score ``rank_output`` too, frozen: :meth:`matching_head`,
+what the retrieval task's head starts from (zero-shot retrieval).
 """
 from __future__ import annotations
 
@@ -55,13 +57,16 @@ class ViltBackbone(FusionEncoderBackbone):
 
     info = VILT_INFO
 
-    def __init__(self, model: nn.Module, tokenizer, name_or_path: str = "") -> None:
+    def __init__(self, model: nn.Module, tokenizer, name_or_path: str = "", matching: nn.Linear | None = None) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.name_or_path = str(name_or_path)
         self.model.requires_grad_(False)
         self.model.eval()
+        # A retrieval checkpoint's score Linear(C, 1) on the pooled output (frozen; outside ``model``, so it is not
+        # counted among the encoder's parameters nor trained by full tuning); None for other checkpoints.
+        self.matching = matching.requires_grad_(False) if matching is not None else None
         self._check_tokenizer()
 
     def _check_tokenizer(self) -> None:
@@ -83,11 +88,18 @@ class ViltBackbone(FusionEncoderBackbone):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **model_kwargs) -> "ViltBackbone":
-        from transformers import AutoTokenizer, ViltModel
+        from transformers import AutoTokenizer, ViltConfig, ViltForImageAndTextRetrieval, ViltModel
 
         path = str(name_or_path)
+        kwargs = without_hub_kernels(model_kwargs)
+        matching = None
         try:
-            model = ViltModel.from_pretrained(path, **without_hub_kernels(model_kwargs))
+            architectures = ViltConfig.from_pretrained(path).architectures or []
+            if "ViltForImageAndTextRetrieval" in architectures:  # keep its image-text score: the retrieval head
+                retrieval = ViltForImageAndTextRetrieval.from_pretrained(path, **kwargs)
+                model, matching = retrieval.vilt, retrieval.rank_output
+            else:
+                model = ViltModel.from_pretrained(path, **kwargs)
         except OSError as err:
             raise BackboneLoadError(f"could not load a ViLT model from {path!r}: {err}. A model folder needs "
                                     "config.json and model.safetensors, as written by save_pretrained.") from err
@@ -96,7 +108,7 @@ class ViltBackbone(FusionEncoderBackbone):
         except (OSError, ValueError, TypeError) as err:
             raise BackboneLoadError(f"ViLT at {path!r} has no usable tokenizer ({err}); save its BERT tokenizer beside "
                                     f"the weights: tokenizer.save_pretrained({path!r}).") from err
-        return cls(model, tokenizer, name_or_path=path)
+        return cls(model, tokenizer, name_or_path=path, matching=matching)
 
     @property
     def identity(self) -> dict:
@@ -154,6 +166,9 @@ class ViltBackbone(FusionEncoderBackbone):
     def num_image_types(self) -> int:
         # modality types: 0 text, then one per image of a pair (ViLT's NLVR2 checkpoints have 3)
         return max(1, self.model.config.modality_type_vocab_size - 1)
+
+    def matching_head(self) -> nn.Linear | None:
+        return self.matching
 
     def _attention_mask(self, hidden: torch.Tensor, mask: torch.Tensor):
         from transformers.masking_utils import create_bidirectional_mask

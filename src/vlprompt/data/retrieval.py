@@ -34,9 +34,8 @@ def _image_path(root: Path, item: dict) -> Path:
     return (root / item["filepath"] if item.get("filepath") else root / "images") / name
 
 
-def load_retrieval_split(root: str | Path, split: str) -> list[RetrievalImage]:
-    """The images of ``split`` ("train" also takes COCO's "restval") with their captions."""
-    root = Path(root)
+def _split_file(root: Path) -> tuple[Path, list]:
+    """Karpathy's split file in ``root`` and its image entries."""
     files = [root / name for name in SPLIT_FILES if (root / name).is_file()]
     if not files:
         raise DatasetError(f"{root} holds neither {' nor '.join(SPLIT_FILES)}: a retrieval folder holds Karpathy's "
@@ -47,6 +46,22 @@ def load_retrieval_split(root: str | Path, split: str) -> list[RetrievalImage]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise DatasetError(f"{path} is not a Karpathy split file ({type(err).__name__}): it needs an 'images' list") \
             from None  # fmt: skip
+    if not isinstance(items, list):
+        raise DatasetError(f"{path} is not a Karpathy split file: its 'images' is not a list")
+    return path, items
+
+
+def retrieval_splits(root: str | Path) -> set[str]:
+    """The splits the split file in ``root`` has images of ("restval" counts as "train")."""
+    _, items = _split_file(Path(root))
+    names = {str(item.get("split")) for item in items if isinstance(item, dict)}
+    return {"train" if name in TRAIN_SPLITS else name for name in names}
+
+
+def load_retrieval_split(root: str | Path, split: str) -> list[RetrievalImage]:
+    """The images of ``split`` ("train" also takes COCO's "restval") with their captions."""
+    root = Path(root)
+    path, items = _split_file(root)
     wanted = TRAIN_SPLITS if split == "train" else (split,)
     images = []
     for number, item in enumerate(items):

@@ -13,10 +13,10 @@ from vlprompt.backbones import load_backbone
 from vlprompt.data import DatasetError, DatasetSplits, ImageDataset, build_transform, few_shot, load_dataset, subsample_classes
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.trainer import TrainConfig, Trainer, check_precision, make_accelerator, seed_everything
-from vlprompt.methods import METHODS, canonical_method_name, get_prompt_model, make_config, method_class, method_task
+from vlprompt.methods import METHODS, canonical_method_name, get_prompt_model, make_config, method_class
 from vlprompt.options import OptionError, check_keys
 from vlprompt.recipes import AUTO, choose_recipe, describe_train
-from vlprompt.specs import DatasetSpec, SpecError
+from vlprompt.specs import PATH_SCHEMES, DatasetSpec, SpecError
 from vlprompt.tasks import Task, task_class
 from vlprompt.tasks.base import TASKS
 from vlprompt.tasks.classification import transform_config  # noqa: F401 - part of this module's API
@@ -92,15 +92,15 @@ def resolve_recipe(options: RunOptions) -> tuple[RunOptions, str]:
 
 
 def recorded_data(data: DataOptions) -> dict[str, Any]:
-    """``data`` as a run records it: the data root and a dataset given by a relative path (imagefolder:, coco:) made
-    absolute, resolved as the loaders resolve them (the working folder first, then the data root), so that `vlprompt
-    eval` from another folder reads the same images."""
+    """``data`` as a run records it: the data root and a dataset given by a relative path (imagefolder:, coco:, and
+    the vqa:, nlvr2:, retrieval: folders) made absolute, resolved as the loaders resolve them (the working folder
+    first, then the data root), so that `vlprompt eval` from another folder reads the same images."""
     values = asdict(data)
     root = Path(data.root).expanduser().resolve() if data.root else None
     if root is not None:
         values["root"] = str(root)
     spec = DatasetSpec.parse(data.dataset)
-    if spec.scheme in ("imagefolder", "coco", "vqa") and spec.name and not Path(spec.name).expanduser().is_absolute():
+    if spec.scheme in PATH_SCHEMES and spec.name and not Path(spec.name).expanduser().is_absolute():
         path = Path(spec.name).expanduser()
         if not path.exists() and root is not None and (root / path).exists():
             path = root / path
@@ -136,26 +136,38 @@ def _toy_root() -> Path:
 
 
 def dataset_task(dataset: str) -> str:
-    """The task a dataset name is for ("classification" or "detection"), from its scheme."""
+    """The task a dataset name is for ("classification", "detection", "vqa", "nlvr2", "retrieval"), from its
+    scheme."""
     try:
         return DatasetSpec.parse(dataset).task
     except SpecError as err:
         raise DatasetError(str(err)) from None
 
 
-def check_method_fits_dataset(method: str, dataset: str) -> str:
-    """The task of ``method``, refusing a dataset of another task with the fix."""
-    task = method_task(method)
-    if task not in TASKS:  # a method written ahead of its task (the fusion-encoder methods before the VQA task)
+def _a(word: str) -> str:
+    """``word`` with its article, as it is read aloud ("a vqa", "an nlvr2", "an image")."""
+    return f"{'an' if word[:1] in 'aeiou' or word == 'nlvr2' else 'a'} {word}"
+
+
+def check_method_fits_dataset(method: str, dataset: str, method_options: dict[str, Any] | None = None) -> str:
+    """The task ``method`` runs on ``dataset`` (the dataset's, when the method serves it), refusing a dataset of
+    another task with the fix, and ``method_options`` that name another task (``PromptMethod.bind_task``)."""
+    cls = method_class(method)
+    tasks = [t for t in cls.supported_tasks() if t in TASKS]
+    if not tasks:  # a method written ahead of its task (the fusion-encoder methods before the VQA task)
+        task = cls.supported_tasks()[0]
         raise DatasetError(f"{canonical_method_name(method)!r} is a {task} method, and vlprompt has no {task} task to "
                            "train or score it yet; `vlprompt params` counts its parameters")  # fmt: skip
     data_task = dataset_task(dataset)
-    if task != data_task:
-        same_task = sorted(name for name in METHODS if method_task(name) == data_task)
-        raise DatasetError(f"{dataset!r} is a {data_task} dataset but {canonical_method_name(method)!r} is a {task} "
-                           f"method; use a {data_task} method ({', '.join(same_task)}) or a {task} dataset "
-                           f"({task_class(task).dataset_forms}).")  # fmt: skip
-    return task
+    if data_task not in tasks:
+        same_task = sorted(name for name in METHODS if data_task in method_class(name).supported_tasks())
+        forms = [f"{_a(t)} dataset ({task_class(t).dataset_forms})" for t in tasks]
+        listed = forms[0] if len(forms) == 1 else ", ".join(forms[:-1]) + f" or {forms[-1]}"
+        raise DatasetError(f"{dataset!r} is {_a(data_task)} dataset but {canonical_method_name(method)!r} is "
+                           f"{_a(tasks[0])} method; use {_a(data_task)} method ({', '.join(same_task)}) or {listed}.")  # fmt: skip
+    if method_options is not None:
+        cls.bind_task(dict(method_options), data_task)  # refuses options naming another task, before any loading
+    return data_task
 
 
 def check_backbone_kind(method: str, backbone) -> None:
@@ -187,7 +199,10 @@ def train(options: RunOptions, resume: bool = False, overwrite: bool = False, pr
     name = canonical_method_name(options.method)  # fail on a typo before any loading
     options, _ = resolve_recipe(options)
     check_precision(options.train.precision)  # and on fp16 without a GPU
-    task_name = check_method_fits_dataset(name, options.data.dataset)
+    task_name = check_method_fits_dataset(name, options.data.dataset, options.method_options)
+    # the dataset's task picks what the method builds for it (the fusion methods' head), recorded in its options
+    options = dataclasses.replace(options, method_options=method_class(name).bind_task(dict(options.method_options),
+                                                                                       task_name))  # fmt: skip
     splits = load_task_data(task_name, options.data)  # a dataset error before the model loads
     backbone = load_backbone(options.model)
     check_backbone_kind(name, backbone)
@@ -224,8 +239,8 @@ def evaluate_checkpoint(
     task_name = saved.get("task", "classification")  # prompts of 0.1.0 name only detection
     data_task = dataset_task(data.dataset)
     if data_task != task_name:
-        raise DatasetError(f"{data.dataset!r} is a {data_task} dataset, but {run_dir} holds a {task_name} prompt "
-                           f"({saved.get('method')}); evaluate it on a {task_name} dataset: --dataset "
+        raise DatasetError(f"{data.dataset!r} is {_a(data_task)} dataset, but {run_dir} holds {_a(task_name)} prompt "
+                           f"({saved.get('method')}); evaluate it on {_a(task_name)} dataset: --dataset "
                            f"{task_class(task_name).dataset_forms}.")  # fmt: skip
     splits = load_task_data(task_name, data, shots=False)
     backbone = ckpt.recorded_backbone(run_dir, model)
@@ -248,7 +263,7 @@ def predict(
     saved = ckpt.read_prompt_config(run_dir)
     task = saved.get("task", "classification")  # prompts of 0.1.0 name only detection
     if task != "classification":
-        raise ValueError(f"{run_dir} holds a {task} prompt; score it with `vlprompt eval {run_dir} --dataset "
+        raise ValueError(f"{run_dir} holds {_a(task)} prompt; score it with `vlprompt eval {run_dir} --dataset "
                          f"{task_class(task).dataset_forms}`.")  # fmt: skip
     backbone = ckpt.recorded_backbone(run_dir, model)
     return predict_images(ckpt.load_prompt(run_dir, backbone, classnames), images, k)

@@ -139,6 +139,19 @@ class PromptMethod(nn.Module):
     modifies_image: ClassVar[bool] = False
 
     @classmethod
+    def supported_tasks(cls) -> tuple[str, ...]:
+        """The tasks this method trains on, its default (``task``) first. A method serving several (the fusion
+        methods: VQA, NLVR2, retrieval) takes the dataset's from :meth:`bind_task` and reports it as ``self.task``."""
+        return (cls.task,)
+
+    @classmethod
+    def bind_task(cls, options: dict[str, Any], task_name: str) -> dict[str, Any]:
+        """The method options of a run on a ``task_name`` dataset (one of :meth:`supported_tasks`): a method serving
+        several tasks records the dataset's in its options, and refuses options that name another one. Default:
+        the options as given."""
+        return options
+
+    @classmethod
     def tied_to_classes(cls, config: MethodConfig) -> bool:
         """True if what ``config`` trains belongs to the training classes (a classifier head, class-specific
         contexts): such a model cannot score other class names (no novel-class or cross-dataset evaluation)."""

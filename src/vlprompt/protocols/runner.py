@@ -34,6 +34,8 @@ from vlprompt.methods import canonical_method_name, method_task
 from vlprompt.options import OptionError, check_options, opt
 
 PROTOCOLS = ("fewshot", "base2novel", "crossdataset", "domain")
+# The fusion-encoder tasks (no bench protocol yet), by their dataset scheme, as messages name them.
+FUSION_TASK_NAMES = {"vqa": ("a", "VQA"), "nlvr2": ("an", "NLVR2"), "retrieval": ("a", "retrieval")}
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)  # the few-shot protocol's shot counts, as the papers report them
 CSV_FIELDS = [
     "protocol", "train_dataset", "eval_dataset", "subset", "method", "shots", "seed", "accuracy", "n",
@@ -102,14 +104,20 @@ class BenchConfig:
             )
         if not self.datasets:
             raise ValueError("the bench needs at least one dataset")
-        vqa = [d for d in self.datasets if str(d).strip().lower().startswith("vqa:")]
-        if vqa:
-            raise ValueError(f"the bench runs classification and detection protocols; {vqa[0]} is a VQA dataset: train "
-                             "and score VQA runs with `vlprompt train` and `vlprompt eval` for now")  # fmt: skip
-        vqa_methods = [m for m in self.methods if method_task(m) == "vqa"]
-        if vqa_methods:
-            raise ValueError(f"{vqa_methods[0]} is a VQA method and the bench has no VQA protocol yet: train and score "
-                             "it with `vlprompt train --dataset vqa:<folder>` and `vlprompt eval` for now")  # fmt: skip
+        # Fusion-encoder tasks (VQA, NLVR2, retrieval) have no bench protocol yet: their datasets and methods are
+        # refused with the way to run them.
+        fusion = [(d, scheme) for d in self.datasets
+                  for scheme, sep, _ in [str(d).strip().lower().partition(":")] if sep and scheme in FUSION_TASK_NAMES]
+        if fusion:
+            dataset, scheme = fusion[0]
+            article, task = FUSION_TASK_NAMES[scheme]
+            raise ValueError(f"the bench runs classification and detection protocols; {dataset} is {article} {task} "
+                             f"dataset: train and score {task} runs with `vlprompt train` and `vlprompt eval` for now")  # fmt: skip
+        fusion_methods = [m for m in self.methods if method_task(m) in FUSION_TASK_NAMES]
+        if fusion_methods:
+            raise ValueError(f"{fusion_methods[0]} is a VQA method and the bench has no VQA protocol yet: train and "
+                             "score it with `vlprompt train --dataset vqa:<folder>` (or nlvr2:, retrieval:) and "
+                             "`vlprompt eval` for now")  # fmt: skip
         if "crossdataset" in self.protocols and not cross_targets(self):
             raise ValueError("crossdataset needs a source and at least one target dataset: give two or more "
                              "--datasets")

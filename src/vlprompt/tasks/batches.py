@@ -6,6 +6,13 @@ from typing import Any
 
 import torch
 
+# The fixed outputs of the fusion heads whose labels are not a dataset's vocabulary (the class names of their tasks).
+NLVR2_LABELS = ("False", "True")  # an NLVR2 head's two logits, in order: the statement is false / true of the pair
+RETRIEVAL_LABELS = ("match",)  # a retrieval head's one output: how well a text matches an image
+# Tasks whose heads have fixed outputs: their class names whatever the dataset.
+FIXED_TASK_LABELS = {"nlvr2": NLVR2_LABELS, "retrieval": RETRIEVAL_LABELS}
+RETRIEVAL_NEGATIVES = 7  # K, the captions of other images a retrieval batch ranks each positive against (ViLT: 15)
+
 
 @dataclass
 class ClassificationBatch:
@@ -42,6 +49,35 @@ class VQABatch:
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor
     targets: torch.Tensor
+    pixel_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class NLVR2Batch:
+    """Statements (token ids and padding mask) about image pairs ``pixel_values`` ``(B, 2, 3, H, W)``, with their
+    labels ``(B,)`` (1: the statement is true of the pair)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    labels: torch.Tensor
+    pixel_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class RetrievalBatch:
+    """Images ``(B, 3, H, W)`` each with candidate captions ``input_ids`` / ``attention_mask`` ``(B, 1 + K, T)``: its
+    own caption first, then K captions of other images (the negatives a matching score ranks it against)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
     pixel_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:

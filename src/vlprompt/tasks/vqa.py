@@ -4,8 +4,8 @@ A dataset is ``vqa:<folder>`` in the VQA v2 layout: the ``train2014`` questions,
 ``val2014`` ones validate and are the scored split (VQA v2's test splits have no public answers). The answer
 vocabulary is the training answers given at least ``ANSWER_MIN_COUNT`` times (ViLT's 3,129 on VQA v2; a small
 folder keeps every answer given at least twice). Images are resized to the model's square input and normalised
-with ViLT's statistics (0.5 per channel). A prediction is the highest-scoring answer; its VQA accuracy is the
-official leave-one-annotator-out score.
+with the model's own statistics (ViLT: 0.5 per channel). A prediction is the highest-scoring answer; its VQA
+accuracy is the official leave-one-annotator-out score.
 """
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vlprompt.data import DatasetError, ImageTransformConfig, build_transform, open_image
+from vlprompt.data import DatasetError, open_image
 from vlprompt.data.vqa import VQAExample, build_vocabulary, load_vqa_split, vqa_accuracy
 from vlprompt.engine import distributed
 from vlprompt.tasks.base import Task, autocast_of, device_of, register_task
+from vlprompt.tasks.fusion_inputs import fusion_transform
 from vlprompt.tasks.batches import StepOutput, VQABatch
 
 TRAIN_SPLIT, EVAL_SPLIT = "train2014", "val2014"
 ANSWER_MIN_COUNT = 9  # ViLT / METER keep the VQA v2 answers given 9 times or more
 SMALL_SET_MIN_COUNT = 2  # below this many training questions the vocabulary keeps answers given twice
 SMALL_SET_QUESTIONS = 10_000
-VILT_MEAN = VILT_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass
@@ -113,8 +113,7 @@ class VQATask(Task):
         self.splits = splits
         self.augment = False  # a flip swaps "left" and "right" in the answers: questions keep their images as they are
         self.few_shot = few_shot
-        transform = build_transform(ImageTransformConfig(size=backbone.image_size, mean=VILT_MEAN, std=VILT_STD),
-                                    train=False)  # fmt: skip
+        transform = fusion_transform(backbone)
         self.train_set = VQADataset(splits.train, backbone, splits.answers, transform)
         self.val = VQADataset(splits.val, backbone, splits.answers, transform) if splits.val else None
         self._backbone, self._transform = backbone, transform
