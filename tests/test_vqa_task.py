@@ -88,13 +88,3 @@ def test_the_cli_trains_evaluates_and_names_task_mismatches(vqa_setup, tmp_path,
     assert main(["train", "--method", "apt_native", "--dataset", f"vqa:{tmp_path / 'missing'}",
                  "--output", str(tmp_path / "z"), *common]) == 2  # fmt: skip
     assert "is not a folder; pass vqa:<a folder in the VQA v2 layout>" in capsys.readouterr().err
-
-
-def test_the_bench_refuses_vqa_datasets_and_methods_until_it_has_a_vqa_protocol(tmp_path):
-    from vlprompt.protocols.runner import BenchConfig
-
-    with pytest.raises(ValueError, match="vqa:data is a VQA dataset: train and score VQA runs with `vlprompt train`"):
-        BenchConfig(methods=["coop"], datasets=["vqa:data"], output=str(tmp_path / "b"))
-    with pytest.raises(ValueError, match="apt_native is a VQA method and the bench has no VQA protocol yet"):
-        BenchConfig(methods=["apt_native"], datasets=["toy:shapes"], output=str(tmp_path / "b"))
-    assert not (tmp_path / "b").exists()

@@ -31,6 +31,8 @@ written by save_pretrained, a Hugging Face hub id, or random:<preset> (a real ar
 tiny, vit-b-16, vit-b-32, grounding-dino-micro, ...; for tests, parameter counts and benchmarks)."""
 
 
+# vlprompt.protocols.runner.PROTOCOLS, named here so that building the parser imports no torch
+PROTOCOL_CHOICES = ("fewshot", "base2novel", "crossdataset", "domain", "full")
 RECIPE_HELP = ("training recipe: auto (the default: the model's own, e.g. toy for the embedded model, else field), "
                "field (the papers' settings for CLIP ViT-B/16), toy, or a recipe file (.json/.yaml); options you "
                "set win over it")
@@ -736,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--methods", nargs="+")
     p.add_argument("--datasets", nargs="+")
-    p.add_argument("--protocols", nargs="+", choices=["fewshot", "base2novel", "crossdataset", "domain"])
+    p.add_argument("--protocols", nargs="+", choices=list(PROTOCOL_CHOICES))
     p.add_argument("--shots", nargs="+", type=int)
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--model")

@@ -142,6 +142,8 @@ _NAMED_FORMS = {"toy": "toy:<name>", "toydet": "toydet:<name>", "coco": "coco:<p
                 "nlvr2": "nlvr2:<path>", "retrieval": "retrieval:<path>"}
 _DETECTION_SCHEMES = frozenset({"toydet", "coco"})
 _FUSION_SCHEMES = frozenset({"vqa", "nlvr2", "retrieval"})  # each scheme is its task's name
+# The toy world's sets of those tasks (toy:vqa, toy:nlvr2, toy:retrieval): each name is its task's name.
+TOY_FUSION_SETS = frozenset({"vqa", "nlvr2", "retrieval"})
 # Schemes whose name is a path, resolved against the data root when not found as written.
 PATH_SCHEMES = frozenset({"imagefolder", "coco", *_FUSION_SCHEMES})
 
@@ -150,7 +152,8 @@ PATH_SCHEMES = frozenset({"imagefolder", "coco", *_FUSION_SCHEMES})
 class DatasetSpec:
     """Which dataset to load.
 
-    ``name`` is, per scheme: the toy world's name (toy, toydet), the path as written (coco, imagefolder; ""
+    ``name`` is, per scheme: the toy world's name (toy, toydet; ``toy:vqa``, ``toy:nlvr2`` and ``toy:retrieval`` are
+    the toy sets of the fusion-encoder tasks), the path as written (coco, imagefolder; ""
     for an imagefolder means the data root itself) or the dataset name as typed (named). Paths stay as written
     because a relative one is resolved against the data root by the loader.
     """
@@ -186,6 +189,8 @@ class DatasetSpec:
     def task(self) -> Literal["classification", "detection", "vqa", "nlvr2", "retrieval"]:
         if self.scheme in _FUSION_SCHEMES:
             return self.scheme  # type: ignore[return-value]  # vqa, nlvr2 or retrieval
+        if self.scheme == "toy" and self.name.lower() in TOY_FUSION_SETS:
+            return self.name.lower()  # type: ignore[return-value]
         return "detection" if self.scheme in _DETECTION_SCHEMES else "classification"
 
 

@@ -173,6 +173,20 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
                         _fmt(*mean_std([r["accuracy"] for r in groups[(m, t)]]), one_seed) if (m, t) in groups else "-"
                         for t in targets) + " |")
             lines.append("")
+    full = [r for r in rows if r["protocol"] == "full"]
+    if full:
+        datasets = _ordered(r["eval_dataset"] for r in full)
+        lines += [f"## Whole training split: test score {_spread_words(one_seed)}", "",
+                  "The score is each task's headline: VQA accuracy (VQA), accuracy (NLVR2), the mean of image-to-text "
+                  "and text-to-image R@1 (retrieval).", "",
+                  "| method | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]
+        groups = _group(full, "method", "eval_dataset")
+        for m in methods:
+            if any((m, d) in groups for d in datasets):
+                lines.append(f"| {m} | " + " | ".join(
+                    _fmt(*mean_std([r["accuracy"] for r in groups[(m, d)]]), one_seed) if (m, d) in groups else "-"
+                    for d in datasets) + " |")
+        lines.append("")
     costs = cost_cells(rows)
     lines += ["## Cost", "", "| method | trainable parameters | mean training time per run (s) |", "|---|---:|---:|"]
     for m in methods:
@@ -308,6 +322,41 @@ def plot_base2novel(rows: list[Row], out_dir: Path, methods: list[str] | None = 
     return path
 
 
+def plot_full(rows: list[Row], out_dir: Path, methods: list[str] | None = None, suffix: str = "") -> Path | None:
+    """Test score against trainable parameters (log scale), one panel per dataset of the full protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = [r for r in rows if r["protocol"] == "full"]
+    if not full:
+        return None
+    datasets = _ordered(r["eval_dataset"] for r in full)
+    methods = _ordered((r["method"] for r in full), methods)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
+    groups = _group(full, "method", "eval_dataset")
+    for ax, dataset in zip(axes[0], datasets):
+        for m in methods:
+            group = groups.get((m, dataset))
+            if not group:
+                continue
+            mean, std = mean_std([r["accuracy"] for r in group])
+            params = max(1, int(group[0]["trainable_parameters"]))
+            ax.errorbar([params], [mean], yerr=[std], fmt="o", capsize=3, label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("test score")
+        ax.set_title(dataset, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / f"full{suffix}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(
     rows: list[Row],
     out_dir: str | Path,
@@ -334,4 +383,5 @@ def write_report(
     atomic_write_bytes(out / f"summary{suffix}.csv", summary_csv(rows).encode())
     plot_fewshot(rows, out, methods, suffix)
     plot_base2novel(rows, out, methods, suffix)
+    plot_full(rows, out, methods, suffix)
     return out / f"results{suffix}.md"

@@ -33,7 +33,10 @@ from vlprompt.recipes import AUTO, Recipe, RecipeSet, choose_recipe, epochs_by_s
 from vlprompt.methods import canonical_method_name, method_task
 from vlprompt.options import OptionError, check_options, opt
 
-PROTOCOLS = ("fewshot", "base2novel", "crossdataset", "domain")
+PROTOCOLS = ("fewshot", "base2novel", "crossdataset", "domain", "full")
+# The "full" protocol trains on a dataset's whole training split (the fusion-encoder tasks: VQA, NLVR2, retrieval);
+# its jobs record this in place of a shot count.
+WHOLE_SPLIT = 0
 # The fusion-encoder tasks (no bench protocol yet), by their dataset scheme, as messages name them.
 FUSION_TASK_NAMES = {"vqa": ("a", "VQA"), "nlvr2": ("an", "NLVR2"), "retrieval": ("a", "retrieval")}
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)  # the few-shot protocol's shot counts, as the papers report them
@@ -55,7 +58,7 @@ def shot_independent(method: str) -> bool:
 class BenchConfig:
     methods: list[str]
     datasets: list[str]
-    protocols: list[Literal["fewshot", "base2novel", "crossdataset", "domain"]] = opt(["fewshot"])
+    protocols: list[Literal["fewshot", "base2novel", "crossdataset", "domain", "full"]] = opt(["fewshot"])
     shots: list[int] = opt(list(DEFAULT_SHOTS), min=1)
     seeds: list[int] = opt([1, 2, 3])
     model: str = "embedded"
@@ -104,20 +107,7 @@ class BenchConfig:
             )
         if not self.datasets:
             raise ValueError("the bench needs at least one dataset")
-        # Fusion-encoder tasks (VQA, NLVR2, retrieval) have no bench protocol yet: their datasets and methods are
-        # refused with the way to run them.
-        fusion = [(d, scheme) for d in self.datasets
-                  for scheme, sep, _ in [str(d).strip().lower().partition(":")] if sep and scheme in FUSION_TASK_NAMES]
-        if fusion:
-            dataset, scheme = fusion[0]
-            article, task = FUSION_TASK_NAMES[scheme]
-            raise ValueError(f"the bench runs classification and detection protocols; {dataset} is {article} {task} "
-                             f"dataset: train and score {task} runs with `vlprompt train` and `vlprompt eval` for now")  # fmt: skip
-        fusion_methods = [m for m in self.methods if method_task(m) in FUSION_TASK_NAMES]
-        if fusion_methods:
-            raise ValueError(f"{fusion_methods[0]} is a VQA method and the bench has no VQA protocol yet: train and "
-                             "score it with `vlprompt train --dataset vqa:<folder>` (or nlvr2:, retrieval:) and "
-                             "`vlprompt eval` for now")  # fmt: skip
+        self._check_fusion_protocol()
         if "crossdataset" in self.protocols and not cross_targets(self):
             raise ValueError("crossdataset needs a source and at least one target dataset: give two or more "
                              "--datasets")
@@ -130,6 +120,34 @@ class BenchConfig:
                     "and toy:shapes among --datasets)"
                 )
 
+
+    def _check_fusion_protocol(self) -> None:
+        """Fusion-encoder datasets (VQA, NLVR2, retrieval: no classes to sample shots of) run under the ``full``
+        protocol, which runs nothing else; both sides are refused with the fix."""
+        from vlprompt.engine.api import dataset_task
+
+        fusion = [d for d in self.datasets if dataset_task(d) in FUSION_TASK_NAMES]
+        others = [d for d in self.datasets if d not in fusion]
+        if "full" in self.protocols:
+            if others:
+                raise ValueError(f"the full protocol trains fusion-encoder tasks (vqa:, nlvr2:, retrieval:, toy:vqa, "
+                                 f"toy:nlvr2, toy:retrieval); {others[0]} is not one: bench it under another protocol "
+                                 "in its own bench folder")  # fmt: skip
+            if len(self.protocols) > 1:
+                raise ValueError("the full protocol runs alone: bench classification protocols in another bench folder")
+            not_fusion = [m for m in self.methods if not set(supported_tasks(m)) & set(FUSION_TASK_NAMES)]
+            if not_fusion:
+                raise ValueError(f"{not_fusion[0]} is not a fusion-encoder method; the full protocol runs "
+                                 "fusion_head, apt_native, deep_prompt_native, lora_native and full_native")  # fmt: skip
+            return
+        if fusion:
+            article, task = FUSION_TASK_NAMES[dataset_task(fusion[0])]
+            raise ValueError(f"{fusion[0]} is {article} {task} dataset, which trains on its whole training split: "
+                             "run it with --protocols full")  # fmt: skip
+        fusion_methods = [m for m in self.methods if set(supported_tasks(m)) <= set(FUSION_TASK_NAMES)]
+        if fusion_methods:
+            raise ValueError(f"{fusion_methods[0]} is a fusion-encoder method: bench it on vqa:, nlvr2: or retrieval: "
+                             "datasets (or toy:vqa, toy:nlvr2, toy:retrieval) with --protocols full")  # fmt: skip
 
     def _apply_recipe(self, recipe: RecipeSet) -> None:
         """Put ``recipe`` under this bench's own settings: what the bench sets for every method (default_train,
@@ -187,6 +205,12 @@ def default_domain_targets(datasets: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
+def supported_tasks(method: str) -> tuple[str, ...]:
+    from vlprompt.methods import method_class
+
+    return method_class(method).supported_tasks()
+
+
 def job_epochs(config: BenchConfig, recipe: Recipe, shots: int) -> int | None:
     """Epochs of a job: recipe by shots > recipe's train > bench default by shots > default_train (None: engine's)."""
     if shots in recipe.epochs_by_shots:
@@ -212,7 +236,8 @@ class Job:
     @property
     def key(self) -> str:
         safe = self.dataset.replace(":", "_").replace("/", "_")
-        run = f"shots{self.shots}_seed{self.seed}{precision_suffix(self.precision)}"
+        amount = "all" if self.protocol == "full" else f"shots{self.shots}"
+        run = f"{amount}_seed{self.seed}{precision_suffix(self.precision)}"
         return f"{self.protocol}/{safe}/{self.method}/{run}"
 
 
@@ -281,6 +306,9 @@ def _protocol_jobs(config: BenchConfig, protocol: str, method: str, seed: int, t
         source = config.cross_source or config.datasets[0]
         targets = ((source, "all"),) if tied else tuple((d, "all") for d in config.datasets)
         yield Job(protocol, source, method, config.b2n_shots, seed, evals=targets)
+    elif protocol == "full":
+        for dataset in config.datasets:
+            yield Job(protocol, dataset, method, WHOLE_SPLIT, seed, evals=((dataset, "all"),))
     elif protocol == "domain":
         for source, targets in config.domain_targets.items():
             evals = ((source, "all"),) + tuple((t, "all") for t in targets)
@@ -298,7 +326,8 @@ def _run_options(config: BenchConfig, job: Job, run_dir: Path) -> RunOptions:
         method=job.method,
         method_options=copy.deepcopy(recipe.method_options),
         data=DataOptions(
-            dataset=job.dataset, root=config.data_root, shots=job.shots, seed=job.seed, subsample=job.subsample
+            dataset=job.dataset, root=config.data_root, shots=None if job.protocol == "full" else job.shots,
+            seed=job.seed, subsample=job.subsample,
         ),
         train=TrainConfig(**train_values),
         output=str(run_dir),
@@ -394,13 +423,16 @@ def job_settings(options: RunOptions, eval_datasets: Sequence[str] = ()) -> dict
 
 def _toy_fingerprints(datasets: Sequence[str]) -> dict[str, str]:
     """Digest of each procedural toy dataset (their content changes with the package version; real datasets' do not)."""
+    from vlprompt.specs import TOY_FUSION_SETS
+    from vlprompt.toyworld.fusion_sets import fusion_set_fingerprint
     from vlprompt.toyworld.suite import toy_fingerprint
 
     out = {}
     for name in dict.fromkeys(datasets):
         prefix, sep, arg = name.partition(":")
         if sep and prefix.strip().lower() == "toy":  # as vlprompt.data.datasets dispatches it
-            out[name] = toy_fingerprint(arg)
+            toy_set = arg.strip().lower()
+            out[name] = fusion_set_fingerprint(toy_set) if toy_set in TOY_FUSION_SETS else toy_fingerprint(arg)
     return out
 
 
@@ -532,6 +564,7 @@ def with_earlier_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, 
 def check_jobs(config: BenchConfig, jobs: Sequence[Job]) -> None:
     """Every recipe and dataset of the plan, checked before the first run: a typo must not surface hours in."""
     from vlprompt.data import load_dataset
+    from vlprompt.engine.api import dataset_task, load_task_data
     from vlprompt.methods import make_config
 
     for method in dict.fromkeys(job.method for job in jobs):
@@ -546,7 +579,11 @@ def check_jobs(config: BenchConfig, jobs: Sequence[Job]) -> None:
         except ValueError as err:
             raise ValueError(f"{job.key}: {err}") from None
     for dataset in dict.fromkeys(d for job in jobs for d in (job.dataset, *(e for e, _ in job.evals))):
-        load_dataset(dataset, config.data_root)  # names the dataset and the fix on a typo or a missing folder
+        task = dataset_task(dataset)
+        if task == "classification":
+            load_dataset(dataset, config.data_root)  # names the dataset and the fix on a typo or a missing folder
+        else:
+            load_task_data(task, DataOptions(dataset=dataset, root=config.data_root), shots=False)
 
 
 def check_train_options(config: BenchConfig, methods: Sequence[str]) -> None:

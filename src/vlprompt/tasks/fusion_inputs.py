@@ -11,7 +11,16 @@ from vlprompt.data import DatasetError, ImageTransformConfig, build_transform
 
 def dataset_folder(dataset: str, root: str | None, form: str) -> Path:
     """The folder of ``<scheme>:<folder>`` (a relative folder is read under ``root`` when it is not found as
-    written); ``form`` is what the error asks for."""
+    written), or of a toy set ``toy:<task>`` (generated on first use under ``root``, default the toy cache folder);
+    ``form`` is what the error asks for."""
+    from vlprompt.specs import DatasetSpec
+
+    spec = DatasetSpec.parse(dataset)
+    if spec.scheme == "toy":
+        from vlprompt.toyworld.fusion_sets import materialize_fusion_set
+        from vlprompt.toyworld.suite import default_toy_root
+
+        return materialize_fusion_set(spec.name.lower(), Path(root).expanduser() if root else default_toy_root())
     folder = Path(dataset.split(":", 1)[1]).expanduser()
     if not folder.is_dir() and root and (Path(root) / folder).is_dir():
         folder = Path(root) / folder

@@ -20,7 +20,7 @@ from vlprompt.data import DatasetError, open_image
 from vlprompt.data.vqa import VQAExample, build_vocabulary, load_vqa_split, vqa_accuracy
 from vlprompt.engine import distributed
 from vlprompt.tasks.base import Task, autocast_of, device_of, register_task
-from vlprompt.tasks.fusion_inputs import fusion_transform
+from vlprompt.tasks.fusion_inputs import dataset_folder, fusion_transform
 from vlprompt.tasks.batches import StepOutput, VQABatch
 
 TRAIN_SPLIT, EVAL_SPLIT = "train2014", "val2014"
@@ -46,12 +46,8 @@ class VQASplits:
 
 
 def load_vqa_splits(dataset: str, root: str | None = None) -> VQASplits:
-    """``vqa:<folder>`` (a relative folder is read under ``root`` when it is not found as written)."""
-    folder = Path(dataset.split(":", 1)[1]).expanduser()
-    if not folder.is_dir() and root and (Path(root) / folder).is_dir():
-        folder = Path(root) / folder
-    if not folder.is_dir():
-        raise DatasetError(f"{dataset}: {folder} is not a folder; pass vqa:<a folder in the VQA v2 layout>")
+    """``vqa:<folder>`` (a relative folder is read under ``root`` when it is not found as written) or ``toy:vqa``."""
+    folder = dataset_folder(dataset, root, "vqa:<a folder in the VQA v2 layout>")
     train = load_vqa_split(folder, TRAIN_SPLIT).examples
     val_file = folder / f"v2_OpenEnded_mscoco_{EVAL_SPLIT}_questions.json"
     val = load_vqa_split(folder, EVAL_SPLIT).examples if val_file.is_file() else []

@@ -255,3 +255,10 @@ def fusion_texts(seed: int = 0, n: int = 2000) -> list[str]:
         for shape in STATEMENT_SHAPES:
             texts.append(statement_text(kind, shape, "red", 2))
     return texts
+
+
+def fusion_set_fingerprint(name: str, seed: int = 0, image_size: int = 48) -> str:
+    """A short digest of what decides a toy set's content (its manifest): results on an older version of a set are
+    told apart from results on the current one."""
+    manifest = _manifest(name, FusionSetSizes(), seed, image_size)
+    return f"{zlib.crc32(json.dumps(manifest, sort_keys=True).encode()):08x}"
