@@ -273,5 +273,6 @@ def test_the_scheme_and_the_bench_know_nlvr2(tmp_path):
     assert (spec.scheme, spec.name, spec.task, str(spec)) == ("nlvr2", "data/nlvr2", "nlvr2", "nlvr2:data/nlvr2")
     with pytest.raises(SpecError, match="nlvr2:<path>"):
         DatasetSpec.parse("nlvr2:")
-    with pytest.raises(ValueError, match="nlvr2:data is an NLVR2 dataset: train and score NLVR2 runs"):
+    with pytest.raises(ValueError, match="nlvr2:data is an NLVR2 dataset, which trains on its whole training split: "
+                                         "run it with --protocols full"):
         BenchConfig(methods=["coop"], datasets=["nlvr2:data"], output=str(tmp_path / "b"))

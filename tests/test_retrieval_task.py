@@ -288,5 +288,6 @@ def test_the_scheme_and_the_bench_know_retrieval(tmp_path):
 
     spec = DatasetSpec.parse("retrieval:data/flickr30k")
     assert (spec.scheme, spec.task, str(spec)) == ("retrieval", "retrieval", "retrieval:data/flickr30k")
-    with pytest.raises(ValueError, match="retrieval:data is a retrieval dataset: train and score retrieval runs"):
+    with pytest.raises(ValueError, match="retrieval:data is a retrieval dataset, which trains on its whole training "
+                                         "split: run it with --protocols full"):
         BenchConfig(methods=["coop"], datasets=["retrieval:data"], output=str(tmp_path / "b"))

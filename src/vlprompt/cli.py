@@ -583,39 +583,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain_toy(args: argparse.Namespace) -> int:
-    from vlprompt.pretraining.clip_pretrain import PretrainConfig, pretrain
-
+def _pretraining_config(args: argparse.Namespace, config_class, what: str):
+    """The pretraining config of ``--set KEY=VALUE`` options, refusing an unknown key, a bad value or an --output
+    that is a file."""
     values = parse_set(args.set or [])
     try:
-        check_keys(values, PretrainConfig, "pretraining option")
+        check_keys(values, config_class, what)
     except OptionError as err:
         raise CLIError(err.problems[0]) from None
     try:
-        config = PretrainConfig(**values)
+        config = config_class(**values)
     except (TypeError, ValueError) as err:
-        raise CLIError(f"bad pretraining option: {err}") from err
+        raise CLIError(f"bad {what}: {err}") from err
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise CLIError(f"--output {args.output} is a file; give a folder for the model")
-    pretrain(config, args.output, args.cache_dir)
+    return config
+
+
+def cmd_pretrain_toy(args: argparse.Namespace) -> int:
+    from vlprompt.pretraining.clip_pretrain import PretrainConfig, pretrain
+
+    pretrain(_pretraining_config(args, PretrainConfig, "pretraining option"), args.output, args.cache_dir)
     return 0
 
 
 def cmd_pretrain_toy_vilt(args: argparse.Namespace) -> int:
     from vlprompt.pretraining.vilt_pretrain import ViltPretrainConfig, pretrain_vilt
 
-    values = parse_set(args.set or [])
-    try:
-        check_keys(values, ViltPretrainConfig, "ViLT pretraining option")
-    except OptionError as err:
-        raise CLIError(err.problems[0]) from None
-    try:
-        config = ViltPretrainConfig(**values)
-    except (TypeError, ValueError) as err:
-        raise CLIError(f"bad ViLT pretraining option: {err}") from err
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise CLIError(f"--output {args.output} is a file; give a folder for the model")
-    pretrain_vilt(config, args.output, args.cache_dir)
+    pretrain_vilt(_pretraining_config(args, ViltPretrainConfig, "ViLT pretraining option"), args.output, args.cache_dir)
     return 0
 
 

@@ -112,6 +112,23 @@ def _check_pretrain_values(config: "PretrainConfig") -> list[str]:
     return problems
 
 
+def pretraining_optimizer(named_parameters: list[tuple[str, torch.nn.Parameter]], lr: float,
+                          weight_decay: float) -> torch.optim.AdamW:  # fmt: skip
+    """AdamW as CLIP pretrains (betas 0.9 / 0.98), decaying matrices only (not biases, norms or embeddings)."""
+    decay = [p for n, p in named_parameters if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named_parameters if not (p.dim() >= 2 and "embedding" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then a cosine decay to zero at ``steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(steps - warmup_steps, 1)
+    return lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def world_vocabulary_texts(n_captions: int = 20_000, seed: int = 12345) -> list[str]:
     """Texts whose words make up the tokenizer's vocabulary: corpus captions plus every suite class and template."""
     from vlprompt.toyworld import corpus as toy_corpus
@@ -200,25 +217,14 @@ def pretrain(config: PretrainConfig, output: str | Path, cache_dir: str | Path, 
     tokens = backbone.tokenize(captions)  # all captions once; the adapter truncates each batch at its last EOT
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; vocabulary {len(tokenizer)}")
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
-    )
-
-    def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return config.lr * (step + 1) / config.warmup_steps
-        t = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
-        return config.lr * 0.5 * (1 + math.cos(math.pi * t))
+    optimizer = pretraining_optimizer(list(model.named_parameters()), config.lr, config.weight_decay)
 
     generator = torch.Generator().manual_seed(config.seed)
     history = []
     train_start = time.perf_counter()
     for step in range(config.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_cosine_lr(step, config.lr, config.warmup_steps, config.steps)
         g = config.group_size
         groups = torch.randint(0, len(images) // g, (config.batch_size // g,), generator=generator)
         idx = (groups[:, None] * g + torch.arange(g)).flatten().numpy()

@@ -30,7 +30,7 @@ from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.api import DataOptions, RunOptions, evaluate_checkpoint, train
 from vlprompt.engine.trainer import TrainConfig
 from vlprompt.recipes import AUTO, Recipe, RecipeSet, choose_recipe, epochs_by_shots_mapping
-from vlprompt.methods import canonical_method_name, method_task
+from vlprompt.methods import canonical_method_name
 from vlprompt.options import OptionError, check_options, opt
 
 PROTOCOLS = ("fewshot", "base2novel", "crossdataset", "domain", "full")

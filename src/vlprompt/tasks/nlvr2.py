@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from vlprompt.data import DatasetError, open_image
 from vlprompt.data.nlvr2 import NLVR2Example, load_nlvr2_split
 from vlprompt.engine import distributed
-from vlprompt.tasks.base import Task, autocast_of, device_of, register_task
+from vlprompt.tasks.base import autocast_of, device_of, register_task
 from vlprompt.tasks.batches import NLVR2_LABELS, NLVR2Batch, StepOutput
-from vlprompt.tasks.fusion_inputs import dataset_folder, fusion_transform, refuse_shots, tokens_and_mask
+from vlprompt.tasks.fusion_inputs import FusionTask, dataset_folder, fusion_transform, tokens_and_mask
 
 TRAIN_SPLIT, VAL_SPLIT = "train", "dev"
 TEST_SPLITS = ("test1", "test-P", "test")  # the public test split (test-P) under the names it is found as
@@ -100,40 +100,30 @@ def evaluate_nlvr2(method, loader, accelerator=None, sharded: bool = False) -> d
     return {"accuracy": 100.0 * correct / seen, "n": int(seen)}
 
 
-class NLVR2Task(Task):
+class NLVR2Task(FusionTask):
     name: ClassVar[str] = "nlvr2"
+    label: ClassVar[str] = "NLVR2"
+    no_shots_because: ClassVar[str] = "its statements are true or false of image pairs"
     dataset_forms: ClassVar[str] = FORM
 
     def __init__(self, splits: NLVR2Splits, backbone, augment: bool = False, few_shot: bool = False) -> None:
         self.splits = splits
-        self.augment = False  # a flip swaps "left" and "right": statements keep their images as they are
         self._backbone, self._transform = backbone, fusion_transform(backbone)
         self.train_set = NLVR2Dataset(splits.train, backbone, self._transform)
         self.val = NLVR2Dataset(splits.val, backbone, self._transform) if splits.val else None
         self.test = NLVR2Dataset(splits.test, backbone, self._transform) if splits.test else None
-        self._correct = 0
-        self._seen = 0
 
     @classmethod
-    def load_data(cls, data) -> NLVR2Splits:
-        refuse_shots(data, "NLVR2", "its statements are true or false of image pairs")
-        return load_nlvr2_splits(data.dataset, data.root)
+    def read_splits(cls, dataset: str, root: str | None) -> NLVR2Splits:
+        return load_nlvr2_splits(dataset, root)
 
     @property
     def classnames(self) -> list[str]:
         return list(NLVR2_LABELS)
 
-    @property
-    def template(self) -> str:
-        return "{}"
-
     def run_info(self) -> dict[str, Any]:
         return {"task": "nlvr2", "dataset_name": self.splits.name, "num_train": len(self.splits.train),
                 "num_dev": len(self.splits.val), "num_test": len(self.splits.test)}  # fmt: skip
-
-    def configure(self, config) -> None:
-        super().configure(config)
-        self.augment = False
 
     def check_before_training(self, method) -> None:
         if not self.splits.train and method.num_trainable():
@@ -148,34 +138,21 @@ class NLVR2Task(Task):
         pixels, ids, mask, labels, _ = raw
         return NLVR2Batch(ids, mask, pixels, labels)
 
-    def start_epoch(self) -> None:
-        self._correct, self._seen = 0, 0
-
     def record_step(self, output: StepOutput, batch: NLVR2Batch) -> None:
         if output.logits is not None:
             chosen = output.logits.detach().argmax(-1)
-            self._correct += int((chosen == batch.labels.to(chosen.device)).sum())
-            self._seen += len(batch)
-
-    def epoch_metrics(self) -> dict[str, float]:
-        correct, seen = distributed.sum_over_processes(torch.tensor([self._correct, self._seen],
-                                                                    dtype=torch.float64)).tolist()  # fmt: skip
-        return {"train_accuracy": 100.0 * correct / seen} if seen else {}
-
-    def _eval_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        return DataLoader(distributed.shard(dataset), batch_size=batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+            self.count_training(float((chosen == batch.labels.to(chosen.device)).sum()), len(batch))
 
     def validate(self, method, accelerator, batch_size: int) -> dict[str, float]:
         if self.val is None:
             return {}
-        result = evaluate_nlvr2(method, self._eval_loader(self.val, batch_size), accelerator, True)
+        result = evaluate_nlvr2(method, self.eval_loader(self.val, batch_size), accelerator, True)
         return {"val_accuracy": result["accuracy"]}
 
     def final_metrics(self, method, accelerator, batch_size: int, log) -> dict[str, Any]:
         """Accuracy on test-P, or on dev for a folder without a test split (``split`` says which)."""
         scored, split = (self.test, "test") if self.test is not None else (self.val, "val")
-        result = evaluate_nlvr2(method, self._eval_loader(scored, batch_size), accelerator, True)
+        result = evaluate_nlvr2(method, self.eval_loader(scored, batch_size), accelerator, True)
         # "accuracy" is the run's headline metric wherever runs are compared (bench, eval)
         return {"split": split, "accuracy": result["accuracy"], "n": result["n"]}
 
@@ -185,7 +162,7 @@ class NLVR2Task(Task):
             wanted = {"train": "train.json", "val": "dev.json", "dev": "dev.json"}.get(split, f"{split}.json")
             raise ValueError(f"split {split!r} of {self.splits.name} is empty: its folder has no {wanted}")
         dataset = NLVR2Dataset(examples, self._backbone, self._transform)
-        result = evaluate_nlvr2(method, self._eval_loader(dataset, batch_size), accelerator, True)
+        result = evaluate_nlvr2(method, self.eval_loader(dataset, batch_size), accelerator, True)
         return {"dataset": self.splits.name, "split": split, "accuracy": result["accuracy"], "n": result["n"]}
 
 

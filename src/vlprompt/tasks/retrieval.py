@@ -32,9 +32,9 @@ from torch.utils.data import Dataset
 from vlprompt.data import DatasetError, open_image
 from vlprompt.data.retrieval import RetrievalImage, load_retrieval_split, recall_at_k, retrieval_splits
 from vlprompt.engine import distributed
-from vlprompt.tasks.base import Task, autocast_of, device_of, register_task
+from vlprompt.tasks.base import autocast_of, device_of, register_task
 from vlprompt.tasks.batches import RETRIEVAL_LABELS, RETRIEVAL_NEGATIVES, RetrievalBatch, StepOutput
-from vlprompt.tasks.fusion_inputs import dataset_folder, fusion_transform, refuse_shots, tokens_and_mask
+from vlprompt.tasks.fusion_inputs import FusionTask, dataset_folder, fusion_transform, tokens_and_mask
 
 SPLITS = ("train", "val", "test")
 FORM = "retrieval:<a folder with Karpathy's dataset_flickr30k.json or dataset_coco.json and the images>"
@@ -154,38 +154,29 @@ def retrieval_metrics(method, images: list[RetrievalImage], backbone, transform:
             "n_captions": int(caption_image.numel())}  # fmt: skip
 
 
-class RetrievalTask(Task):
+class RetrievalTask(FusionTask):
     name: ClassVar[str] = "retrieval"
+    label: ClassVar[str] = "retrieval"
+    no_shots_because: ClassVar[str] = "images are ranked against captions"
     dataset_forms: ClassVar[str] = FORM
 
     def __init__(self, splits: RetrievalSplits, backbone, augment: bool = False, few_shot: bool = False) -> None:
         self.splits = splits
-        self.augment = False  # captions say "left" and "right": images are not flipped
         self._backbone, self._transform = backbone, fusion_transform(backbone)
         self.negatives = RETRIEVAL_NEGATIVES  # until the method says (prepare_training)
         self._train_set: RetrievalTrainSet | None = None
-        self._first, self._seen = 0, 0
 
     @classmethod
-    def load_data(cls, data) -> RetrievalSplits:
-        refuse_shots(data, "retrieval", "images are ranked against captions")
-        return load_retrieval_splits(data.dataset, data.root)
+    def read_splits(cls, dataset: str, root: str | None) -> RetrievalSplits:
+        return load_retrieval_splits(dataset, root)
 
     @property
     def classnames(self) -> list[str]:
         return list(RETRIEVAL_LABELS)
 
-    @property
-    def template(self) -> str:
-        return "{}"
-
     def run_info(self) -> dict[str, Any]:
         return {"task": "retrieval", "dataset_name": self.splits.name, "num_train": len(self.splits.train),
                 "num_val": len(self.splits.val), "num_test": len(self.splits.test)}  # fmt: skip
-
-    def configure(self, config) -> None:
-        super().configure(config)
-        self.augment = False
 
     def check_before_training(self, method) -> None:
         if method.num_trainable() and len(self.splits.train) < 2:
@@ -207,18 +198,9 @@ class RetrievalTask(Task):
         pixels, ids, mask, _ = raw
         return RetrievalBatch(ids, mask, pixels)
 
-    def start_epoch(self) -> None:
-        self._first, self._seen = 0, 0
-
     def record_step(self, output: StepOutput, batch: RetrievalBatch) -> None:
         if output.logits is not None:  # the positive caption scored highest among its 1 + K
-            self._first += int((output.logits.detach().argmax(-1) == 0).sum())
-            self._seen += len(batch)
-
-    def epoch_metrics(self) -> dict[str, float]:
-        first, seen = distributed.sum_over_processes(torch.tensor([self._first, self._seen],
-                                                                  dtype=torch.float64)).tolist()  # fmt: skip
-        return {"train_accuracy": 100.0 * first / seen} if seen else {}
+            self.count_training(float((output.logits.detach().argmax(-1) == 0).sum()), len(batch))
 
     def _metrics(self, method, images, accelerator, batch_size: int) -> dict[str, Any]:
         return retrieval_metrics(method, images, self._backbone, self._transform, batch_size, accelerator)

@@ -10,17 +10,16 @@ accuracy is the official leave-one-annotator-out score.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from vlprompt.data import DatasetError, open_image
 from vlprompt.data.vqa import VQAExample, build_vocabulary, load_vqa_split, vqa_accuracy
 from vlprompt.engine import distributed
-from vlprompt.tasks.base import Task, autocast_of, device_of, register_task
-from vlprompt.tasks.fusion_inputs import dataset_folder, fusion_transform
+from vlprompt.tasks.base import autocast_of, device_of, register_task
+from vlprompt.tasks.fusion_inputs import FusionTask, dataset_folder, fusion_transform
 from vlprompt.tasks.batches import StepOutput, VQABatch
 
 TRAIN_SPLIT, EVAL_SPLIT = "train2014", "val2014"
@@ -101,24 +100,24 @@ def evaluate_vqa(method, loader, examples: list[VQAExample], accelerator=None, s
     return {"vqa_accuracy": 100.0 * score / seen, "n": int(seen)}
 
 
-class VQATask(Task):
+class VQATask(FusionTask):
     name: ClassVar[str] = "vqa"
+    train_metric: ClassVar[str] = "train_vqa_score"
+    label: ClassVar[str] = "VQA"
+    no_shots_because: ClassVar[str] = "its answers are a vocabulary, not classes of images"
     dataset_forms: ClassVar[str] = "vqa:<a folder in the VQA v2 layout>"
 
     def __init__(self, splits: VQASplits, backbone, augment: bool = False, few_shot: bool = False) -> None:
         self.splits = splits
-        self.augment = False  # a flip swaps "left" and "right" in the answers: questions keep their images as they are
         self.few_shot = few_shot
         transform = fusion_transform(backbone)
         self.train_set = VQADataset(splits.train, backbone, splits.answers, transform)
         self.val = VQADataset(splits.val, backbone, splits.answers, transform) if splits.val else None
         self._backbone, self._transform = backbone, transform
-        self._score = 0.0
-        self._seen = 0
 
     @classmethod
-    def load_data(cls, data) -> VQASplits:
-        return load_vqa_splits(data.dataset, data.root)
+    def read_splits(cls, dataset: str, root: str | None) -> VQASplits:
+        return load_vqa_splits(dataset, root)
 
     @property
     def classnames(self) -> list[str]:
@@ -132,10 +131,6 @@ class VQATask(Task):
         return {"task": "vqa", "dataset_name": self.splits.name, "num_train": len(self.splits.train),
                 "num_answers": len(self.splits.answers)}  # fmt: skip
 
-    def configure(self, config) -> None:
-        super().configure(config)
-        self.augment = False
-
     def check_before_training(self, method) -> None:
         if not self.splits.train and method.num_trainable():
             raise DatasetError(f"{self.splits.name} has no training questions")
@@ -147,34 +142,22 @@ class VQATask(Task):
         pixels, ids, mask, targets, _ = raw
         return VQABatch(ids, mask, pixels, targets)
 
-    def start_epoch(self) -> None:
-        self._score, self._seen = 0.0, 0
-
     def record_step(self, output: StepOutput, batch: VQABatch) -> None:
         if output.logits is not None:  # training VQA score: the soft target of the chosen answer
             chosen = output.logits.detach().argmax(-1)
-            self._score += float(batch.targets[torch.arange(len(batch)), chosen.to(batch.targets.device)].sum())
-            self._seen += len(batch)
-
-    def epoch_metrics(self) -> dict[str, float]:
-        score, seen = distributed.sum_over_processes(torch.tensor([self._score, self._seen],
-                                                                  dtype=torch.float64)).tolist()  # fmt: skip
-        return {"train_vqa_score": 100.0 * score / seen} if seen else {}
-
-    def _eval_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        return DataLoader(distributed.shard(dataset), batch_size=batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+            self.count_training(float(batch.targets[torch.arange(len(batch)), chosen.to(batch.targets.device)].sum()),
+                                len(batch))  # fmt: skip
 
     def validate(self, method, accelerator, batch_size: int) -> dict[str, float]:
         if self.val is None:
             return {}
-        result = evaluate_vqa(method, self._eval_loader(self.val, batch_size), self.splits.val, accelerator, True)
+        result = evaluate_vqa(method, self.eval_loader(self.val, batch_size), self.splits.val, accelerator, True)
         return {"val_vqa_accuracy": result["vqa_accuracy"]}
 
     def final_metrics(self, method, accelerator, batch_size: int, log) -> dict[str, Any]:
         final: dict[str, Any] = {"split": "test"}
         if self.val is not None:
-            result = evaluate_vqa(method, self._eval_loader(self.val, batch_size), self.splits.val, accelerator, True)
+            result = evaluate_vqa(method, self.eval_loader(self.val, batch_size), self.splits.val, accelerator, True)
             # "accuracy" is the run's headline metric wherever runs are compared (bench, eval)
             final.update(accuracy=result["vqa_accuracy"], vqa_accuracy=result["vqa_accuracy"], n=result["n"])
         return final
@@ -184,7 +167,7 @@ class VQATask(Task):
         if not examples:
             raise ValueError(f"split {split!r} of {self.splits.name} is empty")
         dataset = VQADataset(examples, self._backbone, self.splits.answers, self._transform)
-        result = evaluate_vqa(method, self._eval_loader(dataset, batch_size), examples, None, True)
+        result = evaluate_vqa(method, self.eval_loader(dataset, batch_size), examples, None, True)
         return {"dataset": self.splits.name, "split": split, "accuracy": result["vqa_accuracy"], "n": result["n"]}
 
 

@@ -32,11 +32,11 @@ from PIL import Image
 
 from .captions import NUMBER_WORDS, caption, plural, qa
 from .corpus import _replace_dir
+from .suite import MANIFEST, _read_manifest
 from .render import render_array
 from .world import COLOURS, NO_HOLDOUT, WORLD_VERSION, Scene, sample_scene
 
 FUSION_SETS_VERSION = 1
-MANIFEST = "toyworld.json"
 ANNOTATORS = 10  # VQA v2 collects ten answers per question
 VQA_QUESTIONS_PER_IMAGE = 2
 CAPTIONS_PER_IMAGE = 5  # as Flickr30K and COCO
@@ -207,14 +207,6 @@ FUSION_SETS: dict[str, Callable[[Path, FusionSetSizes, int, int], None]] = {
 def _manifest(name: str, sizes: FusionSetSizes, seed: int, size: int) -> dict[str, Any]:
     return {"world_version": WORLD_VERSION, "fusion_sets_version": FUSION_SETS_VERSION, "name": name, "seed": seed,
             "image_size": size, "sizes": list(asdict(sizes)[name])}  # fmt: skip
-
-
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def fusion_set_folder(name: str, root: Path, seed: int = 0) -> Path:
