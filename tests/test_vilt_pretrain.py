@@ -101,3 +101,23 @@ def test_a_tiny_pretraining_writes_a_vilt_folder_the_backbone_loads(tmp_path):
 def test_bad_pretraining_values_are_named(field, value, message):
     with pytest.raises(ValueError, match=message):
         ViltPretrainConfig(**{**TINY, field: value})
+
+
+def test_the_shipped_toy_vilt_loads_by_name_and_matches_captions_to_their_images():
+    from vlprompt.backbones import load_backbone
+    from vlprompt.pretraining.vilt_pretrain import retrieval_test_set
+    from vlprompt.recipes import carried_recipe
+
+    backbone = load_backbone("embedded-vilt")
+    assert isinstance(backbone, ViltBackbone) and backbone.matching_head() is not None
+    assert carried_recipe("embedded-vilt").name == "toy"
+    images, captions, owners = retrieval_test_set(8, backbone.image_size)
+    tokens = backbone.tokenize(captions)
+    mask = (torch.arange(tokens.input_ids.shape[1]) < tokens.lengths.unsqueeze(1)).long()
+    with torch.no_grad():
+        _, pooled = backbone.encode(tokens.input_ids, mask, torch.stack([images[i] for i in owners.tolist()]))
+        own = backbone.matching_head()(pooled).squeeze(-1)
+        shifted = torch.stack([images[(i + 1) % 8] for i in owners.tolist()])  # every caption with another image
+        _, pooled = backbone.encode(tokens.input_ids, mask, shifted)
+        other = backbone.matching_head()(pooled).squeeze(-1)
+    assert (own > other).float().mean() > 0.8  # pretrained matching: 40 captions, each with its image and another
