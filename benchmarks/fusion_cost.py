@@ -50,6 +50,19 @@ class Costs:
     rows: list[tuple[int, int, int, int, int]]  # (M, APT trainable, APT extra, deep trainable, deep extra)
 
 
+# The release's ViLT deep-prompt baseline, read in DoubtedSteam/APT, against the joint_sequence site.
+RELEASE_DEEP_PROMPT_NOTE = (
+    "The release's ViLT baseline (`ViLT/vilt/modules/vision_transformer_deep_prompt.py`, DoubtedSteam/APT) "
+    "appends M fresh tokens at each block, normalises them with the block's LayerNorm and keeps only their "
+    'keys and values (their query rows are dropped before the attention and their outputs before the '
+    "residual). The text and image tokens' outputs are the same here, since the `joint_sequence` site also "
+    "normalises the prompts with the block's LayerNorm and replaces them before the next block (their outputs "
+    "never reach a real token); what differs is the work: the site also computes the prompts' queries, "
+    "attention outputs and feed-forward, which is thrown away. The release's placement would cost about the "
+    'keys and values of M tokens per block plus the attention over M more keys.'
+)
+
+
 def forward_flops(backbone, batch, **sites) -> int:
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
@@ -124,11 +137,8 @@ def main() -> None:
         "M = 200 match the paper's (1.92M and 1.84M); the FLOPs do not. APT's extra here is the two products "
         "`X K~^T` and `S P` per block (4 T M C FLOPs); in multiply-adds it is half, closer to the paper's 0.91. The "
         "deep prompts here are VPT-style tokens of the joint sequence: they are queries too and pass through every "
-        "block's feed-forward layer, which costs 38 GFLOPs at M = 200, far more than the paper's +5.14. The release's "
-        "ViLT baseline places them differently: in `ViLT/vilt/modules/vision_transformer_deep_prompt.py` (DoubtedSteam/"
-        "APT) each block appends M fresh tokens that are keys and values only (their query rows are dropped before the "
-        "attention and their outputs before the residual), as its METER baseline does below; the ViLT adapter's "
-        "`joint_sequence` site does not follow that yet (issue 17).",
+        "block's feed-forward layer, which costs 38 GFLOPs at M = 200, far more than the paper's +5.14. "
+        + RELEASE_DEEP_PROMPT_NOTE,
         "",
         "## BridgeTower-base (standing in for METER)",
         "",

@@ -165,3 +165,38 @@ def test_apt_on_every_block_costs_its_formula_in_flops(vilt, batch):
     b, c, layers = len(TEXTS), vilt.width, vilt.num_layers
     assert flops(block=apt) - flops() == layers * (2 * 2 * b * tokens * m * c + 2 * 2 * m * c * r)
     assert sum(p.numel() for p in apt.parameters()) == layers * (m * c + 2 * r * c + 1)
+
+
+def _keys_values_only_block(layer, hidden, prompts, key_mask, heads):
+    """One ViLT block as the APT release's deep-prompt baseline runs it: the prompts join the block's LayerNorm and
+    give keys and values only (no query rows, no output, no feed-forward)."""
+    batch, length, width = hidden.shape
+    normed = layer.layernorm_before(torch.cat([hidden, prompts.expand(batch, -1, -1)], dim=1))
+    attention = layer.attention.attention
+
+    def split(x):
+        return x.view(batch, -1, heads, width // heads).transpose(1, 2)
+
+    q, k, v = split(attention.query(normed[:, :length])), split(attention.key(normed)), split(attention.value(normed))
+    scores = q @ k.transpose(-1, -2) / (width // heads) ** 0.5
+    scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, width)
+    hidden = hidden + layer.attention.output.dense(context)
+    return layer.output(layer.intermediate(layer.layernorm_after(hidden)), hidden)
+
+
+def test_deep_prompts_give_the_release_keys_and_values_only_outputs(vilt, batch):
+    """What docs/benchmarks/fusion_cost.md states: the joint_sequence site computes the prompts' queries and
+    feed-forward too, but the text and image tokens come out as in the release's placement."""
+    ids, mask, pixels = batch
+    hidden, joint_mask = vilt.embed(ids, mask, pixels)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randn(3, vilt.width, generator=generator) for _ in range(vilt.num_layers)]
+    with torch.no_grad():
+        ours = vilt.run_layers(hidden, joint_mask, prompts=DeepPrompts(prompts))
+        expected = hidden
+        key_mask = torch.cat([joint_mask, joint_mask.new_ones(len(ids), 3)], dim=1)
+        for layer, layer_prompts in zip(vilt.model.encoder.layer, prompts):
+            expected = _keys_values_only_block(layer, expected, layer_prompts, key_mask,
+                                               vilt.model.config.num_attention_heads)  # fmt: skip
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
