@@ -93,6 +93,30 @@ def measure(preset: str, prompts: list[int], deep_per_layer: int) -> Costs:
     return Costs(sequence, frozen, rows)
 
 
+TOY_METHODS = ("fusion_head", "apt_native", "deep_prompt_native", "lora_native", "full_native")
+
+
+def method_costs(model: str) -> tuple[int, list[tuple[str, int, int]]]:
+    """(the head-only forward's FLOPs, [(method, trainable parameters, extra forward FLOPs over the head-only
+    forward)]) of every fusion method with its default options, as the toy results train them (a VQA head of two
+    answers: the head's own FLOPs are the same for every method)."""
+    from vlprompt.methods import get_prompt_model
+
+    backbone = load_backbone(model)
+    tokens = backbone.tokenize(["what colour is the star?"])
+    mask = (torch.arange(tokens.input_ids.shape[1]) < tokens.lengths.unsqueeze(1)).long()
+    pixels = torch.zeros(1, 3, backbone.image_size, backbone.image_size)
+    counts = []
+    for name in TOY_METHODS:
+        method = get_prompt_model(load_backbone(model), name, ["yes", "no"], "{}").eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            method(tokens.input_ids, mask, pixels)
+        counts.append((name, method.num_trainable(), counter.get_total_flops()))
+    head_only = counts[0][2]
+    return head_only, [(name, params, flops - head_only) for name, params, flops in counts]
+
+
 def table(costs: Costs, deep_header: str) -> list[str]:
     lines = [
         f"| M | APT trainable | APT extra GFLOPs | {deep_header} trainable | {deep_header} extra GFLOPs | "
@@ -160,6 +184,21 @@ def main() -> None:
         "point (T: the stream's tokens) plus its low-rank keys; the deep prompts' extra is the keys and values of 2M "
         "tokens per layer and each stream's attention over M more keys. BridgeTower's bridge layers and 288-pixel "
         "images are not METER's, so the GFLOPs are of the same kind, not the paper's numbers.",
+    ]
+    head_only, toy = method_costs("embedded-vilt")
+    lines += [
+        "",
+        "## The shipped toy ViLT (`embedded-vilt`), per method",
+        "",
+        "Each fusion method as `vlprompt bench --protocols full` trains it on the toy sets (default options: M = 50 "
+        "APT prompts per block, 50 deep prompts, LoRA rank 4 on q and v), on one question-image pair of the toy "
+        f"model's shapes (32 text positions, a 48 x 48 image in 16 patches); the head-only forward: "
+        f"{head_only / 1e6:.2f} MFLOPs. Trainable parameters with a VQA head of 2 answers (the head grows with the "
+        "answer vocabulary; `vlprompt params --model embedded-vilt --num-classes N` for another).",
+        "",
+        "| method | trainable | extra MFLOPs per pair over the head-only forward |",
+        "|---|---:|---:|",
+        *(f"| {name} | {params:,} | +{extra / 1e6:.2f} |" for name, params, extra in toy),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
