@@ -209,18 +209,15 @@ def zero_shot_retrieval(backbone, rank_output: nn.Linear, images: list, captions
 def retrieval_test_set(n_images: int, image_size: int, seed: int = 0) -> tuple[list, list[str], torch.Tensor]:
     """(image tensors, captions, the image of each caption) of the toy retrieval set's first test images, drawn
     exactly as the folder of ``toy:retrieval`` holds them."""
-    from vlprompt.toyworld.fusion_sets import CAPTIONS_PER_IMAGE, _rng
-    from vlprompt.toyworld.captions import caption
+    from vlprompt.toyworld.fusion_sets import retrieval_item
     from vlprompt.toyworld.render import render_array
-    from vlprompt.toyworld.world import NO_HOLDOUT, sample_scene
 
     images, captions, owners = [], [], []
     for i in range(n_images):
-        scene = sample_scene(_rng(seed, "retrieval", "test", i), holdout=NO_HOLDOUT)
+        scene, texts = retrieval_item(seed, "test", i)
         images.append(normalise(render_array(scene, image_size, "clean")[None])[0])
-        for k in range(CAPTIONS_PER_IMAGE):
-            captions.append(caption(scene, _rng(seed, "retrieval", "test", i, part=k + 1)))
-            owners.append(i)
+        captions += texts
+        owners += [i] * len(texts)
     return images, captions, torch.tensor(owners)
 
 

@@ -182,16 +182,20 @@ def _write_nlvr2(folder: Path, sizes: FusionSetSizes, seed: int, size: int) -> N
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
+def retrieval_item(seed: int, split: str, i: int) -> tuple[Scene, list[str]]:
+    """(scene, its five captions) of image ``i`` of ``split`` in the retrieval set of ``seed``."""
+    scene = sample_scene(_rng(seed, "retrieval", split, i), holdout=NO_HOLDOUT)
+    return scene, [caption(scene, _rng(seed, "retrieval", split, i, part=k + 1)) for k in range(CAPTIONS_PER_IMAGE)]
+
+
 def _write_retrieval(folder: Path, sizes: FusionSetSizes, seed: int, size: int) -> None:
     (folder / "images").mkdir(parents=True)
     items = []
     for split, n in zip(("train", "val", "test"), sizes.retrieval):
         for i in range(n):
-            rng = _rng(seed, "retrieval", split, i)
-            scene = sample_scene(rng, holdout=NO_HOLDOUT)
+            scene, captions = retrieval_item(seed, split, i)
             name = f"{split}_{i:05d}.png"
             _save(scene, folder / "images" / name, size)
-            captions = [caption(scene, _rng(seed, "retrieval", split, i, part=k + 1)) for k in range(CAPTIONS_PER_IMAGE)]
             items.append({"filename": name, "split": split, "sentences": [{"raw": c} for c in captions]})
     (folder / "dataset_flickr30k.json").write_text(json.dumps({"images": items}))
 
