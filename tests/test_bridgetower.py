@@ -32,7 +32,6 @@ from vlprompt.tasks.batches import VQABatch
 
 TEXTS = ["a red circle left of a square", "how many stars?"]
 ANSWERS = ["yes", "no", "2", "red"]
-HEADS_XFAIL = "needs FusionMethod heads on pooled_width"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -311,12 +310,6 @@ def _vqa_batch(bt, batch):
     return VQABatch(batch[0], batch[1], batch[2], targets)
 
 
-def _skip_unless_heads_read_pooled_width(method, bt) -> None:
-    """FusionMethod builds its head on ``backbone.width``; BridgeTower pools 2C (methods/fusion.py, not this file)."""
-    if method.head.layers[0].in_features != bt.pooled_width:
-        pytest.xfail(HEADS_XFAIL)
-
-
 @pytest.mark.parametrize("name", ["fusion_head", "apt_native", "deep_prompt_native", "lora_native", "full_native"])
 def test_the_fusion_methods_build_on_it_and_train_only_their_own_tensors(batch, name):
     bt = load_backbone("random:bridgetower-micro")  # LoRA and full tuning change the backbone: a fresh one
@@ -340,7 +333,7 @@ def test_the_fusion_methods_build_on_it_and_train_only_their_own_tensors(batch, 
     if name == "lora_native":  # A and B of q and v in the self- and cross-attention of both streams' layers
         assert len(encoder) == 2 * 2 * 2 * 2 * bt.num_layers
         assert {n.split(".")[2].rsplit("_", 1)[0] for n in encoder} == {"cross_modal_text", "cross_modal_image"}
-    _skip_unless_heads_read_pooled_width(method, bt)
+    assert method.head.layers[0].in_features == bt.pooled_width  # the head reads BridgeTower's 2C pooled output
     method.train()
     out = method.training_step(_vqa_batch(bt, batch))
     out.losses["main"].backward()
@@ -351,7 +344,7 @@ def test_the_fusion_methods_build_on_it_and_train_only_their_own_tensors(batch, 
 
 def test_without_memory_tokens_apt_native_is_the_head_on_the_frozen_encoder(bt, batch):
     method = vlprompt.get_prompt_model(bt, "apt_native", ANSWERS, config={"n_prompts": 0})
-    _skip_unless_heads_read_pooled_width(method, bt)
+    assert method.head.layers[0].in_features == bt.pooled_width  # the head reads BridgeTower's 2C pooled output
     bare = vlprompt.get_prompt_model(bt, "fusion_head", ANSWERS)
     bare.head.load_state_dict(method.head.state_dict())
     with torch.no_grad():
