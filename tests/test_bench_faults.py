@@ -299,3 +299,38 @@ def test_a_killed_bench_takes_its_workers_with_it(tiny_model_dir, engine_data_ro
         for pid in workers | _children(bench.pid):  # never leave a worker behind, even when the test fails
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# SIGTERM --------------------------------------------------------------------------------------------------------
+def test_a_bench_stopped_with_sigterm_still_tables_its_finished_runs(tiny_model_dir, engine_data_root, tmp_path,
+                                                                      monkeypatch):
+    """`kill` (SIGTERM) used to end a bench without its `finally`: the runs that had finished were in their folders
+    but not in results.csv, and --report-only refused the folder. It now unwinds like Ctrl-C."""
+    import os
+    import signal
+    import time
+
+    from vlprompt.protocols import runner
+
+    calls = []
+
+    def one_run_then_terminated(config, job):
+        calls.append(job.key)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler interrupts this at once
+        row = {"protocol": job.protocol, "train_dataset": job.dataset, "eval_dataset": job.dataset, "subset": "all",
+               "method": job.method, "shots": job.shots, "seed": job.seed, "accuracy": 50.0, "n": 10,
+               "trainable_parameters": 0, "train_time_s": 0.1, "precision": job.precision}  # fmt: skip
+        return [row], 0.1
+
+    monkeypatch.setattr(runner, "_timed_job", one_run_then_terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    out_dir = tmp_path / "bench"
+    with pytest.raises(SystemExit) as stopped:
+        _cli("bench", "--methods", "zeroshot", "linear_probe", "--datasets", "eurosat", "--data-root",
+             engine_data_root, "--model", tiny_model_dir, "--shots", "1", "--seeds", "1", "--output", out_dir)
+    assert stopped.value.code == 128 + signal.SIGTERM and len(calls) == 2
+    rows = runner.read_csv(out_dir / "results.csv")
+    assert [(r["method"], r["accuracy"]) for r in rows] == [("zeroshot", 50.0)]
+    assert signal.getsignal(signal.SIGTERM) is previous  # the bench's handler is gone once it returns

@@ -15,12 +15,15 @@ its own process (on a GPU machine worker k uses GPU k mod the number of GPUs); a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
 import json
 import math
 import re
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -508,11 +511,12 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
         log(f"[{i}/{len(jobs)}] {job.key}: {accs} ({seconds:.1f}s)")
 
     try:
-        if config.workers == 1 or len(pending) <= 1:
-            for i, job in pending:
-                finished(i, job, *_timed_job(config, job))
-        else:
-            _run_parallel(config, pending, finished)
+        with _terminate_unwinds():
+            if config.workers == 1 or len(pending) <= 1:
+                for i, job in pending:
+                    finished(i, job, *_timed_job(config, job))
+            else:
+                _run_parallel(config, pending, finished)
     finally:  # a failed or interrupted bench still tables every run that finished
         rows = [row for i in sorted(rows_by_job) for row in rows_by_job[i]]  # plan order, however runs finished
         rows = with_earlier_rows(results_csv_path(config), rows)
@@ -521,6 +525,24 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
     if done:
         log(f"{done} of {len(jobs)} runs were already finished and were reused")
     return rows
+
+
+@contextlib.contextmanager
+def _terminate_unwinds():
+    """SIGTERM (``kill``, a job scheduler's stop) unwinds the bench as Ctrl-C does, so the runs that finished are
+    still written to results.csv; by default SIGTERM ends the process without running any ``finally``."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _shots_note(config: BenchConfig) -> str:
