@@ -45,25 +45,53 @@ class Cell:
 
 
 def read_bench(folder: Path, cells: dict[tuple[str, str], Cell]) -> list[str]:
-    """Add ``folder``'s finished jobs to ``cells``; returns the bench's command as its report records it."""
+    """Add ``folder``'s finished jobs to ``cells``; returns the bench's command as its report records it.
+
+    The recalls come from each run's ``results.json`` under ``runs/``; they are also written to
+    ``run_metrics.csv`` beside ``results.csv``, so that a kept copy of the two files (the run folders are too big
+    to commit) is enough to remake the table. A folder without ``runs/`` is read from its ``run_metrics.csv``."""
     table = folder / "results.csv"
     if not table.is_file():
         raise SystemExit(f"{table} is missing: run the bench first (docs/fusion.md), or pass its --output folder")
+    recalls = run_recalls(folder)
     for row in csv.DictReader(table.open()):
         dataset, method, seed = row["eval_dataset"], row["method"], int(row["seed"])
         cell = cells.setdefault((dataset, method), Cell())
         cell.scores[seed] = float(row["accuracy"])
         cell.params.add(int(row["trainable_parameters"]))
         cell.times.append(float(row["train_time_s"]))
-        for result in folder.glob(f"runs/full/*/{method}/all_seed{seed}/result.json"):
-            if json.loads(result.read_text())["job"]["dataset"] != dataset:
-                continue
-            final = json.loads((result.parent / "results.json").read_text())["final_metrics"]
-            for name in RECALLS:
-                if name in final:
-                    cell.recalls[name].append(float(final[name]))
+        for name, value in recalls.get((dataset, method, seed), {}).items():
+            cell.recalls[name].append(value)
     report = (folder / "results.md").read_text().splitlines() if (folder / "results.md").is_file() else []
     return [line.removeprefix("Command: ").strip("`") for line in report if line.startswith("Command: ")]
+
+
+RunKey = tuple[str, str, int]
+
+
+def run_recalls(folder: Path) -> dict[RunKey, dict[str, float]]:
+    """The recalls of each (dataset, method, seed) run of a bench folder: from its run folders when they are there
+    (and then kept in ``run_metrics.csv``), else from ``run_metrics.csv``, else none."""
+    kept = folder / "run_metrics.csv"
+    if not (folder / "runs").is_dir():
+        if not kept.is_file():
+            return {}
+        return {(row["dataset"], row["method"], int(row["seed"])): {n: float(row[n]) for n in RECALLS if row.get(n)}
+                for row in csv.DictReader(kept.open())}  # fmt: skip
+    found: dict[RunKey, dict[str, float]] = {}
+    for result in sorted(folder.glob("runs/full/*/*/all_seed*/result.json")):
+        job = json.loads(result.read_text())["job"]
+        final = json.loads((result.parent / "results.json").read_text())["final_metrics"]
+        values = {name: float(final[name]) for name in RECALLS if name in final}
+        if values:
+            found[(job["dataset"], job["method"], int(job["seed"]))] = values
+    if found:
+        with kept.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["dataset", "method", "seed", *RECALLS])
+            for (dataset, method, seed), values in sorted(found.items()):
+                writer.writerow([dataset, method, seed, *(values.get(n, "") for n in RECALLS)])
+    return found
 
 
 def spread(values: list[float]) -> str:

@@ -35,7 +35,7 @@ def _fake_bench(folder: Path, dataset: str, scores: dict[str, list[float]], reca
                          "trainable_parameters": 1000, "train_time_s": 10.0 * seed, "precision": "fp32"})  # fmt: skip
             run = folder / "runs" / "full" / dataset.replace(":", "_") / method / f"all_seed{seed}"
             run.mkdir(parents=True)
-            (run / "result.json").write_text(json.dumps({"job": {"dataset": dataset, "method": method}}))
+            (run / "result.json").write_text(json.dumps({"job": {"dataset": dataset, "method": method, "seed": seed}}))
             final = {"accuracy": score}
             if recalls:
                 final |= {"i2t_r1": score + 1, "i2t_r5": 80.0, "i2t_r10": 90.0, "t2i_r1": score - 1,
@@ -69,3 +69,24 @@ def test_tables_spread_recalls_and_comparisons(results_script, tmp_path):
 def test_missing_bench_folder_is_named(results_script, tmp_path):
     with pytest.raises(SystemExit, match="results.csv is missing: run the bench first"):
         results_script.main(["--bench", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.md")])
+
+
+def test_a_kept_copy_without_run_folders_remakes_the_same_table(results_script, tmp_path):
+    """The run folders are too big to commit: results.csv, results.md and the run_metrics.csv the script keeps
+    beside them are enough to remake the table, recalls included."""
+    import shutil
+
+    bench = tmp_path / "ret"
+    _fake_bench(bench, "toy:retrieval", {"apt_native": [50.0, 52.0], "deep_prompt_native": [45.0, 47.0]},
+                recalls=True)  # fmt: skip
+    first, second = tmp_path / "first.md", tmp_path / "second.md"
+    results_script.main(["--bench", str(bench), "--out", str(first), "--plot", str(tmp_path / "a.png")])
+    assert (bench / "run_metrics.csv").is_file()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("results.csv", "results.md", "run_metrics.csv"):
+        shutil.copy(bench / name, copy / name)
+    results_script.main(["--bench", str(copy), "--out", str(second), "--plot", str(tmp_path / "b.png")])
+    body = lambda text: text.split("\n", 1)[1]  # noqa: E731 -- the first line names the folders read
+    assert body(second.read_text()) == body(first.read_text())
+    assert "| apt_native | 52.0 ± 1.4 |" in second.read_text()
