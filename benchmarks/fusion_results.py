@@ -115,10 +115,18 @@ def task_table(dataset: str, cells: dict[tuple[str, str], Cell], extra: dict[str
                      f"+{forwards * extra[method] / 1e6:.2f} | {statistics.fmean(cell.times):.0f} |")  # fmt: skip
     if any(cells[(dataset, m)].recalls for m in TOY_METHODS if (dataset, m) in cells):
         lines += ["", "| method | " + " | ".join(RECALLS) + " |", "|---|" + "---:|" * len(RECALLS)]
+        missing = False
         for method in TOY_METHODS:
             cell = cells.get((dataset, method))
-            if cell is not None and cell.recalls:
+            if cell is None:
+                continue
+            if cell.recalls:
                 lines.append(f"| {method} | " + " | ".join(spread(cell.recalls[r]) for r in RECALLS) + " |")
+            else:
+                missing = True
+                lines.append(f"| {method} | " + " | ".join("–" for _ in RECALLS) + " |")
+        if missing:
+            lines += ["", "–: read from a bench copy that kept no per-run recalls (no run folders, no run_metrics.csv)."]
     lines += ["", *comparisons(dataset, cells, extra), ""]
     return lines
 

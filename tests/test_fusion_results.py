@@ -90,3 +90,14 @@ def test_a_kept_copy_without_run_folders_remakes_the_same_table(results_script, 
     body = lambda text: text.split("\n", 1)[1]  # noqa: E731 -- the first line names the folders read
     assert body(second.read_text()) == body(first.read_text())
     assert "| apt_native | 52.0 ± 1.4 |" in second.read_text()
+
+
+def test_runs_whose_recalls_were_not_kept_show_dashes(results_script, tmp_path):
+    _fake_bench(tmp_path / "kept", "toy:retrieval", {"apt_native": [50.0, 52.0]}, recalls=True)
+    _fake_bench(tmp_path / "bare", "toy:retrieval", {"full_native": [40.0, 42.0]})  # no recalls in its runs
+    out = tmp_path / "results.md"
+    results_script.main(["--bench", str(tmp_path / "kept"), str(tmp_path / "bare"), "--out", str(out),
+                         "--plot", str(tmp_path / "p.png")])  # fmt: skip
+    text = out.read_text()
+    assert "| full_native | – | – | – | – | – | – |" in text and "–: read from a bench copy" in text
+    assert "| apt_native | 52.0 ± 1.4 |" in text
