@@ -248,15 +248,19 @@ def coco_detection(scenes: Sequence[Scene], file_names: Sequence[str], size: int
 
 def write_detection_set(
     folder: str | Path, n: int, seed: int = 0, size: int = 64, holdout: Holdout | None = None,
-    kinds: Mapping[str, float] | None = None, domain: str = "clean",
+    kinds: Mapping[str, float] | None = None, domain: str = "clean", shapes: Sequence[str] | None = None,
 ) -> Path:  # fmt: skip
-    """Write ``n`` multi-object scenes as ``folder/images/<i>.png`` + ``folder/annotations.json`` (COCO)."""
+    """Write ``n`` multi-object scenes as ``folder/images/<i>.png`` + ``folder/annotations.json`` (COCO).
+
+    ``shapes``: draw objects from these shapes only (None: all of them); the categories listed are still all
+    fifteen shapes, so sets drawn from different shape pools share category ids."""
     folder = Path(folder).expanduser()
     (folder / "images").mkdir(parents=True, exist_ok=True)
     kinds = dict(kinds or {"multi": 0.6, "pair": 0.2, "count": 0.2})
     scenes, names = [], []
     for i in range(n):
-        scene = sample_scene(np.random.default_rng([seed, i, 0x64657463]), kinds, holdout=holdout)  # "detc"
+        scene = sample_scene(np.random.default_rng([seed, i, 0x64657463]), kinds, holdout=holdout,  # "detc"
+                             shape=tuple(shapes) if shapes else None)
         name = f"images/{i:05d}.png"
         Image.fromarray(render_array(scene, size, domain)).save(folder / name, compress_level=1)
         scenes.append(scene)
