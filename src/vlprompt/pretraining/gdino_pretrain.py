@@ -89,7 +89,9 @@ class DetectorPretrainConfig:
     eval_every: int = 500
     eval_images: int = 100
     test_images: int = 300
-    # stop training (then cosine-free: the schedule still runs to `steps`) after this many seconds; 0 = no limit
+    # stop training after this many seconds of training (evaluations not counted), even if the learning-rate
+    # schedule (laid out for `steps`) has not finished; 0 = no limit. For experiments: a run cut short this way
+    # depends on the machine's speed, so it is not reproducible.
     time_limit_s: float = 0.0
     device: str = "cpu"
 
@@ -179,6 +181,9 @@ def _check_values(config: DetectorPretrainConfig) -> list[str]:
                                (config.text_width, config.text_heads, "text_width")):  # fmt: skip
         if width % heads:
             problems.append(f"{what} {width} must be a multiple of its heads {heads}")
+    if config.d_model % 32:
+        problems.append(f"d_model {config.d_model} must be a multiple of 32 (the encoder's input projections "
+                        "normalise it in 32 groups)")
     for i, heads in enumerate(config.swin_heads):
         if (config.swin_embed_dim * 2**i) % heads:
             problems.append(f"Swin stage {i + 1} width {config.swin_embed_dim * 2**i} must be a multiple of its "
@@ -426,6 +431,15 @@ def zero_shot_map(model, tokenizer, image_config, folder: Path, split: str, cate
     return {k: result[k] for k in ("mAP", "AP50", "AP75", "n")}
 
 
+def save_detector(model, tokenizer, image_config, output: Path) -> None:
+    """An ordinary model folder: weights and config, the tokenizer, and the image preprocessing the model expects
+    (``preprocessor_config.json``, which the project's Grounding DINO loader reads)."""
+    model.requires_grad_(True)  # the evaluation adapter froze it; a loaded model should not differ from a fresh one
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    (output / "preprocessor_config.json").write_text(json.dumps(image_config.processor_dict(), indent=2) + "\n")
+
+
 # ------------------------------------------------------------------------------------------------ training
 def pretrain_detector(config: DetectorPretrainConfig, output: str | Path, cache_dir: str | Path,
                       log: Callable[[str], None] = print) -> Path:  # fmt: skip
@@ -520,10 +534,7 @@ def pretrain_detector(config: DetectorPretrainConfig, output: str | Path, cache_
     test = zero_shot_map(model, tokenizer, image_config, eval_folder, "test", categories)
     log(f"zero-shot on {test['n']} clean test scenes of the {len(categories)} pretraining shapes: mAP "
         f"{test['mAP']:.1f} AP50 {test['AP50']:.1f} AP75 {test['AP75']:.1f} (val mAP {val['mAP']:.1f})")
-    model.requires_grad_(True)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    (output / "preprocessor_config.json").write_text(json.dumps(image_config.processor_dict(), indent=2) + "\n")
+    save_detector(model, tokenizer, image_config, output)
     (output / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     (output / "pretrain_log.json").write_text(json.dumps({"train": history, "val": evals}, indent=1) + "\n")
     zero_shot = {"split": "test", "categories": categories, "steps_done": step + 1, "train_s": train_seconds,
