@@ -1,5 +1,5 @@
-"""The ``vlprompt`` command line: demo, train, eval, predict, bench, pretrain-toy, pretrain-toy-vilt, params,
-methods.
+"""The ``vlprompt`` command line: demo, train, eval, predict, bench, pretrain-toy, pretrain-toy-vilt,
+pretrain-toy-detector, params, methods.
 
 Options come from flags or a YAML file (``--config``); ``--set key=value`` overrides either (dotted keys, YAML
 values), e.g. ``--set train.lr=0.01 --set method_options.n_ctx=4``. Precedence: defaults < YAML < flags < --set.
@@ -614,6 +614,14 @@ def cmd_pretrain_toy_vilt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_toy_detector(args: argparse.Namespace) -> int:
+    from vlprompt.pretraining.gdino_pretrain import DetectorPretrainConfig, pretrain_detector
+
+    config = _pretraining_config(args, DetectorPretrainConfig, "detector pretraining option")
+    pretrain_detector(config, args.output, args.cache_dir)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vlprompt.demo import run_demo
 
@@ -764,6 +772,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the rendered corpus is cached")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="ViltPretrainConfig field, e.g. steps=3000")
     p.set_defaults(func=cmd_pretrain_toy_vilt)
+
+    p = sub.add_parser("pretrain-toy-detector", help="pretrain the small Grounding DINO of embedded-detector on the "
+                                                     "toy world's multi-object scenes (the detector's own loss)")
+    p.add_argument("--output", required=True, help="model folder to write")
+    p.add_argument("--cache-dir", default=str(Path("~/.cache/vlprompt/pretrain").expanduser()),
+                   help="where the rendered scenes and evaluation sets are cached")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="DetectorPretrainConfig field, e.g. steps=3000 or holdout_shapes=[octagon,heart]")
+    p.set_defaults(func=cmd_pretrain_toy_detector)
 
     p = sub.add_parser("demo", help="the main job: zero-shot vs tuned prompts on the embedded default")
     p.add_argument("--output", default="runs/demo")
