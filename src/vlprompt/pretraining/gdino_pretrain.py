@@ -343,6 +343,38 @@ def evaluation_sets(config: DetectorPretrainConfig, cache_dir: str | Path) -> Pa
     return folder
 
 
+SHIFTED_LOOKS = ("sketch", "inverted", "tinted")  # the world's held-out rendering domains
+
+
+def shifted_sets(config: DetectorPretrainConfig, cache_dir: str | Path) -> dict[str, tuple[Path, list[str]]]:
+    """Test sets the pretraining never saw, as COCO folders with the categories to prompt for:
+    ``look:<domain>`` (the held-in test scenes rendered in a held-out look) and ``novel_names`` (scenes of the
+    held-out shapes only, prompted with their never-grounded names)."""
+    from vlprompt.toyworld.corpus import write_detection_set
+    from vlprompt.toyworld.world import HOLDOUT
+
+    n, size = config.test_images, config.image_size
+    out: dict[str, tuple[Path, list[str]]] = {}
+    root = Path(cache_dir).expanduser()
+    for look in SHIFTED_LOOKS:
+        tag = _digest({"shapes": config.shapes, "size": size, "test": n, "look": look, "version": SCENE_CACHE_VERSION})
+        folder = root / f"detector-shift-{look}-s{size}-{tag}"
+        if not (folder / "test" / "annotations.json").is_file():
+            # the held-in test split's scenes (same seed), in another look
+            write_detection_set(folder / "test", n, seed=TEST_SEED * 1000 + 1, size=size, holdout=HOLDOUT,
+                                kinds=TEST_KINDS, domain=look, shapes=config.shapes)  # fmt: skip
+        out[f"look:{look}"] = (folder, config.shapes)
+    novel = [s for s in config.holdout_shapes]
+    if novel:
+        tag = _digest({"shapes": novel, "size": size, "test": n, "version": SCENE_CACHE_VERSION})
+        folder = root / f"detector-shift-novel-s{size}-{tag}"
+        if not (folder / "test" / "annotations.json").is_file():
+            write_detection_set(folder / "test", n, seed=TEST_SEED * 1000 + 2, size=size, holdout=HOLDOUT,
+                                kinds=TEST_KINDS, shapes=novel)  # fmt: skip
+        out["novel_names"] = (folder, novel)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ batches
 class PromptBuilder:
     """Token ids of category prompts ``[CLS] name . name . [SEP]`` for any order of the categories."""
@@ -534,11 +566,15 @@ def pretrain_detector(config: DetectorPretrainConfig, output: str | Path, cache_
     test = zero_shot_map(model, tokenizer, image_config, eval_folder, "test", categories)
     log(f"zero-shot on {test['n']} clean test scenes of the {len(categories)} pretraining shapes: mAP "
         f"{test['mAP']:.1f} AP50 {test['AP50']:.1f} AP75 {test['AP75']:.1f} (val mAP {val['mAP']:.1f})")
+    shifted = {}
+    for name, (folder, names) in shifted_sets(config, cache_dir).items():
+        shifted[name] = zero_shot_map(model, tokenizer, image_config, folder, "test", names)
+        log(f"  shifted {name}: mAP {shifted[name]['mAP']:.1f} AP50 {shifted[name]['AP50']:.1f}")
     save_detector(model, tokenizer, image_config, output)
     (output / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     (output / "pretrain_log.json").write_text(json.dumps({"train": history, "val": evals}, indent=1) + "\n")
     zero_shot = {"split": "test", "categories": categories, "steps_done": step + 1, "train_s": train_seconds,
-                 **test}  # fmt: skip
+                 **test, "shifted": shifted}  # fmt: skip
     (output / ZERO_SHOT_FILE).write_text(json.dumps(zero_shot, indent=1) + "\n")
     log(f"saved to {output} after {time.perf_counter() - start:.0f}s")
     return output
