@@ -348,8 +348,9 @@ SHIFTED_LOOKS = ("sketch", "inverted", "tinted")  # the world's held-out renderi
 
 def shifted_sets(config: DetectorPretrainConfig, cache_dir: str | Path) -> dict[str, tuple[Path, list[str]]]:
     """Test sets the pretraining never saw, as COCO folders with the categories to prompt for:
-    ``look:<domain>`` (the held-in test scenes rendered in a held-out look) and ``novel_names`` (scenes of the
-    held-out shapes only, prompted with their never-grounded names)."""
+    ``look:<domain>`` (the held-in test scenes rendered in a held-out look), ``novel_names`` (scenes of the
+    held-out shapes only, prompted with their never-grounded names) and ``fill_phrases`` (scenes of four
+    pretraining shapes whose categories are fill + shape, "striped circle": a fine attribute never grounded)."""
     from vlprompt.toyworld.corpus import write_detection_set
     from vlprompt.toyworld.world import HOLDOUT
 
@@ -372,7 +373,39 @@ def shifted_sets(config: DetectorPretrainConfig, cache_dir: str | Path) -> dict[
             write_detection_set(folder / "test", n, seed=TEST_SEED * 1000 + 2, size=size, holdout=HOLDOUT,
                                 kinds=TEST_KINDS, shapes=novel)  # fmt: skip
         out["novel_names"] = (folder, novel)
+    fine_shapes = [sh for sh in FINE_SHAPES if sh in config.shapes]
+    if fine_shapes:
+        tag = _digest({"shapes": fine_shapes, "size": size, "test": n, "version": SCENE_CACHE_VERSION})
+        folder = root / f"detector-shift-fill-s{size}-{tag}"
+        if not (folder / "complete").is_file():
+            write_detection_set(folder / "test", n, seed=TEST_SEED * 1000 + 3, size=size, holdout=HOLDOUT,
+                                kinds=TEST_KINDS, shapes=fine_shapes)  # fmt: skip
+            names = _fill_categories(folder / "test" / "annotations.json")
+            (folder / "complete").write_text(json.dumps(names) + "\n")
+        out["fill_phrases"] = (folder, json.loads((folder / "complete").read_text()))
     return out
+
+
+# Shapes of the fine-attribute set: each object's category is its fill and shape ("striped circle"), words the
+# pretraining never grounds.
+FINE_SHAPES = ("circle", "square", "triangle", "star")
+
+
+def _fill_categories(path: Path) -> list[str]:
+    """Rewrite a toy COCO file's categories as fill + shape phrases (every fill x shape of its objects' shapes);
+    returns the category names in id order."""
+    from vlprompt.toyworld.world import FILLS
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    shape_of = {c["id"]: c["name"] for c in data["categories"]}
+    shapes = [sh for sh in FINE_SHAPES if sh in {shape_of[a["category_id"]] for a in data["annotations"]}]
+    names = [f"{fill} {shape}" for shape in shapes for fill in FILLS]
+    ids = {name: i + 1 for i, name in enumerate(names)}
+    for ann in data["annotations"]:
+        ann["category_id"] = ids[f"{ann['attributes']['fill']} {shape_of[ann['category_id']]}"]
+    data["categories"] = [{"id": i, "name": name} for name, i in ids.items()]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return names
 
 
 # ------------------------------------------------------------------------------------------------ batches
