@@ -81,6 +81,9 @@ class DetectorPretrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 200
     grad_clip: float = 0.1
+    # multiplies the focal class loss of every output (decoder layers, proposals) against the box losses; 1 = the
+    # detector's own weighting (class 2, L1 5, GIoU 2)
+    class_loss_weight: float = 1.0
     seed: int = 0
     threads: int = 2
     log_every: int = 50
@@ -128,7 +131,7 @@ def _check_values(config: DetectorPretrainConfig) -> list[str]:
         least = 1 if name in _POSITIVE_INTS else 0
         if not is_integer(value) or value < least:
             problems.append(f"{name} must be an integer >= {least} (got {value!r})")
-    for name in ("lr", "fusion_scale_init"):
+    for name in ("lr", "fusion_scale_init", "class_loss_weight"):
         value = getattr(config, name)
         if not (is_number(value) and value > 0):
             problems.append(f"{name} must be a positive number (got {value!r})")
@@ -496,6 +499,20 @@ def zero_shot_map(model, tokenizer, image_config, folder: Path, split: str, cate
     return {k: result[k] for k in ("mAP", "AP50", "AP75", "n")}
 
 
+def weighted_loss(parts: dict[str, torch.Tensor], detector_config, class_weight: float) -> torch.Tensor:
+    """The detector's total loss (class 2, L1 and GIoU by its config, over every decoder layer and the two-stage
+    proposals) with the class terms multiplied by ``class_weight``."""
+    weights = {"loss_ce": 2.0 * class_weight, "loss_bbox": detector_config.bbox_loss_coefficient,
+               "loss_giou": detector_config.giou_loss_coefficient}  # fmt: skip
+    total = None
+    for key, value in parts.items():
+        base = next((b for b in weights if key == b or key.startswith(b + "_")), None)
+        if base is not None:
+            total = value * weights[base] if total is None else total + value * weights[base]
+    assert total is not None
+    return total
+
+
 def save_detector(model, tokenizer, image_config, output: Path) -> None:
     """An ordinary model folder: weights and config, the tokenizer, and the image preprocessing the model expects
     (``preprocessor_config.json``, which the project's Grounding DINO loader reads)."""
@@ -557,7 +574,8 @@ def pretrain_detector(config: DetectorPretrainConfig, output: str | Path, cache_
         batch = make_batch(images, objects, index, flips, orders, shape_to_category, prompts, image_config)
         labels = [{k: v.to(device) for k, v in t.items()} for t in batch.pop("labels")]
         out = model(**{k: v.to(device) for k, v in batch.items()}, labels=labels)
-        loss = out.loss
+        loss = out.loss if config.class_loss_weight == 1 else weighted_loss(out.loss_dict, model.config,
+                                                                            config.class_loss_weight)  # fmt: skip
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; lower lr or raise grad_clip")
         optimizer.zero_grad(set_to_none=True)
