@@ -131,3 +131,16 @@ def test_lists_from_the_command_line_become_tuples():
     config = DetectorPretrainConfig(swin_depths=[1, 1, 1], holdout_shapes=["star"])
     assert config.swin_depths == (1, 1, 1) and "star" not in config.shapes and len(config.shapes) == 14
     assert np.isclose(sum(config.kinds.values()), 1.0)
+
+
+def test_class_loss_weight_one_is_the_detector_s_own_total(micro_scenes):
+    from vlprompt.pretraining.gdino_pretrain import weighted_loss
+
+    config, (images, objects) = micro_scenes
+    model = build_detector(config, len(bert_tokenizer())).train()
+    batch, _, _ = _batch(config, images, objects)
+    with torch.no_grad():
+        out = model(**batch)
+    torch.testing.assert_close(weighted_loss(out.loss_dict, model.config, 1.0), out.loss)
+    class_terms = sum(v for k, v in out.loss_dict.items() if k.startswith("loss_ce"))
+    torch.testing.assert_close(weighted_loss(out.loss_dict, model.config, 3.0), out.loss + 4.0 * class_terms)
