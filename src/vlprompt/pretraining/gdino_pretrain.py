@@ -44,7 +44,7 @@ TEST_SEED = 7919  # the evaluation scenes' seed, apart from any training seed
 
 @dataclass
 class DetectorPretrainConfig:
-    n_scenes: int = 50_000
+    n_scenes: int = 100_000
     image_size: int = 64  # the toy detection sets' size: no resize between pretraining and downstream images
     # Swin image backbone (a stage per entry of swin_depths; swin_out_indices picks the stages fed to the encoder,
     # 1 = the first, stride 4 x patch)
@@ -76,7 +76,7 @@ class DetectorPretrainConfig:
     hflip: bool = True
     # optimisation
     batch_size: int = 16
-    steps: int = 4000
+    steps: int = 9500
     lr: float = 5e-4
     weight_decay: float = 1e-4
     warmup_steps: int = 200
