@@ -246,7 +246,8 @@ def test_config_errors(detector):
 def test_baselines_train_what_they_say(batch):
     splits, pixels, mask, targets = batch
     counts = {}
-    for name in ("det_zeroshot", "det_coop", "det_fusion_prompt", "det_heads", "det_full", "det_lora"):
+    for name in ("det_zeroshot", "det_coop", "det_lang_prompt", "det_fusion_prompt", "det_heads", "det_full",
+                 "det_lora"):
         backbone = load_backbone("random:grounding-dino-micro")  # fresh: weight methods unfreeze / inject
         torch.manual_seed(0)
         method = get_prompt_model(backbone, name, splits.categories)
@@ -256,7 +257,8 @@ def test_baselines_train_what_they_say(batch):
             trained = method.prompt_parameters()
             with_grad = [p.grad is not None for p in trained.values()]
             # weight methods: transformers detaches the two-stage proposal boxes, so that head gets no gradient
-            assert all(with_grad) if name in ("det_coop", "det_fusion_prompt", "det_lora") else any(with_grad), name
+            all_learn = ("det_coop", "det_lang_prompt", "det_fusion_prompt", "det_lora")
+            assert all(with_grad) if name in all_learn else any(with_grad), name
             others = [p for p in backbone.model.parameters() if all(p is not q for q in trained.values())]
             assert all(p.grad is None for p in others), name
         if name == "det_lora":
@@ -265,6 +267,7 @@ def test_baselines_train_what_they_say(batch):
     layers = backbone.fusion_layers
     assert counts["det_zeroshot"] == 0
     assert counts["det_coop"] == 4 * backbone.text_width
+    assert counts["det_lang_prompt"] == backbone.max_text_len * backbone.text_width
     assert counts["det_fusion_prompt"] == layers * 16 * (site.vision_dim + site.text_dim)
     assert counts["det_heads"] == sum(p.numel() for p in backbone.named_weights("heads").values())
     assert counts["det_full"] == backbone.num_parameters()
@@ -289,6 +292,36 @@ def test_coop_context_fills_every_phrase(detector, batch):
     assert not torch.allclose(method.predict(pixels, mask)[0], before)
 
 
+def test_language_prompt_starts_at_zero_shot_and_offsets_each_token_of_the_text_features(detector, batch):
+    splits, pixels, mask, targets = batch
+    zero_shot = get_prompt_model(detector, "det_zeroshot", splits.categories)
+    method = get_prompt_model(detector, "language_prompt_v2", splits.categories)  # GLIP's name for it
+    assert method.name == "det_lang_prompt" and not method.offset.any()
+    with torch.no_grad():  # zero-initialised: exactly the frozen detector
+        assert torch.equal(method.predict(pixels, mask)[0], zero_shot.predict(pixels, mask)[0])
+    # what reaches the projection to d_model: the text encoder's output plus the offset row of each position
+    positions = method.text.input_ids.numel()
+    torch.manual_seed(0)
+    offset = torch.randn_like(method.offset)
+    seen = []
+    # a forward hook sees the arguments the projection ran on, after the method's own pre-hook
+    hook = detector.model.model.text_projection.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            method.offset.copy_(offset)
+            method(pixels, mask)
+            method.offset.zero_()
+            method(pixels, mask)
+    finally:
+        hook.remove()
+    assert torch.allclose(seen[0] - seen[1], offset[:positions].expand_as(seen[0]), atol=1e-6)
+    # the detector's loss trains the rows of the prompt's positions only
+    method(pixels, mask, labels=targets).loss.backward()
+    grad = method.offset.grad
+    assert grad[:positions].abs().sum() > 0 and not grad[positions:].any()
+    assert all(p.grad is None for p in detector.model.parameters())
+
+
 def test_unsupported_pairs_fail_clearly(detector, tiny_backbone):
     # get_prompt_model refuses a method written for another kind of backbone, naming both kinds
     with pytest.raises(MethodConfigError, match="'sdpt_native' works on fusion detector models.*dual encoder model"):
@@ -302,7 +335,8 @@ def test_unsupported_pairs_fail_clearly(detector, tiny_backbone):
     with pytest.raises(UnsupportedBackboneError, match="text_sequence"):
         coop(detector, coop.config_class(), CATEGORIES)
     detection = {n for n, s in METHODS.items() if getattr(s.method_class, "task", "") == "detection"}
-    assert {"sdpt_native", "det_coop", "det_fusion_prompt", "det_heads", "det_full", "det_lora"} <= detection
+    assert {"sdpt_native", "det_coop", "det_lang_prompt", "det_fusion_prompt", "det_heads", "det_full",
+            "det_lora"} <= detection
     for name in detection:
         assert not METHODS[name].method_class.required_sites <= tiny_backbone.sites
         assert METHODS[name].method_class.required_sites <= detector.sites

@@ -11,7 +11,7 @@ from vlprompt.backbones.grounding_dino_presets import save_random_grounding_dino
 from vlprompt.cli import main
 from vlprompt.data.coco import write_toy_detection
 
-METHODS = ["sdpt_native", "det_coop", "det_fusion_prompt", "det_heads", "det_full", "det_lora"]
+METHODS = ["sdpt_native", "det_coop", "det_lang_prompt", "det_fusion_prompt", "det_heads", "det_full", "det_lora"]
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:

@@ -21,6 +21,9 @@ SITE_BLOCK = "attention_block"  # additive change to an attention block's output
 SITE_TRANSIENT_IMAGE = "image_transient"  # tokens appended to one image layer's input, dropped from its output
 SITE_FUSION = "fusion_attention"  # bi-directional fusion attention (Grounding DINO family)
 SITE_DETECTION_TEXT = "detection_text"  # learned word embeddings at a detector's text-encoder input, per phrase
+# An additive offset per token position on a detector's text-encoder output, before the fusion layers (GLIP's
+# language prompt tuning).
+SITE_DETECTION_TEXT_FEATURES = "detection_text_features"
 SITE_DETECTOR = "detector_weights"  # a detector's own weights (heads, all, LoRA) and its detection losses
 # Linear projections (plus a final LayerNorm) from each tower into the joint space: what SDPT's pseudo-inverses need.
 SITE_LINEAR_PROJECTIONS = "linear_projections"

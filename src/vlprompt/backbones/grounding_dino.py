@@ -31,6 +31,7 @@ from torch import nn
 from vlprompt.backbones.base import (
     KIND_FUSION_DETECTOR,
     SITE_DETECTION_TEXT,
+    SITE_DETECTION_TEXT_FEATURES,
     SITE_DETECTOR,
     SITE_FUSION,
     BackboneLoadError,
@@ -154,8 +155,9 @@ class DetectionText(nn.Module):
         self.n_context = n_context
 
 
-GROUNDING_DINO_INFO = FamilyInfo(kind=KIND_FUSION_DETECTOR, sites=frozenset({SITE_FUSION, SITE_DETECTION_TEXT,
-                                                                              SITE_DETECTOR}))  # fmt: skip
+GROUNDING_DINO_INFO = FamilyInfo(kind=KIND_FUSION_DETECTOR,
+                                 sites=frozenset({SITE_FUSION, SITE_DETECTION_TEXT, SITE_DETECTION_TEXT_FEATURES,
+                                                  SITE_DETECTOR}))  # fmt: skip
 
 
 class GroundingDinoBackbone(FusionDetectorBackbone):
@@ -380,11 +382,13 @@ class GroundingDinoBackbone(FusionDetectorBackbone):
         labels: list[dict[str, torch.Tensor]] | None = None,
         context: torch.Tensor | None = None,
         fusion: Callable[[int], FusionTokens | None] | None = None,
+        text_offset: torch.Tensor | None = None,
         **kwargs,
     ):
         """Run the detector on a batch with one category prompt; ``labels`` (DETR format: ``class_labels`` = phrase
         index, ``boxes`` = normalised cx, cy, w, h) add the detector's own loss. ``context`` ``(n, d_text)`` fills the
-        prompt's context positions; ``fusion(layer)`` gives tokens for that fusion layer (or None)."""
+        prompt's context positions; ``fusion(layer)`` gives tokens for that fusion layer (or None); ``text_offset``
+        ``(rows >= T, d_text)`` is added, row t to token position t, to the text encoder's output features."""
         batch = pixel_values.shape[0]
         device = pixel_values.device
         text = prompt
@@ -396,6 +400,8 @@ class GroundingDinoBackbone(FusionDetectorBackbone):
                 stack.enter_context(self._context_hook(text.context_index.to(device), context))
             if fusion is not None:
                 stack.enter_context(self._fusion_hooks(fusion))
+            if text_offset is not None:
+                stack.enter_context(self._text_offset_hook(text_offset))
             if labels is not None:
                 stack.enter_context(loss_of_this_process_only())
             return self.model(
@@ -425,6 +431,27 @@ class GroundingDinoBackbone(FusionDetectorBackbone):
             return torch.where(is_context, fill, output)
 
         handle = self.model.model.text_backbone.get_input_embeddings().register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def _text_offset_hook(self, offset: torch.Tensor):
+        """Add ``offset[t]`` to token t of the text encoder's output (the input of its projection to d_model, which
+        feeds the fusion layers and the decoder's text attention)."""
+        if offset.dim() != 2 or offset.shape[1] != self.text_width:
+            raise ValueError(f"a text feature offset must be (positions, {self.text_width}), got {tuple(offset.shape)}")
+
+        def pre(module, args):
+            features = args[0]
+            positions = features.shape[1]
+            if positions > offset.shape[0]:
+                raise ValueError(f"the prompt has {positions} tokens but the text feature offset covers "
+                                 f"{offset.shape[0]}; shorten the prompt")  # fmt: skip
+            return (features + offset[:positions].to(features.dtype).unsqueeze(0), *args[1:])
+
+        handle = self.model.model.text_projection.register_forward_pre_hook(pre)
         try:
             yield
         finally:

@@ -19,6 +19,7 @@ Semantics (docs/scaling.md):
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -123,6 +124,23 @@ def shard(dataset: Dataset) -> Dataset:
     if world_size() == 1:
         return dataset
     return Subset(dataset, list(block_of(len(dataset))))  # type: ignore[arg-type]
+
+
+def loader_worker_context(num_workers: int) -> multiprocessing.context.BaseContext | None:
+    """How a DataLoader of this process starts its ``num_workers`` workers (None: torch's default, fork on Linux).
+
+    In a job of several processes the process group's communication threads are running when a loader starts its
+    workers; a worker forked while one of those threads holds a lock inherits the lock held and can wait on it
+    forever (seen as a job that hangs after an epoch, when the evaluation loader starts fresh workers). There the
+    workers start from a clean server process instead ("forkserver", with torch preloaded so a worker starts fast;
+    "spawn" where the platform has no forkserver). A single process keeps fork, the fastest."""
+    if num_workers <= 0 or world_size() == 1:
+        return None
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "vlprompt.engine.distributed"])  # no effect once the server runs
+    return context
 
 
 def gather_blocks(local: torch.Tensor | None) -> torch.Tensor:

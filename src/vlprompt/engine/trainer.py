@@ -476,6 +476,7 @@ class Trainer:
         workers = self.config.num_workers
         return DataLoader(distributed.ItemSeeded(dataset), batch_sampler=batches,
                           num_workers=workers, persistent_workers=workers > 0,
+                          multiprocessing_context=distributed.loader_worker_context(workers),
                           pin_memory=self.accelerator.device.type == "cuda",
                           collate_fn=distributed.EmptyAwareCollate(task.collate_fn))  # fmt: skip
 

@@ -1,7 +1,8 @@
 """Methods on fusion detectors (Grounding DINO family): the common base and the baselines SDPT is compared with.
 
 A detection method holds the category prompt (category names as phrases, ``[CLS] cat . dog . [SEP]``) and fills the
-detector adapter's sites: learned context at the text encoder's input (``det_coop``), tokens at the fusion layers'
+detector adapter's sites: learned context at the text encoder's input (``det_coop``), a learned offset on the text
+encoder's output features (``det_lang_prompt``, GLIP's language prompt tuning), tokens at the fusion layers'
 bi-directional attention (``sdpt_native``, ``det_fusion_prompt``), or the detector's own weights (``det_heads``,
 ``det_full``, ``det_lora``). Training uses the detector's own losses; see ``tasks/detection.py``.
 """
@@ -13,9 +14,16 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from vlprompt.backbones.base import SITE_DETECTION_TEXT, SITE_DETECTOR, SITE_FUSION, FusionTokens
+from vlprompt.backbones.base import (
+    SITE_DETECTION_TEXT,
+    SITE_DETECTION_TEXT_FEATURES,
+    SITE_DETECTOR,
+    SITE_FUSION,
+    FusionTokens,
+)
 from vlprompt.methods.base import MethodConfig, PromptMethod, phrase_embedding, require, set_lora_dropout_mode
 from vlprompt.options import opt
+from vlprompt.recipes import Recipe
 from vlprompt.methods.registry import register_method
 from vlprompt.tasks.batches import DetectionBatch, StepOutput
 
@@ -62,6 +70,10 @@ class DetectionMethod(PromptMethod):
         """Tokens for fusion layer ``layer``'s attention, or None."""
         return None
 
+    def text_feature_offset(self) -> torch.Tensor | None:
+        """An offset ``(positions, d_text)`` added per token position to the text encoder's output, or None."""
+        return None
+
     uses_fusion: ClassVar[bool] = False
 
     # ----------------------------------------------------------------- forward
@@ -76,7 +88,8 @@ class DetectionMethod(PromptMethod):
                 )
         return self.backbone.detect(
             pixel_values, self.text, pixel_mask=pixel_mask, labels=labels, context=self.context(),
-            fusion=self.fusion_tokens if self.uses_fusion else None, **kwargs,
+            fusion=self.fusion_tokens if self.uses_fusion else None, text_offset=self.text_feature_offset(),
+            **kwargs,
         )
 
     @torch.no_grad()
@@ -151,6 +164,31 @@ class DetCoOp(DetectionMethod):
 
     def context(self) -> torch.Tensor:
         return self.ctx
+
+
+# --------------------------------------------------------------------------------------------- GLIP's prompt tuning
+@dataclass
+class DetLangPromptConfig(MethodConfig):
+    method_name = "det_lang_prompt"
+    # GLIP initialises the offset at zero (the tuned model starts as the zero-shot one); > 0 draws N(0, init_std)
+    init_std: float = opt(0.0, min=0)
+
+
+class DetLangPrompt(DetectionMethod):
+    """GLIP's language prompt tuning ("language_prompt_v2"): a learned offset per token position, shape
+    ``(max_text_len, d_text)``, zero at the start, added to the text encoder's output features before the fusion
+    layers; everything else frozen. Trainable = max_text_len * d_text (the positions a prompt can use)."""
+
+    name = "det_lang_prompt"
+    config_class = DetLangPromptConfig
+    required_sites = frozenset({SITE_DETECTOR, SITE_DETECTION_TEXT_FEATURES})
+
+    def __init__(self, backbone, config: DetLangPromptConfig, classnames, template: str = DETECTION_TEMPLATE) -> None:
+        super().__init__(backbone, config, classnames, template)
+        self.offset = nn.Parameter(torch.randn(backbone.max_text_len, backbone.text_width) * config.init_std)
+
+    def text_feature_offset(self) -> torch.Tensor:
+        return self.offset
 
 
 # --------------------------------------------------------------------------------------------- deep fusion prompts
@@ -271,6 +309,12 @@ class DetLoRA(DetectionMethod):
 
 register_method("det_zeroshot", DetZeroShot, summary="frozen detector, category names as the prompt")
 register_method("det_coop", DetCoOp, summary="learned context before every category name at the text encoder input")
+register_method(
+    "det_lang_prompt", DetLangPrompt, aliases=("language_prompt_v2",),
+    summary="GLIP's language prompt tuning: a zero-initialised offset per token on the text features",
+    released=Recipe(train={"lr": 0.05, "weight_decay": 0.25},
+                    source="GLIP (language_prompt_v2): lr 0.05 and weight decay 0.25 recommended for prompt tuning"),
+)
 register_method("det_fusion_prompt", DetFusionPrompt,
                 summary="separate vision / text deep prompts at the fusion layers")
 register_method("det_heads", DetHeads, summary="detection heads only")

@@ -206,7 +206,8 @@ class ClassificationTask(Task):
     def _eval_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         """This process's block of ``dataset`` (all of it in a single process), in order."""
         return DataLoader(distributed.shard(dataset), batch_size=batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers,
+                          multiprocessing_context=distributed.loader_worker_context(self.num_workers))
 
     def validate(self, method, accelerator, batch_size: int) -> dict[str, float]:
         if self.val is None or not len(self.val):

@@ -59,7 +59,7 @@ def evaluate_detection(
     mine = [images[i] for i in distributed.block_of(len(images))]
     dataset = DetectionDataset(mine, method.backbone.image_config, augment=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection,
-                        num_workers=num_workers)
+                        num_workers=num_workers, multiprocessing_context=distributed.loader_worker_context(num_workers))
     device = method.backbone.device
     detections: list[dict] = []
     start = 0

@@ -101,4 +101,5 @@ class FusionTask(Task):
 
     def eval_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         return DataLoader(distributed.shard(dataset), batch_size=batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers,
+                          multiprocessing_context=distributed.loader_worker_context(self.num_workers))
