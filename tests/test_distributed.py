@@ -268,3 +268,11 @@ def test_crops_depend_on_neither_processes_nor_loader_workers(tiny_model_dir, en
     proc, _ = launch(make(tmp_path / "two", 2), tmp_path)  # two processes, each with two loader workers
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(tmp_path / "two", tmp_path / "single")
+
+
+def test_loader_workers_fork_only_in_a_single_process():
+    from vlprompt.engine import distributed
+
+    # one process: torch's default start method (fork); no workers: nothing to start
+    assert distributed.loader_worker_context(2) is None
+    assert distributed.loader_worker_context(0) is None
