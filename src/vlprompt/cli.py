@@ -714,19 +714,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k labels (classification runs) or boxes drawn on the images (detection "
                                        "runs) for image files",
-                       description="Predict with a trained prompt. A classification run prints the top-k labels of each "
-                                   "image. A detection run prints one line per box (image, category phrase, score, box "
-                                   "[x0, y0, x1, y1] in the image's pixels) and writes each image with its boxes drawn "
-                                   f"and labelled as a PNG, by default <run_dir>/{PREDICTIONS_DIR}/<image name>.png.")
+                       description="Predict with a trained prompt. A classification run prints the top-k labels of "
+                                   "each image. A detection run prints one line per box (image, category phrase, "
+                                   "score, box [x0, y0, x1, y1] in the image's pixels) and writes each image with its "
+                                   "boxes drawn and labelled as a PNG, by default "
+                                   f"<run_dir>/{PREDICTIONS_DIR}/<image name>.png.")
     p.add_argument("run_dir", help="run folder written by `vlprompt train`")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     p.add_argument("--k", type=positive_int, help="classification runs: top labels to show per image (default 5)")
-    p.add_argument("--threshold", type=float, help="detection runs: keep boxes whose category score (0..1) is at "
-                                                   f"least this (default {DEFAULT_THRESHOLD}; 0 keeps every query's box)")
+    p.add_argument("--threshold", type=float,
+                   help=f"detection runs: keep boxes whose category score (0..1) is at least this (default "
+                        f"{DEFAULT_THRESHOLD}; 0 keeps every query's box)")
     p.add_argument("--max-boxes", type=positive_int, help="detection runs: keep at most this many boxes per image, "
                                                           "best first (default: every box above --threshold)")
-    p.add_argument("--output", help=f"detection runs: folder for the drawn PNGs (default <run_dir>/{PREDICTIONS_DIR}); "
-                                    "an input image is never overwritten")
+    p.add_argument("--output", help=f"detection runs: folder for the drawn PNGs (default "
+                                    f"<run_dir>/{PREDICTIONS_DIR}); an input image is never overwritten")
     p.add_argument("--overwrite", action="store_true", help="detection runs: replace PNGs an earlier predict wrote "
                                                             "under the same names")
     p.add_argument("--model", help="override the backbone recorded in the run folder")

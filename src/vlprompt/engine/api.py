@@ -293,7 +293,7 @@ def predict(
                          f"{task_class(task).dataset_forms}`.")  # fmt: skip
     if k is not None:
         raise ValueError(f"k (--k) applies to classification runs and {what}; it predicts boxes: leave --k out "
-                         "(threshold / --threshold and max_boxes / --max-boxes choose which boxes are kept)")  # fmt: skip
+                         "(threshold / --threshold and max_boxes / --max-boxes choose the boxes kept)")
     threshold = _check_box_options(threshold, max_boxes)
     paths = image_paths(images)
     targets = prediction_png_paths(paths, output, overwrite) if output is not None else None
@@ -331,7 +331,7 @@ def _check_box_options(threshold: float | None, max_boxes: int | None) -> float:
         threshold = DEFAULT_SCORE_THRESHOLD
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold (--threshold) must be a number from 0 to 1 (got {threshold!r}): a box is kept "
-                         f"when its category score (0..1) is at least that; default {DEFAULT_SCORE_THRESHOLD}")  # fmt: skip
+                         f"when its category score (0..1) is at least that; default {DEFAULT_SCORE_THRESHOLD}")
     if max_boxes is not None and (isinstance(max_boxes, bool) or not isinstance(max_boxes, int) or max_boxes < 1):
         raise ValueError(f"max_boxes (--max-boxes) must be an integer >= 1: the most boxes kept per image, best "
                          f"first (got {max_boxes!r})")  # fmt: skip
