@@ -53,6 +53,7 @@ _EXPORTS = {
     "evaluate_checkpoint": "vlprompt.engine.api",
     "predict": "vlprompt.engine.api",
     "predict_images": "vlprompt.engine.api",
+    "predict_detections": "vlprompt.engine.api",
     "load_dataset": "vlprompt.data",
     "ModelSpec": "vlprompt.specs",
     "DatasetSpec": "vlprompt.specs",

@@ -26,11 +26,16 @@ EPILOG = """examples:
                  --seed 1 --output runs/coop-eurosat-16s1
   vlprompt eval runs/coop-eurosat-16s1 --dataset oxford_pets --data-root DATA     # cross-dataset
   vlprompt predict runs/coop-eurosat-16s1 img1.jpg img2.png --k 3
+  vlprompt predict runs/sdpt-det img1.jpg --threshold 0.4   # a detection run: boxes drawn in runs/sdpt-det/predictions
 models: embedded (the shipped toy CLIP, no download; the default of train, bench and demo), a local folder
 written by save_pretrained, a Hugging Face hub id, or random:<preset> (a real architecture with random weights:
 tiny, vit-b-16, vit-b-32, grounding-dino-micro, ...; for tests, parameter counts and benchmarks)."""
 
 
+# vlprompt.tasks.detection.DEFAULT_SCORE_THRESHOLD (a test checks they agree), named here so that building the
+# parser imports no torch; where `predict` writes a detection run's drawn images by default (under the run folder)
+DEFAULT_THRESHOLD = 0.3
+PREDICTIONS_DIR = "predictions"
 # vlprompt.protocols.runner.PROTOCOLS, named here so that building the parser imports no torch
 PROTOCOL_CHOICES = ("fewshot", "base2novel", "crossdataset", "domain", "full")
 RECIPE_HELP = ("training recipe: auto (the default: the model's own, e.g. toy for the embedded model, else field), "
@@ -275,10 +280,33 @@ def _recorded_data(run_dir: Path) -> dict[str, Any]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from vlprompt.engine.api import predict
+    from vlprompt.engine.checkpoint import read_prompt_config
 
-    for item in predict(args.run_dir, args.images, k=args.k, model=args.model):
-        tops = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in item["top"])
-        print(f"{item['image']}: {tops}")
+    if not Path(args.run_dir).is_dir():
+        raise CLIError(f"run folder {args.run_dir} does not exist; pass a folder written by `vlprompt train`")
+    if read_prompt_config(args.run_dir).get("task", "classification") != "detection":
+        # detection-only flags given here are refused by predict, naming them
+        items = predict(args.run_dir, args.images, k=args.k, model=args.model, threshold=args.threshold,
+                        max_boxes=args.max_boxes, output=args.output, overwrite=args.overwrite or None)  # fmt: skip
+        for item in items:
+            tops = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in item["top"])
+            print(f"{item['image']}: {tops}")
+        return 0
+    output = Path(args.output) if args.output else Path(args.run_dir) / PREDICTIONS_DIR
+    items = predict(args.run_dir, args.images, k=args.k, model=args.model, threshold=args.threshold,
+                    max_boxes=args.max_boxes, output=output, overwrite=args.overwrite)  # fmt: skip
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    for item in items:
+        for det in item["detections"]:
+            box = ", ".join(f"{v:.1f}" for v in det["box"])
+            print(f"{item['image']}: {det['label']} {det['score']:.3f} box [{box}]")
+        if item["detections"]:
+            drawn = f"{len(item['detections'])} box{'es' if len(item['detections']) != 1 else ''} drawn"
+        else:
+            best = item["best"]
+            below = f" (the best: {best['label']} {best['score']:.3f}; a lower --threshold keeps it)" if best else ""
+            drawn = f"no box scores {threshold} or more{below}; copied unchanged"
+        print(f"{item['image']}: {drawn} in {item['output']}")
     return 0
 
 
@@ -684,10 +712,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="top-k labels for image files")
-    p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--k", type=positive_int, default=5, help="top labels to show per image (default 5)")
+    p = sub.add_parser("predict", help="top-k labels (classification runs) or boxes drawn on the images (detection "
+                                       "runs) for image files",
+                       description="Predict with a trained prompt. A classification run prints the top-k labels of "
+                                   "each image. A detection run prints one line per box (image, category phrase, "
+                                   "score, box [x0, y0, x1, y1] in the image's pixels) and writes each image with its "
+                                   "boxes drawn and labelled as a PNG, by default "
+                                   f"<run_dir>/{PREDICTIONS_DIR}/<image name>.png.")
+    p.add_argument("run_dir", help="run folder written by `vlprompt train`")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--k", type=positive_int, help="classification runs: top labels to show per image (default 5)")
+    p.add_argument("--threshold", type=float,
+                   help=f"detection runs: keep boxes whose category score (0..1) is at least this (default "
+                        f"{DEFAULT_THRESHOLD}; 0 keeps every query's box)")
+    p.add_argument("--max-boxes", type=positive_int, help="detection runs: keep at most this many boxes per image, "
+                                                          "best first (default: every box above --threshold)")
+    p.add_argument("--output", help=f"detection runs: folder for the drawn PNGs (default "
+                                    f"<run_dir>/{PREDICTIONS_DIR}); an input image is never overwritten")
+    p.add_argument("--overwrite", action="store_true", help="detection runs: replace PNGs an earlier predict wrote "
+                                                            "under the same names")
     p.add_argument("--model", help="override the backbone recorded in the run folder")
     p.set_defaults(func=cmd_predict)
 

@@ -323,6 +323,25 @@ def target_box_count(item: DetectionImage) -> int:
     return sum(1 for box, crowd in zip(item.boxes, item.crowd) if not crowd and box[2] > 0 and box[3] > 0)
 
 
+def detector_input_size(width: int, height: int, image_config) -> tuple[int, int]:
+    """The size an image of ``width`` x ``height`` is resized to for the detector: its shortest edge to
+    ``shortest_edge``, unless that makes the longest edge exceed ``longest_edge`` (then that edge is capped)."""
+    scale = image_config.shortest_edge / min(width, height)
+    if max(width, height) * scale > image_config.longest_edge:
+        scale = image_config.longest_edge / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def detection_pixels(image: Image.Image, image_config) -> torch.Tensor:
+    """An RGB image as the detector reads it: ``(3, H, W)``, resized (:func:`detector_input_size`) and normalised.
+    Predicted boxes are normalised to this whole image, so they map back to the original by its width and height."""
+    image = image.resize(detector_input_size(*image.size, image_config), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(image_config.mean).view(3, 1, 1)
+    std = torch.tensor(image_config.std).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
 class DetectionDataset(torch.utils.data.Dataset):
     """``(pixels (3, H, W), target)``: DETR-style resize (shortest edge, capped longest edge), normalised; target
     ``class_labels`` and ``boxes`` (normalised cx, cy, w, h; crowd boxes left out), plus ``image_id``.
@@ -338,12 +357,6 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _size(self, width: int, height: int) -> tuple[int, int]:
-        scale = self.config.shortest_edge / min(width, height)
-        if max(width, height) * scale > self.config.longest_edge:
-            scale = self.config.longest_edge / max(width, height)
-        return max(1, round(width * scale)), max(1, round(height * scale))
-
     def __getitem__(self, index: int):
         item = self.images[index]
         image = open_image(item.path, orient=False)  # COCO boxes are in the stored pixels
@@ -354,11 +367,7 @@ class DetectionDataset(torch.utils.data.Dataset):
                 f"{item.path} is {width}x{height} px but its COCO entry says {item.width}x{item.height} (a resized or "
                 "EXIF-rotated copy?); fix the image's width/height in the JSON or restore the original file."
             )
-        image = image.resize(self._size(width, height), Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.config.mean).view(3, 1, 1)
-        std = torch.tensor(self.config.std).view(3, 1, 1)
-        pixels = (pixels - mean) / std
+        pixels = detection_pixels(image, self.config)
         rows, cxcywh = target_boxes(item, width, height)
         if self.augment and float(torch.rand(())) < 0.5:
             pixels = pixels.flip(-1)

@@ -741,14 +741,19 @@ def decode_images(samples: Sequence[Sample]) -> list[Image.Image]:
 WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def open_image(path: Path, orient: bool = True) -> Image.Image:
+DATASET_IMAGE_FIX = ("remove it (from the dataset, with its split entry if it has one) or replace it with a valid "
+                     "copy")
+
+
+def open_image(path: Path, orient: bool = True, fix: str = DATASET_IMAGE_FIX) -> Image.Image:
     """Open an image as 8-bit RGB, turning PIL's many failure types into one DatasetError that names the file.
 
     Pixels as a viewer shows them: ``orient`` applies the EXIF orientation (a phone photo stored sideways comes out
     upright, as transformers' ``load_image`` does; detection turns it off, its boxes are in stored pixels);
     transparency is composited on white (as transformers' image processors do); 16-bit grey levels are scaled to
     8 bits (PIL's plain conversion would saturate everything above 255). Floating-point images, whose value range
-    no file states, are refused by name."""
+    no file states, are refused by name. ``fix`` ends the message for a file that cannot be decoded (the default
+    speaks of a dataset's image)."""
     try:
         with Image.open(path) as im:
             return _to_rgb(ImageOps.exif_transpose(im) if orient else im, path)  # the decode runs inside the try
@@ -761,8 +766,7 @@ def open_image(path: Path, orient: bool = True) -> Image.Image:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DatasetError(
-            f"cannot read image {path} ({type(e).__name__}: {e}); the file is corrupt or not an image: "
-            f"remove it (from the dataset, with its split entry if it has one) or replace it with a valid copy."
+            f"cannot read image {path} ({type(e).__name__}: {e}); the file is corrupt or not an image: {fix}."
         ) from e
 
 

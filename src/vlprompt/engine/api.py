@@ -11,6 +11,8 @@ import torch
 from vlprompt.assets import model_name_for_users
 from vlprompt.backbones import load_backbone
 from vlprompt.data import DatasetError, DatasetSplits, ImageDataset, build_transform, few_shot, load_dataset, subsample_classes
+from vlprompt.data.datasets import open_image
+from vlprompt.data.drawing import draw_detections
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.trainer import TrainConfig, Trainer, check_precision, make_accelerator, seed_everything
 from vlprompt.methods import METHODS, canonical_method_name, get_prompt_model, make_config, method_class
@@ -19,6 +21,7 @@ from vlprompt.recipes import AUTO, choose_recipe, describe_train
 from vlprompt.specs import PATH_SCHEMES, DatasetSpec, SpecError
 from vlprompt.tasks import Task, task_class
 from vlprompt.tasks.base import TASKS
+from vlprompt.tasks.detection import DEFAULT_SCORE_THRESHOLD
 from vlprompt.tasks.classification import transform_config  # noqa: F401 - part of this module's API
 
 @dataclass
@@ -255,18 +258,173 @@ def evaluate_checkpoint(
 def predict(
     run_dir: str | Path,
     images: list[str | Path],
-    k: int = 5,
+    k: int | None = None,
     model: str | None = None,
     classnames: list[str] | None = None,
+    *,
+    threshold: float | None = None,
+    max_boxes: int | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Top-k labels and probabilities for image files, with the prompt saved in ``run_dir``."""
+    """Predictions for image files with the prompt saved in ``run_dir``, one dict per image.
+
+    A classification run: the top ``k`` (default 5) labels and probabilities (:func:`predict_images`).
+    A detection run: the boxes whose category score is at least ``threshold`` (default
+    ``DEFAULT_SCORE_THRESHOLD``, 0.3), best first, at most ``max_boxes`` per image (:func:`predict_detections`);
+    with ``output``, also a PNG per image with its boxes drawn and labelled, ``<output>/<image stem>.png``, its path
+    under the result's ``"output"``. An existing PNG there is replaced only with ``overwrite``; an input image never.
+    ``classnames`` re-points the prompt at other labels (category phrases, for a detection run)."""
     saved = ckpt.read_prompt_config(run_dir)
     task = saved.get("task", "classification")  # prompts of 0.1.0 name only detection
-    if task != "classification":
-        raise ValueError(f"{run_dir} holds {_a(task)} prompt; score it with `vlprompt eval {run_dir} --dataset "
+    what = f"{run_dir} holds {_a(task)} prompt ({saved.get('method')})"
+    if task == "classification":
+        given = [name for name, value in (("threshold", threshold), ("max_boxes", max_boxes), ("output", output),
+                                          ("overwrite", overwrite or None)) if value is not None]  # fmt: skip
+        if given:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise ValueError(f"{', '.join(given)} ({flags}) appl{'ies' if len(given) == 1 else 'y'} to detection runs "
+                             f"and {what}; it predicts top labels: leave {'it' if len(given) == 1 else 'them'} "
+                             "out (k / --k sets how many labels)")  # fmt: skip
+        backbone = ckpt.recorded_backbone(run_dir, model)
+        return predict_images(ckpt.load_prompt(run_dir, backbone, classnames), images, 5 if k is None else k)
+    if task != "detection":
+        raise ValueError(f"{what}; score it with `vlprompt eval {run_dir} --dataset "
                          f"{task_class(task).dataset_forms}`.")  # fmt: skip
+    if k is not None:
+        raise ValueError(f"k (--k) applies to classification runs and {what}; it predicts boxes: leave --k out "
+                         "(threshold / --threshold and max_boxes / --max-boxes choose the boxes kept)")
+    threshold = _check_box_options(threshold, max_boxes)
+    paths = image_paths(images)
+    targets = prediction_png_paths(paths, output, overwrite) if output is not None else None
+    for path in paths:  # a corrupt image is named before the model loads and before any PNG is written
+        open_image(path, fix="pass an image file that opens (PNG, JPEG, ...)")
     backbone = ckpt.recorded_backbone(run_dir, model)
-    return predict_images(ckpt.load_prompt(run_dir, backbone, classnames), images, k)
+    method = ckpt.load_prompt(run_dir, backbone, classnames)
+    results = []
+    for i, (image, result) in enumerate(_detect_each(method, paths, threshold, max_boxes)):
+        if targets is not None:
+            write_png(draw_detections(image, result["detections"]), targets[i])
+            result["output"] = str(targets[i])
+        results.append(result)
+    return results
+
+
+def image_paths(images: list[str | Path]) -> list[Path]:
+    """``images`` as absolute paths, refusing a missing file or a folder (naming it)."""
+    if isinstance(images, (str, Path)):
+        images = [images]
+    if not images:
+        raise ValueError("no images given; pass one or more image files")
+    paths = [Path(p).expanduser().resolve() for p in images]
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"image {path} does not exist")
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; pass image files (e.g. {path}/*.png)")
+    return paths
+
+
+def _check_box_options(threshold: float | None, max_boxes: int | None) -> float:
+    """The score threshold to use (the default when None), refusing values outside their ranges."""
+    if threshold is None:
+        threshold = DEFAULT_SCORE_THRESHOLD
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold (--threshold) must be a number from 0 to 1 (got {threshold!r}): a box is kept "
+                         f"when its category score (0..1) is at least that; default {DEFAULT_SCORE_THRESHOLD}")
+    if max_boxes is not None and (isinstance(max_boxes, bool) or not isinstance(max_boxes, int) or max_boxes < 1):
+        raise ValueError(f"max_boxes (--max-boxes) must be an integer >= 1: the most boxes kept per image, best "
+                         f"first (got {max_boxes!r})")  # fmt: skip
+    return float(threshold)
+
+
+def prediction_png_paths(images: list[Path], output: str | Path, overwrite: bool = False) -> list[Path]:
+    """Where the drawn images go: ``<output>/<image stem>.png`` (``<stem>_2.png``, ... for repeated names), checked
+    before anything runs: never an input image, an existing file only with ``overwrite``."""
+    folder = Path(output).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output {folder} is a file; pass a folder for the drawn images (--output DIR)")
+    inputs = {path.resolve() for path in images}
+    taken: set[str] = set()
+    targets = []
+    for path in images:
+        name, n = f"{path.stem}.png", 1
+        while name in taken:
+            n += 1
+            name = f"{path.stem}_{n}.png"
+        taken.add(name)
+        target = folder / name
+        if target.resolve() in inputs:
+            raise ValueError(f"{target} is an input image and would be overwritten; write the drawn images to "
+                             "another folder (--output DIR)")  # fmt: skip
+        if target.is_dir():
+            raise ValueError(f"{target} is a folder; pass another --output for the drawn images")
+        if target.exists() and not overwrite:
+            raise ValueError(f"{target} exists (an earlier prediction?); pass --overwrite to replace it, or another "
+                             "--output")  # fmt: skip
+        targets.append(target)
+    return targets
+
+
+def write_png(image, path: Path) -> None:
+    """Save ``image`` as a PNG atomically (a temporary file beside it, then a rename), with the user's file mode."""
+    import os
+
+    from vlprompt.fileio import temp_file_beside
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_file_beside(path, ".png")
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG")
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise ValueError(f"cannot write {err.filename or path}: {err.strerror or err}; choose a writable folder "
+                         "(--output DIR)") from None  # fmt: skip
+
+
+@torch.no_grad()
+def predict_detections(method, images: list[str | Path], threshold: float = DEFAULT_SCORE_THRESHOLD,
+                       max_boxes: int | None = None) -> list[dict[str, Any]]:
+    """The boxes a detection prompt model finds in image files: per image ``{"image", "width", "height",
+    "detections", "best"}``; ``detections`` are ``{"label", "category_index", "score", "box"}``, best first, one per
+    detector query (its highest-scoring category) with a score of at least ``threshold``, at most ``max_boxes``;
+    ``box`` is ``[x0, y0, x1, y1]`` in the image's pixels (as a viewer shows it: EXIF orientation applied).
+    ``best`` is the top detection whatever its score (None without queries), to see what a threshold left out."""
+    threshold = _check_box_options(threshold, max_boxes)
+    return [result for _, result in _detect_each(method, image_paths(images), threshold, max_boxes)]
+
+
+def _detect_each(method, paths: list[Path], threshold: float, max_boxes: int | None):
+    """``(image, result)`` per path (see :func:`predict_detections`)."""
+    from vlprompt.data.coco import detection_pixels
+    from vlprompt.tasks.detection import detections_in_image
+
+    if method.task != "detection":
+        raise ValueError(f"{method.registered_name} is {_a(method.task)} method; predict_detections finds boxes of "
+                         "detection methods (predict_images scores classification)")  # fmt: skip
+    was_training = method.training
+    method.eval()
+    device = method.backbone.device
+    try:
+        for path in paths:
+            image = open_image(path)  # upright as viewers show it; the boxes are in these pixels
+            pixels = detection_pixels(image, method.backbone.image_config).unsqueeze(0).to(device)
+            mask = torch.ones(1, *pixels.shape[-2:], dtype=torch.long, device=device)
+            with torch.no_grad():
+                scores, boxes = method.predict(pixels, mask)
+            scores, boxes = scores[0].float().cpu(), boxes[0].float().cpu()
+            args = (scores, boxes, method.classnames, image.width, image.height)
+            best = detections_in_image(*args, threshold=0.0, max_boxes=1)
+            result = {"image": str(path), "width": image.width, "height": image.height,
+                      "detections": detections_in_image(*args, threshold=threshold, max_boxes=max_boxes),
+                      "best": best[0] if best else None}  # fmt: skip
+            yield image, result
+    finally:
+        method.train(was_training)
 
 
 @torch.no_grad()
@@ -276,7 +434,8 @@ def predict_images(method, images: list[str | Path], k: int = 5) -> list[dict[st
     from vlprompt.data import Sample
 
     if method.task != "classification":
-        raise ValueError(f"{method.registered_name} is a {method.task} method; predict_images scores classification")
+        raise ValueError(f"{method.registered_name} is {_a(method.task)} method; predict_images scores classification "
+                         "(predict_detections finds the boxes of detection methods)")  # fmt: skip
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k (--k) must be an integer >= 1: the number of top labels to show (got {k!r})")
     method.eval()

@@ -76,6 +76,37 @@ def evaluate_detection(
     return {**result, "n": len(images)}
 
 
+# What `vlprompt predict` keeps by default: a category score is the mean sigmoid token logit over its phrase (the
+# detector adapter's category_scores), so it reads on the same 0..1 scale as Grounding DINO's box threshold (0.35 in
+# its demo, on the highest token); the phrase mean is lower than that maximum, hence a little lower here.
+DEFAULT_SCORE_THRESHOLD = 0.3
+
+
+def detections_in_image(scores: torch.Tensor, boxes: torch.Tensor, categories: Sequence[str], width: int,
+                        height: int, threshold: float = DEFAULT_SCORE_THRESHOLD,
+                        max_boxes: int | None = None) -> list[dict[str, Any]]:
+    """The detections of one image, best first, from per-category scores ``(Q, C)`` and normalised cx, cy, w, h boxes
+    ``(Q, 4)``: one per query, labelled with its highest-scoring category, kept when that score is at least
+    ``threshold`` (at most ``max_boxes`` of them). Each is ``{"label", "category_index", "score", "box"}`` with
+    ``box`` = ``[x0, y0, x1, y1]`` in the image's pixels (``width`` x ``height``), clipped to the image.
+
+    (COCO evaluation, :func:`detections_from_scores`, scores every query x category pair instead: AP rewards the
+    extra guesses, a picture of them would show each box several times.)"""
+    best, category = scores.float().max(dim=1)
+    order = best.argsort(descending=True, stable=True).tolist()
+    kept = [q for q in order if float(best[q]) >= threshold]
+    if max_boxes is not None:
+        kept = kept[:max_boxes]
+    out = []
+    for q in kept:
+        cx, cy, w, h = boxes[q].float().tolist()
+        x0, x1 = (min(max(v * width, 0.0), float(width)) for v in (cx - w / 2, cx + w / 2))
+        y0, y1 = (min(max(v * height, 0.0), float(height)) for v in (cy - h / 2, cy + h / 2))
+        c = int(category[q])
+        out.append({"label": categories[c], "category_index": c, "score": float(best[q]), "box": [x0, y0, x1, y1]})
+    return out
+
+
 class DetectionTask(Task):
     """Few-shot / full detection of a ``DetectionSplits`` with a detection method."""
 
