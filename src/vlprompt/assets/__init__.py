@@ -1,14 +1,16 @@
-"""Files shipped inside the package: the embedded default CLIP (``embedded``) and the ViLT (``embedded-vilt``)
-pretrained on the toy world."""
+"""Files shipped inside the package: the embedded default CLIP (``embedded``), the ViLT (``embedded-vilt``) and
+the Grounding DINO (``embedded-detector``) pretrained on the toy world."""
 from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-EMBEDDED_MODELS = {"toyclip": Path(__file__).parent / "toyclip", "vilt": Path(__file__).parent / "toyvilt"}
+EMBEDDED_MODELS = {"toyclip": Path(__file__).parent / "toyclip", "vilt": Path(__file__).parent / "toyvilt",
+                   "detector": Path(__file__).parent / "toydet"}  # fmt: skip
 # How each embedded model is rebuilt (the message of a missing one names it).
-REBUILD_COMMANDS = {"toyclip": "vlprompt pretrain-toy", "vilt": "vlprompt pretrain-toy-vilt"}
+REBUILD_COMMANDS = {"toyclip": "vlprompt pretrain-toy", "vilt": "vlprompt pretrain-toy-vilt",
+                    "detector": "vlprompt pretrain-toy-detector"}  # fmt: skip
 DEFAULT_EMBEDDED = "toyclip"
 
 
