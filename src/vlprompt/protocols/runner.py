@@ -705,8 +705,6 @@ def check_same_task_as_folder(config: BenchConfig, jobs: Sequence[Job]) -> None:
 
 def check_jobs(config: BenchConfig, jobs: Sequence[Job]) -> None:
     """Every recipe and dataset of the plan, checked before the first run: a typo must not surface hours in."""
-    from vlprompt.data import load_dataset
-    from vlprompt.engine.api import dataset_task, load_task_data
     from vlprompt.methods import make_config
 
     for method in dict.fromkeys(job.method for job in jobs):
@@ -721,11 +719,19 @@ def check_jobs(config: BenchConfig, jobs: Sequence[Job]) -> None:
         except ValueError as err:
             raise ValueError(f"{job.key}: {err}") from None
     for dataset in dict.fromkeys(d for job in jobs for d in (job.dataset, *(e for e, _ in job.evals))):
-        task = dataset_task(dataset)
-        if task == "classification":
-            load_dataset(dataset, config.data_root)  # names the dataset and the fix on a typo or a missing folder
-        else:
-            load_task_data(task, DataOptions(dataset=dataset, root=config.data_root), shots=False)
+        load_bench_dataset(dataset, config.data_root)  # names the dataset and the fix on a typo or a missing folder
+
+
+def load_bench_dataset(dataset: str, data_root: str | None) -> None:
+    """Read (and, for a procedural toy set, write on first use) a dataset with its task's loader."""
+    from vlprompt.data import load_dataset
+    from vlprompt.engine.api import dataset_task, load_task_data
+
+    task = dataset_task(dataset)
+    if task == "classification":
+        load_dataset(dataset, data_root)
+    else:
+        load_task_data(task, DataOptions(dataset=dataset, root=data_root), shots=False)
 
 
 def check_train_options(config: BenchConfig, methods: Sequence[str]) -> None:
@@ -760,10 +766,8 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
     # a spawned worker starts with transformers' default logging: give it the caller's (the CLI quiets it)
     hf_state = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
     # Procedural datasets are written on first use: write each once here, not racing in several workers.
-    from vlprompt.data import load_dataset
-
     for name in dict.fromkeys(d for _, job in pending for d in (job.dataset, *(e for e, _ in job.evals))):
-        load_dataset(name, config.data_root)
+        load_bench_dataset(name, config.data_root)
     # spawn, not fork: a forked child inherits the parent's OpenMP thread pool state, which can deadlock torch
     context = multiprocessing.get_context("spawn")
     started = context.Value("i", 0)  # workers number themselves in start order: worker k takes GPU k mod #GPUs
