@@ -116,8 +116,9 @@ def test_occluded_boxes_are_the_visible_parts():
 
     scene = sample_crowd([0], ["square", "square"], radius=(0.2, 0.2), fill="solid", background="white")
     first, second = scene.objects
+    # the second square covers the first one's right side
     scene = dataclasses.replace(scene, objects=(dataclasses.replace(first, x=0.4, y=0.4, angle=0.0),
-                                                dataclasses.replace(second, x=0.55, y=0.4, angle=0.0)))  # covers its right side
+                                                dataclasses.replace(second, x=0.55, y=0.4, angle=0.0)))
     full, seen = boxes(scene, 64), visible_boxes(scene, 64)
     assert seen[1]["bbox"] == full[1]["bbox"] and seen[1]["visible"] == 1.0  # drawn last: nothing covers it
     assert seen[0]["visible"] < 1.0
@@ -235,6 +236,10 @@ def test_a_detection_bench_records_map_reports_it_and_resumes(tmp_path, monkeypa
     assert code == 0, err
     assert "3 of 3 runs were already finished" in text
     assert (out / "results.csv").read_text() == stamp
+    (out / "results.md").unlink()
+    code, text, err = _cli("bench", "--output", out, "--report-only")
+    assert code == 0, err
+    assert "COCO mAP@[.5:.95]" in (out / "results.md").read_text()
     code, _, err = _cli("bench", "--methods", "coop", "--datasets", "toy:shapes", "--output", out)
     assert code == 2 and "holds a detection bench (results.csv); give this classification bench its own --output" in err
 

@@ -214,8 +214,9 @@ class BenchConfig:
                              "bench them separately, each with its own --output")  # fmt: skip
         others = [m for m in self.methods if m not in detection_methods]
         if others:
+            names = ", ".join(detection_method_names())
             raise ValueError(f"{others[0]} is not a detection method, so it cannot run on {detection[0]}: bench "
-                             f"detection datasets with detection methods ({', '.join(detection_method_names())})")  # fmt: skip
+                             f"detection datasets with detection methods ({names})")  # fmt: skip
         not_fewshot = [p for p in self.protocols if p != "fewshot"]
         if not_fewshot:
             raise ValueError(f"detection datasets run the few-shot protocol only (ODinW's: --shots 1 3 5 10 all); "

@@ -55,7 +55,7 @@ __all__ = [
     "suite_dataset_names",
 ]
 
-DETECTION_SETS_VERSION = 1
+DETECTION_SETS_VERSION = 1  # bumped when a code change alters what a set draws (its manifest then rebuilds it)
 SUITE_NAME = "suite"  # toydet:suite: every set below
 SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 64  # the toy detector's pretraining size
@@ -155,7 +155,9 @@ def _crowd_scene(spec: DetectionSetSpec, rng: np.random.Generator) -> Scene:
         n_groups = min(_between(rng, p["groups"]), len(cats))
         total = _between(rng, p["copies"])
         group_shapes = [str(s) for s in rng.choice(cats, n_groups, replace=False)]
-        cut = sorted(int(c) for c in rng.choice(np.arange(1, total), n_groups - 1, replace=False)) if n_groups > 1 else []
+        cut: list[int] = []
+        if n_groups > 1:  # where the copies split between the groups
+            cut = sorted(int(c) for c in rng.choice(np.arange(1, total), n_groups - 1, replace=False))
         counts = np.diff([0, *cut, total]).tolist()
         shapes = [s for s, k in zip(group_shapes, counts) for _ in range(k)]
         groups = [g for g, k in enumerate(counts) for _ in range(k)]
