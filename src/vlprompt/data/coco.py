@@ -10,6 +10,9 @@ Datasets are named like classification ones (``--dataset``):
   A relative path is looked up under ``--data-root`` when given.
 - ``toydet:shapes``: multi-object scenes of the procedural toy world (the 15 shapes are the categories), exported
   in the first layout on first use under the toy root (``$VLPROMPT_TOY_ROOT`` or ``~/.cache/vlprompt/toyworld``).
+- ``toydet:looks``, ``toydet:novel``, ``toydet:small``, ``toydet:clutter``, ``toydet:fine``, ``toydet:count``: the
+  ODinW-style suite of the toy world (``vlprompt.toyworld.detection_sets``), each a different shift from the toy
+  detector's pretraining, written the same way (``toydet:suite`` names all six in ``vlprompt bench``).
 
 Category names (underscores read as spaces) become the detector's text prompt, one phrase each, in the order of
 their ids; ``data.categories`` restricts training and evaluation to a subset (unknown names are an error).
@@ -189,15 +192,32 @@ def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], 
     return categories, out
 
 
+def toy_detection_names() -> list[str]:
+    """Every ``toydet:<name>`` set: ``shapes`` and the ODinW-style suite's sets."""
+    from vlprompt.toyworld.detection_sets import DETECTION_SUITE
+
+    return [*TOY_DETECTION, *DETECTION_SUITE]
+
+
 def toy_detection_folder(name: str, root: str | Path | None = None) -> Path:
     """The toy-world detection set ``name`` (generated on first use) in the ``<split>/annotations.json`` layout."""
-    if name not in TOY_DETECTION:
-        raise DatasetError(f"unknown toy detection set {name!r}; available: {sorted(TOY_DETECTION)}")
-    spec = TOY_DETECTION[name]
+    from vlprompt.toyworld.detection_sets import DETECTION_SUITE, SUITE_NAME, materialize_detection_set
+
     if root is None:
         from vlprompt.toyworld.suite import default_toy_root
 
         root = default_toy_root()
+    key = name.strip().lower()
+    if key == SUITE_NAME:
+        raise DatasetError(f"toydet:{SUITE_NAME} names the {len(DETECTION_SUITE)} sets of the toy detection suite; "
+                           "bench them with `vlprompt bench --datasets toydet:suite`, or train on one: "
+                           + ", ".join(f"toydet:{n}" for n in DETECTION_SUITE))  # fmt: skip
+    if key in DETECTION_SUITE:
+        return materialize_detection_set(key, root)
+    if name not in TOY_DETECTION:
+        raise DatasetError(f"unknown toy detection set {name!r}; available: {', '.join(toy_detection_names())} (as "
+                           f"toydet:<name>; toydet:{SUITE_NAME} for the suite's sets in vlprompt bench)")  # fmt: skip
+    spec = TOY_DETECTION[name]
     folder = Path(root).expanduser() / "detection" / f"{name}-{spec['size']}px-seed{spec['seed']}"
     return write_toy_detection(folder, spec["n_train"], spec["n_val"], spec["n_test"], spec["size"], spec["seed"])
 

@@ -1,4 +1,7 @@
-"""Summaries of bench results: markdown tables (mean +- std over seeds), a summary CSV, and PNG plots."""
+"""Summaries of bench results: markdown tables (mean +- std over seeds), a summary CSV, and PNG plots.
+
+A detection bench's rows hold COCO box AP (``mAP``) where classification rows hold ``accuracy``: its tables and
+plots say "COCO mAP@[.5:.95]", and the shot count "all" (the whole training split) follows the counts."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.engine.checkpoint import atomic_write_bytes
-from vlprompt.protocols.runner import harmonic_mean, mean_std, shot_independent
+from vlprompt.protocols.runner import (
+    WHOLE_SPLIT, harmonic_mean, is_detection_rows, mean_std, score, shot_independent, shots_label, shots_order,
+)  # fmt: skip
 
 Row = dict[str, Any]
 
@@ -30,6 +35,15 @@ def _spread_words(one_seed: bool) -> str:
     return "one seed" if one_seed else "mean ± std over seeds"
 
 
+def score_words(rows: list[Row]) -> str:
+    """What the rows' scores are, as headings name them."""
+    return "test COCO mAP@[.5:.95] (%)" if is_detection_rows(rows) else "test accuracy (%)"
+
+
+def _shot_header(shots: int) -> str:
+    return "all" if shots == WHOLE_SPLIT else f"{shots}-shot"
+
+
 def _ordered(values, preferred: list[str] | None = None) -> list:
     values = list(dict.fromkeys(values))
     if preferred:
@@ -48,10 +62,10 @@ def rows_of_methods(rows: list[Row], methods: list[str]) -> tuple[list[Row], lis
 def fewshot_cells(rows: list[Row]) -> dict[tuple[str, str, int], tuple[float, float]]:
     """(dataset, method, shots) -> (mean, std) of test accuracy over seeds; shot-independent methods fill every K."""
     rows = [r for r in rows if r["protocol"] == "fewshot"]
-    all_shots = sorted({r["shots"] for r in rows if not shot_independent(r["method"])})
+    all_shots = sorted({r["shots"] for r in rows if not shot_independent(r["method"])}, key=shots_order)
     cells = {}
     for (dataset, method, shots), group in _group(rows, "eval_dataset", "method", "shots").items():
-        stats = mean_std([r["accuracy"] for r in group])
+        stats = mean_std([score(r) for r in group])
         targets = all_shots or [shots] if shot_independent(method) else [shots]
         for k in targets:
             cells[(dataset, method, k)] = stats
@@ -61,13 +75,13 @@ def fewshot_cells(rows: list[Row]) -> dict[tuple[str, str, int], tuple[float, fl
 def fewshot_average(rows: list[Row]) -> dict[tuple[str, int], tuple[float, float]]:
     """(method, shots) -> mean over datasets of the per-seed accuracy (std over seeds of the dataset means)."""
     fewshot = [r for r in rows if r["protocol"] == "fewshot"]
-    all_shots = sorted({r["shots"] for r in fewshot if not shot_independent(r["method"])})
+    all_shots = sorted({r["shots"] for r in fewshot if not shot_independent(r["method"])}, key=shots_order)
     datasets = {r["eval_dataset"] for r in fewshot}
     per_seed: dict[tuple[str, int, int], dict[str, float]] = defaultdict(dict)
     for r in fewshot:
         shots = all_shots if shot_independent(r["method"]) and all_shots else [r["shots"]]
         for k in shots:
-            per_seed[(r["method"], k, r["seed"])][r["eval_dataset"]] = r["accuracy"]
+            per_seed[(r["method"], k, r["seed"])][r["eval_dataset"]] = score(r)
     by_method_shot: dict[tuple[str, int], list[float]] = defaultdict(list)
     incomplete: set[tuple[str, int]] = set()
     for (method, k, _seed), accs in per_seed.items():
@@ -82,8 +96,8 @@ def base2novel_cells(rows: list[Row]) -> dict[tuple[str, str], dict[str, float]]
     rows = [r for r in rows if r["protocol"] == "base2novel"]
     out: dict[tuple[str, str], dict[str, float]] = {}
     for (dataset, method), group in _group(rows, "eval_dataset", "method").items():
-        base = mean_std([r["accuracy"] for r in group if r["subset"] == "base"])
-        novel_rows = [r["accuracy"] for r in group if r["subset"] == "novel"]
+        base = mean_std([score(r) for r in group if r["subset"] == "base"])
+        novel_rows = [score(r) for r in group if r["subset"] == "novel"]
         if not novel_rows:  # a method tied to its training classes (linear probe): base accuracy only
             out[(dataset, method)] = {"base": base[0], "base_std": base[1]}
             continue
@@ -116,9 +130,11 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
     if fewshot:
         cells = fewshot_cells(rows)
         avg = fewshot_average(rows)
-        shots = sorted({k for (_, _, k) in cells})
-        lines += [f"## Few-shot: test accuracy (%), {_spread_words(one_seed)}, averaged over datasets", ""]
-        lines += ["| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+        shots = sorted({k for (_, _, k) in cells}, key=shots_order)
+        lines += [f"## Few-shot: {score_words(fewshot)}, {_spread_words(one_seed)}, averaged over datasets", ""]
+        if any(k == WHOLE_SPLIT for k in shots):
+            lines += ["`all`: trained on the whole training split.", ""]
+        lines += ["| method | " + " | ".join(_shot_header(k) for k in shots) + " |",
                   "|---|" + "---:|" * len(shots)]
         run_methods = {r["method"] for r in fewshot}
         for m in methods:
@@ -128,7 +144,8 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
         lines.append("")
         datasets = _ordered(r["eval_dataset"] for r in fewshot)
         top = shots[-1]
-        lines += [f"### Per dataset at {top} shots", "",
+        at = "with the whole training split (all)" if top == WHOLE_SPLIT else f"at {top} shots"
+        lines += [f"### Per dataset {at}", "",
                   "| method | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]
         for m in methods:
             if any((d, m, top) in cells for d in datasets):
@@ -170,7 +187,7 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
             for m in methods:
                 if any((m, t) in groups for t in targets):
                     lines.append(f"| {m} | " + " | ".join(
-                        _fmt(*mean_std([r["accuracy"] for r in groups[(m, t)]]), one_seed) if (m, t) in groups else "-"
+                        _fmt(*mean_std([score(r) for r in groups[(m, t)]]), one_seed) if (m, t) in groups else "-"
                         for t in targets) + " |")
             lines.append("")
     full = [r for r in rows if r["protocol"] == "full"]
@@ -184,7 +201,7 @@ def markdown_report(rows: list[Row], methods: list[str] | None = None, title: st
         for m in methods:
             if any((m, d) in groups for d in datasets):
                 lines.append(f"| {m} | " + " | ".join(
-                    _fmt(*mean_std([r["accuracy"] for r in groups[(m, d)]]), one_seed) if (m, d) in groups else "-"
+                    _fmt(*mean_std([score(r) for r in groups[(m, d)]]), one_seed) if (m, d) in groups else "-"
                     for d in datasets) + " |")
         lines.append("")
     costs = cost_cells(rows)
@@ -202,16 +219,16 @@ MATCH_KEYS = ("protocol", "train_dataset", "eval_dataset", "subset", "method", "
 def precision_comparison(rows: list[Row], reference: list[Row], precision: str, reference_precision: str = "fp32") -> str:
     """Markdown: accuracy of ``rows`` minus that of the same evaluations in ``reference`` (e.g. bf16 - fp32), per
     method: the mean difference and the largest one in absolute value, over the evaluations both hold."""
-    ref = {tuple(r[k] for k in MATCH_KEYS): r["accuracy"] for r in reference}
+    ref = {tuple(r[k] for k in MATCH_KEYS): score(r) for r in reference}
     diffs: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
         key = tuple(r[k] for k in MATCH_KEYS)
         if key in ref:
-            diffs[r["method"]].append((r["accuracy"], ref[key]))
+            diffs[r["method"]].append((score(r), ref[key]))
     if not diffs:
         return ""
     lines = [
-        f"## {precision} vs {reference_precision}: test accuracy (%) difference on the same evaluations", "",
+        f"## {precision} vs {reference_precision}: {score_words(rows)} difference on the same evaluations", "",
         f"| method | evaluations | mean {precision} | mean {reference_precision} | mean difference | "
         "largest difference |",
         "|---|---:|---:|---:|---:|---:|",
@@ -234,11 +251,12 @@ def _comparison_row(label: str, pairs: list[tuple[float, float]]) -> str:
 def summary_csv(rows: list[Row]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["protocol", "dataset", "method", "shots", "subset", "mean_accuracy", "std_accuracy", "seeds"])
+    name = "mAP" if is_detection_rows(rows) else "accuracy"
+    writer.writerow(["protocol", "dataset", "method", "shots", "subset", f"mean_{name}", f"std_{name}", "seeds"])
     for (protocol, dataset, method, shots, subset), group in sorted(
         _group(rows, "protocol", "eval_dataset", "method", "shots", "subset").items()
     ):
-        mean, std = mean_std([r["accuracy"] for r in group])
+        mean, std = mean_std([score(r) for r in group])
         writer.writerow([protocol, dataset, method, shots, subset, f"{mean:.3f}", f"{std:.3f}", len(group)])
     return buffer.getvalue()
 
@@ -255,7 +273,13 @@ def plot_fewshot(rows: list[Row], out_dir: Path, methods: list[str] | None = Non
     avg = fewshot_average(rows)
     methods = _ordered((m for _, m, _ in cells), methods)
     datasets = _ordered(d for d, _, _ in cells)
-    shots = sorted({k for _, _, k in cells})
+    shots = sorted({k for _, _, k in cells}, key=shots_order)
+    counted = [k for k in shots if k != WHOLE_SPLIT]
+    # the whole training split sits one doubling after the largest count on the log axis, labelled "all"
+    place = {k: k for k in counted}
+    if WHOLE_SPLIT in shots:
+        place[WHOLE_SPLIT] = 2 * max(counted) if counted else 1
+    detection = is_detection_rows(rows)
     paths = []
     panels = [("average", {(m, k): v for (m, k), v in avg.items()})] + [
         (d, {(m, k): cells[(d, m, k)] for (dd, m, k) in cells if dd == d}) for d in datasets
@@ -269,11 +293,12 @@ def plot_fewshot(rows: list[Row], out_dir: Path, methods: list[str] | None = Non
             means = [values[(m, k)][0] for k in ks]
             stds = [values[(m, k)][1] for k in ks]
             style = "--" if shot_independent(m) else "-"
-            ax.errorbar(ks, means, yerr=stds, label=m, linestyle=style, marker="o", markersize=3, capsize=2)
+            ax.errorbar([place[k] for k in ks], means, yerr=stds, label=m, linestyle=style, marker="o", markersize=3,
+                        capsize=2)  # fmt: skip
         ax.set_xscale("log", base=2)
-        ax.set_xticks(shots, [str(k) for k in shots])
-        ax.set_xlabel("shots per class")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_xticks([place[k] for k in shots], [shots_label(k) for k in shots])
+        ax.set_xlabel("shots per category" if detection else "shots per class")
+        ax.set_ylabel("COCO mAP@[.5:.95] (%)" if detection else "test accuracy (%)")
         ax.set_title(f"few-shot: {name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
@@ -341,7 +366,7 @@ def plot_full(rows: list[Row], out_dir: Path, methods: list[str] | None = None, 
             group = groups.get((m, dataset))
             if not group:
                 continue
-            mean, std = mean_std([r["accuracy"] for r in group])
+            mean, std = mean_std([score(r) for r in group])
             params = max(1, int(group[0]["trainable_parameters"]))
             ax.errorbar([params], [mean], yerr=[std], fmt="o", capsize=3, label=m)
         ax.set_xscale("log")

@@ -9,6 +9,11 @@ by :mod:`vlprompt.protocols.report`.
 than fp32 get their own folders (``..._seed1_bf16``) and result files (``results_bf16.csv``), so one output folder
 can hold the same bench in several precisions without mixing them.
 
+Detection datasets (``toydet:<name>``, ``coco:<folder>``; ``toydet:suite`` names the toy suite's six sets) run the
+few-shot protocol as ODinW reports it: shots 1, 3, 5, 10 images per category and ``all`` (the whole training
+split), COCO mAP@[.5:.95] per dataset and averaged over datasets; their rows record ``mAP`` (with AP50 and AP75) where
+classification rows record ``accuracy``.
+
 Two ways to use several processes (docs/scaling.md): ``--workers N`` trains N independent runs at once, each in
 its own process (on a GPU machine worker k uses GPU k mod the number of GPUs); a bench started by ``torchrun`` or
 ``accelerate launch`` trains every run with all the job's processes, and only the main process writes files.
@@ -38,15 +43,47 @@ from vlprompt.options import OptionError, check_options, opt
 
 PROTOCOLS = ("fewshot", "base2novel", "crossdataset", "domain", "full")
 # The "full" protocol trains on a dataset's whole training split (the fusion-encoder tasks: VQA, NLVR2, retrieval);
-# its jobs record this in place of a shot count.
+# its jobs record this in place of a shot count. So do few-shot jobs of the shot count "all" (detection's full set):
+# results.csv holds 0 there, reports and run folders say "all".
 WHOLE_SPLIT = 0
+ALL_SHOTS = "all"  # how --shots (and shots: in a config) names the whole training split
 # The fusion-encoder tasks (no bench protocol yet), by their dataset scheme, as messages name them.
 FUSION_TASK_NAMES = {"vqa": ("a", "VQA"), "nlvr2": ("an", "NLVR2"), "retrieval": ("a", "retrieval")}
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)  # the few-shot protocol's shot counts, as the papers report them
+# Detection's (ODinW, as GLIP reports it): images per category, and the whole training split.
+DETECTION_SHOTS = (1, 3, 5, 10, ALL_SHOTS)
 CSV_FIELDS = [
     "protocol", "train_dataset", "eval_dataset", "subset", "method", "shots", "seed", "accuracy", "n",
     "trainable_parameters", "train_time_s", "precision",
 ]
+# A detection bench's table: COCO box AP (percent) in place of accuracy.
+DETECTION_SCORES = ("mAP", "AP50", "AP75")
+DETECTION_CSV_FIELDS = [name for field_name in CSV_FIELDS
+                        for name in (DETECTION_SCORES if field_name == "accuracy" else (field_name,))]  # fmt: skip
+
+
+def shot_count(shots: int | str) -> int:
+    """A shot count as jobs record it: ``"all"`` (the whole training split) is :data:`WHOLE_SPLIT`."""
+    return WHOLE_SPLIT if shots == ALL_SHOTS else int(shots)
+
+
+def shots_label(shots: int) -> str:
+    """A job's shot count as people read it: ``all`` for the whole training split."""
+    return ALL_SHOTS if int(shots) == WHOLE_SPLIT else str(int(shots))
+
+
+def shots_order(shots: int) -> tuple[bool, int]:
+    """Sort key of shot counts: the whole training split after every count."""
+    return (int(shots) == WHOLE_SPLIT, int(shots))
+
+
+def score(row: dict[str, Any]) -> float:
+    """A row's headline score: COCO mAP@[.5:.95] of a detection run, accuracy of any other."""
+    return float(row["mAP"] if "mAP" in row else row["accuracy"])
+
+
+def is_detection_rows(rows: Sequence[dict[str, Any]]) -> bool:
+    return any("mAP" in row for row in rows)
 
 
 def shot_independent(method: str) -> bool:
@@ -62,7 +99,9 @@ class BenchConfig:
     methods: list[str]
     datasets: list[str]
     protocols: list[Literal["fewshot", "base2novel", "crossdataset", "domain", "full"]] = opt(["fewshot"])
-    shots: list[int] = opt(list(DEFAULT_SHOTS), min=1)
+    # images per class (per category for detection), or "all": the whole training split. None: the few-shot
+    # protocol's own, DEFAULT_SHOTS (classification) or DETECTION_SHOTS (detection datasets)
+    shots: list[int | Literal["all"]] | None = opt(None, min=1)
     seeds: list[int] = opt([1, 2, 3])
     model: str = "embedded"
     data_root: str | None = None
@@ -94,8 +133,9 @@ class BenchConfig:
         except OptionError as err:
             raise ValueError(str(err)) from None
         self.methods = [canonical_method_name(m) for m in self.methods]
+        self.datasets = expand_datasets(self.datasets)
         for name in ("methods", "datasets", "protocols", "shots", "seeds"):
-            refuse_duplicates(name, getattr(self, name))
+            refuse_duplicates(name, getattr(self, name) or [])
         self.default_epochs_by_shots = epochs_by_shots_mapping(self.default_epochs_by_shots, "default_epochs_by_shots")
         self.recipes = {_recipe_method(k): v if isinstance(v, Recipe) else Recipe(**v)
                         for k, v in self.recipes.items()}  # fmt: skip
@@ -111,6 +151,9 @@ class BenchConfig:
         if not self.datasets:
             raise ValueError("the bench needs at least one dataset")
         self._check_fusion_protocol()
+        detection = self._check_detection()
+        if self.shots is None:
+            self.shots = list(DETECTION_SHOTS if detection else DEFAULT_SHOTS)
         if "crossdataset" in self.protocols and not cross_targets(self):
             raise ValueError("crossdataset needs a source and at least one target dataset: give two or more "
                              "--datasets")
@@ -152,6 +195,34 @@ class BenchConfig:
             raise ValueError(f"{fusion_methods[0]} is a fusion-encoder method: bench it on vqa:, nlvr2: or retrieval: "
                              "datasets (or toy:vqa, toy:nlvr2, toy:retrieval) with --protocols full")  # fmt: skip
 
+    def _check_detection(self) -> bool:
+        """Whether this is a detection bench. Detection datasets run with detection methods under the few-shot
+        protocol only, classification datasets with the other methods; a mix is refused with the fix."""
+        from vlprompt.engine.api import dataset_task
+
+        detection = [d for d in self.datasets if dataset_task(d) == "detection"]
+        detection_methods = [m for m in self.methods if "detection" in supported_tasks(m)]
+        if not detection:
+            if detection_methods:
+                raise ValueError(f"{detection_methods[0]} is a detection method but {self.datasets[0]} is a "
+                                 "classification dataset: bench detection methods on detection datasets "
+                                 "(toydet:suite, toydet:<name>, coco:<folder>)")  # fmt: skip
+            return False
+        classification = [d for d in self.datasets if d not in detection]
+        if classification:
+            raise ValueError(f"{classification[0]} is a classification dataset and {detection[0]} a detection dataset: "
+                             "bench them separately, each with its own --output")  # fmt: skip
+        others = [m for m in self.methods if m not in detection_methods]
+        if others:
+            names = ", ".join(detection_method_names())
+            raise ValueError(f"{others[0]} is not a detection method, so it cannot run on {detection[0]}: bench "
+                             f"detection datasets with detection methods ({names})")  # fmt: skip
+        not_fewshot = [p for p in self.protocols if p != "fewshot"]
+        if not_fewshot:
+            raise ValueError(f"detection datasets run the few-shot protocol only (ODinW's: --shots 1 3 5 10 all); "
+                             f"drop --protocols {not_fewshot[0]}")  # fmt: skip
+        return True
+
     def _apply_recipe(self, recipe: RecipeSet) -> None:
         """Put ``recipe`` under this bench's own settings: what the bench sets for every method (default_train,
         default_epochs_by_shots) also wins over the recipe's per-method values."""
@@ -165,6 +236,31 @@ class BenchConfig:
         self.default_train = {**recipe.train, **self.default_train}
         recipe_by_shots = {} if "epochs" in user_keys else recipe.epochs_by_shots
         self.default_epochs_by_shots = {**recipe_by_shots, **self.default_epochs_by_shots}
+
+
+def expand_datasets(datasets: Sequence[str]) -> list[str]:
+    """``toydet:suite`` replaced by the toy detection suite's sets, in the suite's order."""
+    from vlprompt.specs import DatasetSpec, SpecError
+    from vlprompt.toyworld.detection_sets import SUITE_NAME, suite_dataset_names
+
+    out: list[str] = []
+    for dataset in datasets:
+        try:
+            spec = DatasetSpec.parse(str(dataset))
+        except SpecError:  # the loaders name the problem with its fix
+            out.append(dataset)
+            continue
+        if spec.scheme == "toydet" and spec.name.strip().lower() == SUITE_NAME:
+            out += suite_dataset_names()
+        else:
+            out.append(dataset)
+    return out
+
+
+def detection_method_names() -> list[str]:
+    from vlprompt.methods import METHODS
+
+    return [name for name in METHODS if "detection" in supported_tasks(name)]
 
 
 def refuse_duplicates(name: str, values: Sequence[Any]) -> None:
@@ -239,7 +335,7 @@ class Job:
     @property
     def key(self) -> str:
         safe = self.dataset.replace(":", "_").replace("/", "_")
-        amount = "all" if self.protocol == "full" else f"shots{self.shots}"
+        amount = "all" if self.protocol == "full" or self.shots == WHOLE_SPLIT else f"shots{self.shots}"
         run = f"{amount}_seed{self.seed}{precision_suffix(self.precision)}"
         return f"{self.protocol}/{safe}/{self.method}/{run}"
 
@@ -297,7 +393,8 @@ def tied_to_classes(config: BenchConfig, method: str) -> bool:
 def _protocol_jobs(config: BenchConfig, protocol: str, method: str, seed: int, tied: bool) -> Iterable[Job]:
     """``tied``: the method can only score its training classes (:func:`tied_to_classes`)."""
     if protocol == "fewshot":
-        shot_list = [config.shots[-1]] if shot_independent(method) else config.shots
+        counts = [shot_count(k) for k in config.shots]
+        shot_list = [counts[-1]] if shot_independent(method) else counts
         for dataset in config.datasets:
             for shots in shot_list:
                 yield Job(protocol, dataset, method, shots, seed, evals=((dataset, "all"),))
@@ -329,7 +426,8 @@ def _run_options(config: BenchConfig, job: Job, run_dir: Path) -> RunOptions:
         method=job.method,
         method_options=copy.deepcopy(recipe.method_options),
         data=DataOptions(
-            dataset=job.dataset, root=config.data_root, shots=None if job.protocol == "full" else job.shots,
+            dataset=job.dataset, root=config.data_root,
+            shots=None if job.protocol == "full" or job.shots == WHOLE_SPLIT else job.shots,
             seed=job.seed, subsample=job.subsample,
         ),
         train=TrainConfig(**train_values),
@@ -367,6 +465,8 @@ def _evaluate_job(config: BenchConfig, job: Job, run_dir: Path, evals: Sequence[
     for eval_dataset, subset in evals:
         data = DataOptions(dataset=eval_dataset, root=config.data_root, subsample=subset)
         result = evaluate_checkpoint(run_dir, data, split="test", model=config.model, precision=job.precision)
+        # detection: COCO box AP; every other task's headline score is its "accuracy"
+        scores = {k: result[k] for k in DETECTION_SCORES} if "mAP" in result else {"accuracy": result["accuracy"]}
         rows.append(
             {
                 "protocol": job.protocol,
@@ -376,7 +476,7 @@ def _evaluate_job(config: BenchConfig, job: Job, run_dir: Path, evals: Sequence[
                 "method": job.method,
                 "shots": job.shots,
                 "seed": job.seed,
-                "accuracy": result["accuracy"],
+                **scores,
                 "n": result["n"],
                 "trainable_parameters": saved["trainable_parameters"],
                 "train_time_s": round(train_time, 3),
@@ -427,6 +527,7 @@ def job_settings(options: RunOptions, eval_datasets: Sequence[str] = ()) -> dict
 def _toy_fingerprints(datasets: Sequence[str]) -> dict[str, str]:
     """Digest of each procedural toy dataset (their content changes with the package version; real datasets' do not)."""
     from vlprompt.specs import TOY_FUSION_SETS
+    from vlprompt.toyworld.detection_sets import DETECTION_SUITE, detection_set_fingerprint
     from vlprompt.toyworld.fusion_sets import fusion_set_fingerprint
     from vlprompt.toyworld.suite import toy_fingerprint
 
@@ -436,6 +537,8 @@ def _toy_fingerprints(datasets: Sequence[str]) -> dict[str, str]:
         if sep and prefix.strip().lower() == "toy":  # as vlprompt.data.datasets dispatches it
             toy_set = arg.strip().lower()
             out[name] = fusion_set_fingerprint(toy_set) if toy_set in TOY_FUSION_SETS else toy_fingerprint(arg)
+        elif sep and prefix.strip().lower() == "toydet" and arg.strip().lower() in DETECTION_SUITE:
+            out[name] = detection_set_fingerprint(arg)
     return out
 
 
@@ -488,6 +591,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
     if shots_line:
         log(shots_line)
     jobs = plan_jobs(config)
+    check_same_task_as_folder(config, jobs)
     check_jobs(config, jobs)
     finished_runs = _finished_runs(config, jobs)  # every reuse check passes before anything is written
     output.mkdir(parents=True, exist_ok=True)
@@ -507,7 +611,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
 
     def finished(i: int, job: Job, job_rows: list[dict[str, Any]], seconds: float) -> None:
         rows_by_job[i] = job_rows
-        accs = ", ".join(f"{r['eval_dataset']}[{r['subset']}] {r['accuracy']:.1f}" for r in job_rows)
+        accs = ", ".join(f"{r['eval_dataset']}[{r['subset']}] {'mAP ' if 'mAP' in r else ''}{score(r):.1f}"
+                         for r in job_rows)  # fmt: skip
         log(f"[{i}/{len(jobs)}] {job.key}: {accs} ({seconds:.1f}s)")
 
     try:
@@ -583,10 +688,24 @@ def with_earlier_rows(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, 
     return rows + [row for row in read_csv(path) if key(row) not in current]
 
 
+def check_same_task_as_folder(config: BenchConfig, jobs: Sequence[Job]) -> None:
+    """A bench folder's table holds one task's scores: detection rows (mAP) and accuracy rows do not mix."""
+    from vlprompt.engine.api import dataset_task
+
+    path = results_csv_path(config)
+    if not jobs or not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh), [])
+    detection = dataset_task(jobs[0].dataset) == "detection"
+    if header and ("mAP" in header) != detection:
+        held, asked = ("detection", "classification") if "mAP" in header else ("classification", "detection")
+        raise ValueError(f"{config.output} holds a {held} bench ({path.name}); give this {asked} bench its own "
+                         "--output")
+
+
 def check_jobs(config: BenchConfig, jobs: Sequence[Job]) -> None:
     """Every recipe and dataset of the plan, checked before the first run: a typo must not surface hours in."""
-    from vlprompt.data import load_dataset
-    from vlprompt.engine.api import dataset_task, load_task_data
     from vlprompt.methods import make_config
 
     for method in dict.fromkeys(job.method for job in jobs):
@@ -601,11 +720,19 @@ def check_jobs(config: BenchConfig, jobs: Sequence[Job]) -> None:
         except ValueError as err:
             raise ValueError(f"{job.key}: {err}") from None
     for dataset in dict.fromkeys(d for job in jobs for d in (job.dataset, *(e for e, _ in job.evals))):
-        task = dataset_task(dataset)
-        if task == "classification":
-            load_dataset(dataset, config.data_root)  # names the dataset and the fix on a typo or a missing folder
-        else:
-            load_task_data(task, DataOptions(dataset=dataset, root=config.data_root), shots=False)
+        load_bench_dataset(dataset, config.data_root)  # names the dataset and the fix on a typo or a missing folder
+
+
+def load_bench_dataset(dataset: str, data_root: str | None) -> None:
+    """Read (and, for a procedural toy set, write on first use) a dataset with its task's loader."""
+    from vlprompt.data import load_dataset
+    from vlprompt.engine.api import dataset_task, load_task_data
+
+    task = dataset_task(dataset)
+    if task == "classification":
+        load_dataset(dataset, data_root)
+    else:
+        load_task_data(task, DataOptions(dataset=dataset, root=data_root), shots=False)
 
 
 def check_train_options(config: BenchConfig, methods: Sequence[str]) -> None:
@@ -640,10 +767,8 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
     # a spawned worker starts with transformers' default logging: give it the caller's (the CLI quiets it)
     hf_state = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
     # Procedural datasets are written on first use: write each once here, not racing in several workers.
-    from vlprompt.data import load_dataset
-
     for name in dict.fromkeys(d for _, job in pending for d in (job.dataset, *(e for e, _ in job.evals))):
-        load_dataset(name, config.data_root)
+        load_bench_dataset(name, config.data_root)
     # spawn, not fork: a forked child inherits the parent's OpenMP thread pool state, which can deadlock torch
     context = multiprocessing.get_context("spawn")
     started = context.Value("i", 0)  # workers number themselves in start order: worker k takes GPU k mod #GPUs
@@ -735,11 +860,12 @@ def _timed_job(config: BenchConfig, job: Job) -> tuple[list[dict[str, Any]], flo
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     import io
 
+    fields = DETECTION_CSV_FIELDS if is_detection_rows(rows) else CSV_FIELDS
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row.get(k) for k in CSV_FIELDS})
+        writer.writerow({k: row.get(k) for k in fields})
     ckpt.atomic_write_bytes(path, buffer.getvalue().encode())
 
 
@@ -747,8 +873,9 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
-        for key in ("accuracy", "train_time_s"):
-            row[key] = float(row[key])
+        for key in ("accuracy", *DETECTION_SCORES, "train_time_s"):
+            if key in row:
+                row[key] = float(row[key])
         for key in ("shots", "seed", "n", "trainable_parameters"):
             row[key] = int(row[key])
         row["precision"] = row.get("precision") or "fp32"  # files written before the column existed

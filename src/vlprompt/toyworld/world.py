@@ -38,6 +38,7 @@ __all__ = [
     "Scene",
     "as_rng",
     "attribute_values",
+    "sample_crowd",
     "sample_scene",
     "vary_scene",
 ]
@@ -394,6 +395,85 @@ def _sample_once(
             f = _pick(rng, fill, FILL_WEIGHTS, "fill")
             objects.append(_make_obj(rng, sh, c, z, f, x, y, r))
     return Scene(k, tuple(objects), bg, bg_rgb, seed, rel)
+
+
+def sample_crowd(
+    rng: np.random.Generator | int | Sequence[int] | None,
+    shapes: Sequence[str],
+    *,
+    radius: tuple[float, float],
+    overlap: float = 0.0,
+    groups: Sequence[int] | None = None,
+    colour: Choice = None,
+    fill: Choice = None,
+    background: Choice = None,
+    size: str = "small",
+    holdout: Holdout | None = None,
+    max_tries: int = 1000,
+) -> Scene:
+    """A scene of ``len(shapes)`` objects (kind ``"crowd"``) at any radius and number, which :func:`sample_scene`'s
+    kinds cannot draw: many small objects, crowds of copies, objects that overlap.
+
+    - ``shapes``: each object's shape, in drawing order (where objects overlap, a later one covers an earlier one).
+    - ``radius``: (low, high) of every object's radius, a fraction of the image side.
+    - ``overlap``: 0 places objects apart (as count and multi scenes are); ``f`` in (0, 1) lets two objects' centres
+      come as close as ``(1 - f) * (r1 + r2)``, so they may cover each other.
+    - ``groups``: objects with the same group number share colour and fill (the copies of a count scene); default:
+      each object on its own.
+    - ``colour`` / ``fill`` / ``background``: as in :func:`sample_scene`; ``size``: the size word the objects carry.
+    - ``holdout``: a scene with a held-out (colour, shape) object is redrawn.
+
+    A new function: the scenes of :func:`sample_scene` and every dataset drawn with it are unchanged.
+    """
+    rng = as_rng(rng)
+    shapes = [str(s) for s in shapes]
+    if not shapes:
+        raise ValueError("a crowd needs at least one object")
+    for s in shapes:
+        _check(s, SHAPES, "shape")
+    lo, hi = (float(v) for v in radius)
+    if not 0 < lo <= hi < 0.5:
+        raise ValueError(f"radius must be (low, high) with 0 < low <= high < 0.5, got {radius!r}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    group_of = list(range(len(shapes))) if groups is None else [int(g) for g in groups]
+    if len(group_of) != len(shapes):
+        raise ValueError(f"groups must give one group per object ({len(shapes)}), got {len(group_of)}")
+    holdout = holdout or NO_HOLDOUT
+    for _ in range(max_tries):
+        bg = _pick(rng, background, BACKGROUNDS, "background")
+        _check(bg, BACKGROUNDS, "background")
+        seed = int(rng.integers(2**31 - 1))
+        bg_rgb = _background_tone(rng, bg)
+        looks: dict[int, tuple[str, str]] = {}
+        for g in dict.fromkeys(group_of):
+            looks[g] = (_pick(rng, colour, tuple(COLOURS), "colour"), _pick(rng, fill, FILL_WEIGHTS, "fill"))
+        radii = [float(rng.uniform(lo, hi)) for _ in shapes]
+        centres = _place(rng, radii) if overlap == 0 else _place_overlapping(rng, radii, overlap)
+        objects = tuple(_make_obj(rng, s, looks[g][0], size, looks[g][1], x, y, r)
+                        for s, g, r, (x, y) in zip(shapes, group_of, radii, centres))  # fmt: skip
+        scene = Scene("crowd", objects, bg, bg_rgb, seed)
+        if holdout.allows_scene(scene):
+            return scene
+    raise RuntimeError("could not sample a crowd outside the holdout; relax the constraints")
+
+
+def _place_overlapping(rng: np.random.Generator, radii: Sequence[float], overlap: float) -> list[tuple[float, float]]:
+    """Centres inside the image whose pairwise distances are at least ``(1 - overlap)`` times the radii's sum."""
+    for _ in range(200):
+        centres: list[tuple[float, float]] = []
+        for r in radii:
+            for _ in range(100):
+                x, y = rng.uniform(r + 0.02, 1 - r - 0.02, 2)
+                if all((x - cx) ** 2 + (y - cy) ** 2 >= ((1 - overlap) * (r + cr)) ** 2
+                       for (cx, cy), cr in zip(centres, radii)):  # fmt: skip
+                    centres.append((float(x), float(y)))
+                    break
+            else:
+                break
+        if len(centres) == len(radii):
+            return centres
+    raise RuntimeError(f"cannot place {len(radii)} objects of radii {radii} with overlap {overlap}")
 
 
 # Attributes a contrastive "hard-negative group" varies: the group's images share everything else (background,
