@@ -17,7 +17,7 @@ from vlprompt.data.coco import load_detection_dataset
 from vlprompt.protocols.report import markdown_report
 from vlprompt.protocols.runner import DETECTION_SHOTS, WHOLE_SPLIT, BenchConfig
 from vlprompt.toyworld import detection_sets as ds
-from vlprompt.toyworld.world import HOLDOUT, SHAPES
+from vlprompt.toyworld.world import HOLDOUT
 
 SMALL = (6, 3, 4)  # train, val, test images: enough to check a set's content, fast to build
 
@@ -130,7 +130,6 @@ def test_occluded_boxes_are_the_visible_parts():
 def test_the_worlds_existing_sets_are_unchanged():
     """Fingerprints of every toy set and digests of the world's scenes and detection annotations, as they were
     before the suite's world options existed (sample_crowd, visible_boxes are additions)."""
-    from vlprompt.toyworld.corpus import write_detection_set
     from vlprompt.toyworld.fusion_sets import fusion_set_fingerprint
     from vlprompt.toyworld.render import boxes
     from vlprompt.toyworld.suite import SUITE, toy_fingerprint
