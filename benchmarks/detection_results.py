@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""The detection bench on the toy detector, summarised: COCO mAP averaged over the suite per method and shot count,
+against each method's trainable parameters, and SDPT's place against every baseline.
+
+Reads a detection bench's ``results.csv`` (``vlprompt bench --datasets toydet:suite ...``; docs/detection.md gives
+the command) and writes a markdown summary and a plot of average mAP against trainable parameters (log scale), one
+panel per shot count. What a bench's own ``results.md`` does not hold: the parameter axis, and per shot count the
+difference between ``sdpt_native`` and each other method (mean over seeds of the suite average, with the seeds'
+spread), said in words.
+
+Usage::
+
+    python benchmarks/detection_results.py --bench bench/toydet-suite --out docs/results/detection/summary.md \\
+        --plot docs/results/detection/map_vs_params.png
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from vlprompt.protocols.report import fewshot_average
+from vlprompt.protocols.runner import read_csv, shot_independent, shots_label, shots_order
+
+FLAGSHIP = "sdpt_native"
+
+
+def trainable(rows: list[dict]) -> dict[str, int]:
+    """method -> trainable parameters (the largest over datasets: prompt sizes do not depend on the categories
+    here, weight methods never do)."""
+    out: dict[str, int] = {}
+    for r in rows:
+        out[r["method"]] = max(out.get(r["method"], 0), int(r["trainable_parameters"]))
+    return out
+
+
+def per_seed_average(rows: list[dict]) -> dict[tuple[str, int, int], float]:
+    """(method, shots, seed) -> mAP averaged over the datasets (only where every dataset of the bench has a row)."""
+    datasets = {r["eval_dataset"] for r in rows}
+    learned_shots = sorted({r["shots"] for r in rows if not shot_independent(r["method"])}, key=shots_order)
+    cells: dict[tuple[str, int, int], dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        for k in (learned_shots if shot_independent(r["method"]) else [r["shots"]]):
+            cells[(r["method"], k, r["seed"])][r["eval_dataset"]] = float(r["mAP"])
+    return {key: statistics.fmean(v.values()) for key, v in cells.items() if set(v) == datasets}
+
+
+def comparison_lines(rows: list[dict], methods: list[str], shots: list[int]) -> list[str]:
+    """Per shot count: SDPT minus each method (mean over the seeds both have), and how many seeds SDPT is ahead."""
+    averages = per_seed_average(rows)
+    lines = [f"| {FLAGSHIP} minus | " + " | ".join(shots_label(k) for k in shots) + " |",
+             "|---|" + "---:|" * len(shots)]
+    for other in methods:
+        if other == FLAGSHIP:
+            continue
+        cells = []
+        for k in shots:
+            seeds = sorted({s for (m, kk, s) in averages if m == FLAGSHIP and kk == k}
+                           & {s for (m, kk, s) in averages if m == other and kk == k})
+            if not seeds:
+                cells.append("-")
+                continue
+            diffs = [averages[(FLAGSHIP, k, s)] - averages[(other, k, s)] for s in seeds]
+            ahead = sum(d > 0 for d in diffs)
+            cells.append(f"{statistics.fmean(diffs):+.1f} ({ahead}/{len(seeds)})")
+        lines.append(f"| {other} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary(rows: list[dict]) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    shots = sorted({r["shots"] for r in rows if not shot_independent(r["method"])}, key=shots_order)
+    datasets = sorted({r["eval_dataset"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    average = fewshot_average(rows)
+    params = trainable(rows)
+    times = defaultdict(list)
+    for r in rows:
+        times[r["method"]].append(float(r["train_time_s"]))
+    lines = ["# Detection on the toy detector: mAP against trainable parameters", "",
+             f"COCO mAP@[.5:.95] (%) on the test splits, averaged over {len(datasets)} datasets "
+             f"({', '.join(datasets)}), mean ± std over seeds {', '.join(map(str, seeds))}; `embedded-detector` "
+             f"(1,062,963 parameters). Written by `python benchmarks/detection_results.py` from the bench's "
+             "`results.csv`.", "",
+             "| method | trainable | % of model | " + " | ".join(f"{shots_label(k)} shots" for k in shots)
+             + " | train s/run |", "|---|---:|---:|" + "---:|" * (len(shots) + 1)]
+    for m in sorted(methods, key=lambda m: params[m]):
+        cells = [f"{average[(m, k)][0]:.1f} ± {average[(m, k)][1]:.1f}" if (m, k) in average else "-" for k in shots]
+        lines.append(f"| {m} | {params[m]:,} | {100 * params[m] / 1_062_963:.3f}% | " + " | ".join(cells)
+                     + f" | {statistics.fmean(times[m]):.0f} |")
+    if FLAGSHIP in methods:
+        lines += ["", f"## {FLAGSHIP} against each method", "",
+                  "Difference of the suite-average mAP (points), mean over seeds, and in brackets on how many "
+                  "seeds SDPT is ahead:", "", *comparison_lines(rows, methods, shots)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    average = fewshot_average(rows)
+    params = trainable(rows)
+    shots = sorted({r["shots"] for r in rows if not shot_independent(r["method"])}, key=shots_order)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(shots), figsize=(3.2 * len(shots), 3.4), sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        for m in methods:
+            if (m, k) not in average:
+                continue
+            x = max(params[m], 1)  # zero-shot trains nothing: drawn at 1 on the log axis
+            mean, std = average[(m, k)]
+            ax.errorbar([x], [mean], yerr=[std], fmt="*" if m == FLAGSHIP else "o", markersize=11 if m == FLAGSHIP
+                        else 6, label=m, capsize=2)
+        ax.set_xscale("log")
+        ax.set_title(f"{shots_label(k)} shots")
+        ax.set_xlabel("trainable parameters")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("COCO mAP@[.5:.95] (%), suite average")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bench", required=True, help="a detection bench folder (with results.csv)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--plot")
+    args = parser.parse_args(argv)
+    rows = [r for r in read_csv(Path(args.bench) / "results.csv") if r["protocol"] == "fewshot"]
+    if not rows or "mAP" not in rows[0]:
+        raise SystemExit(f"{args.bench}/results.csv holds no detection rows")
+    text = summary(rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+    if args.plot:
+        plot(rows, Path(args.plot))
+        print(f"written {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
