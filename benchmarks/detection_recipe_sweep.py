@@ -36,7 +36,7 @@ GRIDS = {
     "det_fusion_prompt": (1e-3, 3e-3, 1e-2),
     # widened past an edge that came out best (sdpt_native's bottom, the released settings' top), and sdpt_native
     # upward too once the released settings kept gaining at higher rates
-    "sdpt_native": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "sdpt_native": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
     "sdpt_native_released": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
     "det_heads": (3e-4, 1e-3, 3e-3),
     "det_lora": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),  # 1e-2 and 3e-2 added while the top came out best

@@ -27,6 +27,12 @@ from vlprompt.protocols.runner import read_csv, shot_independent, shots_label, s
 FLAGSHIP = "sdpt_native"
 
 
+def bench_shots(rows: list[dict]) -> list[int]:
+    """The shot counts of the bench's learning runs (of every run when nothing learns), "all" last."""
+    learned = {r["shots"] for r in rows if not shot_independent(r["method"])}
+    return sorted(learned or {r["shots"] for r in rows}, key=shots_order)
+
+
 def trainable(rows: list[dict]) -> dict[str, int]:
     """method -> trainable parameters (the largest over datasets: prompt sizes do not depend on the categories
     here, weight methods never do)."""
@@ -39,7 +45,7 @@ def trainable(rows: list[dict]) -> dict[str, int]:
 def per_seed_average(rows: list[dict]) -> dict[tuple[str, int, int], float]:
     """(method, shots, seed) -> mAP averaged over the datasets (only where every dataset of the bench has a row)."""
     datasets = {r["eval_dataset"] for r in rows}
-    learned_shots = sorted({r["shots"] for r in rows if not shot_independent(r["method"])}, key=shots_order)
+    learned_shots = bench_shots(rows)
     cells: dict[tuple[str, int, int], dict[str, float]] = defaultdict(dict)
     for r in rows:
         for k in (learned_shots if shot_independent(r["method"]) else [r["shots"]]):
@@ -71,7 +77,7 @@ def comparison_lines(rows: list[dict], methods: list[str], shots: list[int]) -> 
 
 def summary(rows: list[dict]) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    shots = sorted({r["shots"] for r in rows if not shot_independent(r["method"])}, key=shots_order)
+    shots = bench_shots(rows)
     datasets = sorted({r["eval_dataset"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})
     average = fewshot_average(rows)
@@ -105,7 +111,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     average = fewshot_average(rows)
     params = trainable(rows)
-    shots = sorted({r["shots"] for r in rows if not shot_independent(r["method"])}, key=shots_order)
+    shots = bench_shots(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, len(shots), figsize=(3.2 * len(shots), 3.4), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], shots):
