@@ -28,8 +28,6 @@ held-out look. ``toydet:<name>`` names a set, ``toydet:suite`` all six (``vlprom
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +37,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .corpus import _replace_dir
 from .render import boxes, render_array, visible_boxes
-from .suite import MANIFEST, _read_manifest
+from .suite import write_once
 from .world import HOLDOUT, WORLD_VERSION, Obj, Scene, sample_crowd, sample_scene
 
 __all__ = [
@@ -269,16 +266,9 @@ def materialize_detection_set(name: str, root: str | Path, seed: int = 0, image_
     root = Path(root).expanduser()
     target = detection_set_folder(spec.name, root, seed)
     manifest = _manifest(spec, seed, image_size, sizes)
-    if _read_manifest(target) == manifest:
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         for split, n in zip(SPLITS, sizes):
             _write_split(tmp / split, spec, split, n, seed, image_size)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")  # last: marks complete
-        _replace_dir(tmp, target, lambda: _read_manifest(target) == manifest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return write_once(root, target, manifest, write)

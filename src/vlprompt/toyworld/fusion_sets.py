@@ -19,8 +19,6 @@ rebuilt when they differ (written in a temporary folder, then renamed).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,8 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .captions import NUMBER_WORDS, caption, plural, qa
-from .corpus import _replace_dir
-from .suite import MANIFEST, _read_manifest
+from .suite import write_once
 from .render import render_array
 from .world import COLOURS, NO_HOLDOUT, WORLD_VERSION, Scene, sample_scene
 
@@ -227,18 +224,7 @@ def materialize_fusion_set(name: str, root: str | Path, seed: int = 0, image_siz
     root = Path(root).expanduser()
     target = fusion_set_folder(name, root, seed)
     manifest = _manifest(name, sizes, seed, image_size)
-    if _read_manifest(target) == manifest:
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
-        FUSION_SETS[name](tmp, sizes, seed, image_size)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")  # last: marks complete
-        _replace_dir(tmp, target, lambda: _read_manifest(target) == manifest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return write_once(root, target, manifest, lambda tmp: FUSION_SETS[name](tmp, sizes, seed, image_size))
 
 
 def fusion_texts(seed: int = 0, n: int = 2000) -> list[str]:

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,9 +287,8 @@ def materialize(
         return target
     if existing is not None or target.exists():
         warnings.warn(f"{target} was built with other settings or is incomplete; rebuilding it", stacklevel=2)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.tmp-", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         split: dict[str, list[list[Any]]] = {s: [] for s in SPLIT_NAMES}
         for label, cname in enumerate(spec.classnames):
             folder = _class_folder(cname)
@@ -304,6 +303,20 @@ def materialize(
                     split[split_name].append([rel, label, cname])
                     index += 1
         (tmp / spec.split_file).write_text(json.dumps(split), encoding="utf-8")
+
+    return write_once(root, target, manifest, write)
+
+
+def write_once(root: Path, target: Path, manifest: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """``target`` as ``write(folder)`` fills it, marked complete by ``manifest`` (its MANIFEST file): reused as is
+    when the manifests are equal; otherwise built in a temporary folder under ``root`` and renamed into place, so a
+    crash leaves no half-written target (and another process that finished it first wins)."""
+    if _read_manifest(target) == manifest:
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    try:
+        write(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")  # last: marks complete
         _replace_dir(tmp, target, lambda: _read_manifest(target) == manifest)
     finally:

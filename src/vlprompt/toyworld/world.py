@@ -8,7 +8,7 @@ functions of their arguments, and the same scene can be rendered in any domain o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
@@ -259,12 +259,19 @@ def _radius(rng: np.random.Generator, size: str) -> float:
 
 def _place(rng: np.random.Generator, radii: Sequence[float], margin: float = 0.03) -> list[tuple[float, float]]:
     """Non-overlapping centres for objects of the given radii (rejection sampling, restarts if stuck)."""
+    return _place_apart(rng, radii, lambda r, cr: r + cr + margin, "without overlap")
+
+
+def _place_apart(rng: np.random.Generator, radii: Sequence[float], least: Callable[[float, float], float],
+                 how: str) -> list[tuple[float, float]]:  # fmt: skip
+    """Centres inside the image, each pair of objects of radii ``(r, cr)`` at least ``least(r, cr)`` apart
+    (rejection sampling, restarts if stuck); ``how`` says what was asked when it cannot be done."""
     for _ in range(200):
         centres: list[tuple[float, float]] = []
         for r in radii:
             for _ in range(100):
                 x, y = rng.uniform(r + 0.02, 1 - r - 0.02, 2)
-                if all((x - cx) ** 2 + (y - cy) ** 2 >= (r + cr + margin) ** 2
+                if all((x - cx) ** 2 + (y - cy) ** 2 >= least(r, cr) ** 2
                        for (cx, cy), cr in zip(centres, radii)):  # fmt: skip
                     centres.append((float(x), float(y)))
                     break
@@ -272,7 +279,7 @@ def _place(rng: np.random.Generator, radii: Sequence[float], margin: float = 0.0
                 break
         if len(centres) == len(radii):
             return centres
-    raise RuntimeError(f"cannot place {len(radii)} objects of radii {radii} without overlap")
+    raise RuntimeError(f"cannot place {len(radii)} objects of radii {radii} {how}")
 
 
 def sample_scene(
@@ -460,20 +467,7 @@ def sample_crowd(
 
 def _place_overlapping(rng: np.random.Generator, radii: Sequence[float], overlap: float) -> list[tuple[float, float]]:
     """Centres inside the image whose pairwise distances are at least ``(1 - overlap)`` times the radii's sum."""
-    for _ in range(200):
-        centres: list[tuple[float, float]] = []
-        for r in radii:
-            for _ in range(100):
-                x, y = rng.uniform(r + 0.02, 1 - r - 0.02, 2)
-                if all((x - cx) ** 2 + (y - cy) ** 2 >= ((1 - overlap) * (r + cr)) ** 2
-                       for (cx, cy), cr in zip(centres, radii)):  # fmt: skip
-                    centres.append((float(x), float(y)))
-                    break
-            else:
-                break
-        if len(centres) == len(radii):
-            return centres
-    raise RuntimeError(f"cannot place {len(radii)} objects of radii {radii} with overlap {overlap}")
+    return _place_apart(rng, radii, lambda r, cr: (1 - overlap) * (r + cr), f"with overlap {overlap}")
 
 
 # Attributes a contrastive "hard-negative group" varies: the group's images share everything else (background,
