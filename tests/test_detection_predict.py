@@ -2,8 +2,6 @@
 images' size; the Python API's structured detections; one-line errors; classification runs as before."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -12,29 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_helpers import refused, run_cli as cli
 from data_fixtures import write_corrupt_image
 from vlprompt.backbones.grounding_dino_presets import save_random_grounding_dino
-from vlprompt.cli import main
 from vlprompt.data.coco import write_toy_detection
 from vlprompt.data.drawing import pixel_box
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.api import predict, predict_detections
-
-
-def cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as exit_:  # argparse refuses a flag's value
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def refused(*argv) -> str:
-    code, out, err = cli(*argv)
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")

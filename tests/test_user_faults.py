@@ -2,35 +2,17 @@
 and a fix, and nothing a run recorded is lost or rewritten to state what did not happen."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
 
 import pytest
 
+from cli_helpers import refused as _refused, run_cli as _cli
 from data_fixtures import make_imagefolder, write_image
-from vlprompt.cli import main
 
 TRAIN_FAST = ["--method", "coop", "--set", "method_options.n_ctx=2", "--batch-size", "4", "--optimizer", "adamw",
               "--lr", "0.01", "--quiet"]  # fmt: skip
-
-
-def _cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exit_:  # argparse refuses a flag's value
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def _refused(*args) -> str:
-    code, _, err = _cli(*args)
-    assert code == 2 and err.count("\n") == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")
