@@ -21,7 +21,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from vlprompt.protocols.report import fewshot_average
+from vlprompt.protocols.report import fewshot_average, fewshot_seed_means
 from vlprompt.protocols.runner import read_csv, shot_independent, shots_label, shots_order
 
 FLAGSHIP = "sdpt_native"
@@ -44,13 +44,7 @@ def trainable(rows: list[dict]) -> dict[str, int]:
 
 def per_seed_average(rows: list[dict]) -> dict[tuple[str, int, int], float]:
     """(method, shots, seed) -> mAP averaged over the datasets (only where every dataset of the bench has a row)."""
-    datasets = {r["eval_dataset"] for r in rows}
-    learned_shots = bench_shots(rows)
-    cells: dict[tuple[str, int, int], dict[str, float]] = defaultdict(dict)
-    for r in rows:
-        for k in (learned_shots if shot_independent(r["method"]) else [r["shots"]]):
-            cells[(r["method"], k, r["seed"])][r["eval_dataset"]] = float(r["mAP"])
-    return {key: statistics.fmean(v.values()) for key, v in cells.items() if set(v) == datasets}
+    return {key: mean for key, mean in fewshot_seed_means(rows).items() if mean is not None}
 
 
 def comparison_lines(rows: list[dict], methods: list[str], shots: list[int]) -> list[str]:

@@ -72,8 +72,9 @@ def fewshot_cells(rows: list[Row]) -> dict[tuple[str, str, int], tuple[float, fl
     return cells
 
 
-def fewshot_average(rows: list[Row]) -> dict[tuple[str, int], tuple[float, float]]:
-    """(method, shots) -> mean over datasets of the per-seed accuracy (std over seeds of the dataset means)."""
+def fewshot_seed_means(rows: list[Row]) -> dict[tuple[str, int, int], float | None]:
+    """(method, shots, seed) -> mean over the bench's datasets of that seed's score, or None where the seed lacks a
+    dataset (an average over fewer datasets is not comparable); shot-independent methods fill every K."""
     fewshot = [r for r in rows if r["protocol"] == "fewshot"]
     all_shots = sorted({r["shots"] for r in fewshot if not shot_independent(r["method"])}, key=shots_order)
     datasets = {r["eval_dataset"] for r in fewshot}
@@ -82,12 +83,19 @@ def fewshot_average(rows: list[Row]) -> dict[tuple[str, int], tuple[float, float
         shots = all_shots if shot_independent(r["method"]) and all_shots else [r["shots"]]
         for k in shots:
             per_seed[(r["method"], k, r["seed"])][r["eval_dataset"]] = score(r)
+    return {key: sum(v.values()) / len(v) if set(v) == datasets else None for key, v in per_seed.items()}
+
+
+def fewshot_average(rows: list[Row]) -> dict[tuple[str, int], tuple[float, float]]:
+    """(method, shots) -> mean over datasets of the per-seed accuracy (std over seeds of the dataset means); a
+    (method, shots) with a seed that lacks a dataset has no cell (shown "-")."""
     by_method_shot: dict[tuple[str, int], list[float]] = defaultdict(list)
     incomplete: set[tuple[str, int]] = set()
-    for (method, k, _seed), accs in per_seed.items():
-        if set(accs) != datasets:  # an average over fewer datasets is not comparable: no cell (shown "-")
+    for (method, k, _seed), mean in fewshot_seed_means(rows).items():
+        if mean is None:
             incomplete.add((method, k))
-        by_method_shot[(method, k)].append(sum(accs.values()) / len(accs))
+        else:
+            by_method_shot[(method, k)].append(mean)
     return {key: mean_std(v) for key, v in by_method_shot.items() if key not in incomplete}
 
 
