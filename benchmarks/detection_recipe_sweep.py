@@ -30,15 +30,16 @@ from vlprompt.cli import main as vlprompt_main
 
 SWEEP_SEED = 1
 GRIDS = {
-    "det_coop": (1e-3, 3e-3, 1e-2),
+    "det_coop": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),  # widened upward while the top came out level with or above the best
     # 5e-2: GLIP's recommendation for it; 1e-1 and 3e-1 added while the grid's top came out best
     "det_lang_prompt": (1e-3, 1e-2, 5e-2, 1e-1, 3e-1),
-    "det_fusion_prompt": (1e-3, 3e-3, 1e-2),
+    # 3e-2 to 3e-1 added so that this fusion-side prompt gets the range in which sdpt_native found its best rate
+    "det_fusion_prompt": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
     # widened past an edge that came out best (sdpt_native's bottom, the released settings' top), and sdpt_native
     # upward too once the released settings kept gaining at higher rates
     "sdpt_native": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
     "sdpt_native_released": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
-    "det_heads": (3e-4, 1e-3, 3e-3),
+    "det_heads": (3e-4, 1e-3, 3e-3, 1e-2),  # 1e-2 added to see past the dip that the prompts recovered from
     "det_lora": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),  # 1e-2 and 3e-2 added while the top came out best
     "det_full": (3e-5, 1e-4, 3e-4),
 }

@@ -301,6 +301,49 @@ def test_a_killed_bench_takes_its_workers_with_it(tiny_model_dir, engine_data_ro
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads processes from /proc (Linux)")
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stopped_bench_with_workers_ends_at_once(tiny_model_dir, engine_data_root, tmp_path, stop):
+    """Ctrl-C or `kill` on a bench with --workers used to leave it running: the process pool, on its way out, waited
+    for every queued run to train first. It now ends within seconds, its workers with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "vlprompt.cli", "bench", "--methods", "coop", "--datasets", "eurosat",
+            "--data-root", engine_data_root, "--model", tiny_model_dir, "--shots", "1", "2", "--seeds", "1", "2",
+            "--set", "default_train.batch_size=4", "--set", "default_train.epochs=100000", "--workers", "2",
+            "--output", tmp_path / "bench"]  # fmt: skip
+    bench = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(_children(bench.pid)) < 3 and time.monotonic() < deadline:  # 2 workers + a resource tracker
+            time.sleep(0.5)
+        workers = _children(bench.pid)
+        assert len(workers) >= 3, "the bench did not start its workers"
+        time.sleep(3)  # the workers are training
+        bench.send_signal(getattr(signal, stop))
+        _, err = bench.communicate(timeout=60)  # before the fix: never (each queued run trains 100000 epochs)
+        assert bench.returncode != 0
+        assert "Traceback" not in err, err
+        deadline = time.monotonic() + 30  # the resource tracker ends on its own once its pipe closes
+        alive = workers
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.5)
+            alive = {pid for pid in alive if Path(f"/proc/{pid}").exists()
+                     and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()}  # fmt: skip
+        assert not alive, f"workers {sorted(alive)} outlived the stopped bench"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        for pid in workers | _children(bench.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 # SIGTERM --------------------------------------------------------------------------------------------------------
 def test_a_bench_stopped_with_sigterm_still_tables_its_finished_runs(tiny_model_dir, engine_data_root, tmp_path,
                                                                       monkeypatch):

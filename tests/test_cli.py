@@ -330,3 +330,21 @@ def test_train_help_names_the_embedded_default():
     assert RunOptions().model == "embedded" and DataOptions().dataset == "toy:shapes"
     help_text = build_parser().format_help()
     assert "embedded" in help_text
+
+
+@pytest.mark.parametrize(("command", "hint"), [("train", "rerun with --resume"), ("bench", "rerun the same command"),
+                                               ("eval", None)])
+def test_ctrl_c_ends_in_one_line_naming_how_to_go_on(capsys, monkeypatch, command, hint):
+    """Ctrl-C used to print a KeyboardInterrupt traceback; it now says what is kept, with the shell's exit code."""
+    import vlprompt.cli as cli_module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, f"cmd_{command}", interrupted)
+    code, _, err = cli(capsys, command, *(["runs/x"] if command == "eval" else []))
+    assert code == 130
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(f"vlprompt {command}: interrupted")
+    assert "Traceback" not in err
+    if hint:
+        assert hint in err

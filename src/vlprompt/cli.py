@@ -891,6 +891,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"vlprompt {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        import os
+
+        if os.environ.get("VLPROMPT_DEBUG"):
+            raise
+        print(f"vlprompt {args.command}: interrupted{INTERRUPT_HINTS.get(args.command, '')}", file=sys.stderr)
+        return 130  # the shell's code for a process ended by SIGINT
+
+
+# What a Ctrl-C leaves and how to go on, for the commands that keep their work on disk.
+INTERRUPT_HINTS = {
+    "train": "; the last finished epoch is kept: rerun with --resume to continue",
+    "bench": "; finished runs are kept and tabled: rerun the same command to continue",
+}
 
 
 if __name__ == "__main__":
