@@ -772,40 +772,20 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
     # spawn, not fork: a forked child inherits the parent's OpenMP thread pool state, which can deadlock torch
     context = multiprocessing.get_context("spawn")
     started = context.Value("i", 0)  # workers number themselves in start order: worker k takes GPU k mod #GPUs
-    pool = ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
-                               initargs=(threads, *hf_state, started, gpus, os.getpid()))
-    try:
+    with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
+                             initargs=(threads, *hf_state, started, gpus, os.getpid())) as pool:
         futures = {pool.submit(_timed_job, config, job): (i, job) for i, job in pending}
         remaining = set(futures)
         while remaining:
             completed, remaining = wait(remaining, return_when=FIRST_COMPLETED)
             for future in completed:
                 if future.exception() is not None:
+                    for other in remaining:
+                        other.cancel()
                     raise future.exception()
                 i, job = futures[future]
                 job_rows, seconds = future.result()
                 finished(i, job, job_rows, seconds)
-    except Exception:
-        pool.shutdown(wait=True, cancel_futures=True)  # a failed run: the queued ones never start, running ones end
-        raise
-    except BaseException:
-        # Ctrl-C or SIGTERM: stop now. Waiting (the executor's default) would train every queued run first; the runs
-        # in flight are dropped, and a rerun resumes them.
-        _stop_workers(pool)
-        raise
-    pool.shutdown(wait=True)
-
-
-def _stop_workers(pool: Any) -> None:
-    """End a process pool at once: queued jobs cancelled, worker processes terminated."""
-    workers = list((getattr(pool, "_processes", None) or {}).values())  # not public: the pool offers no kill
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in workers:
-        with contextlib.suppress(Exception):
-            process.terminate()
-    for process in workers:
-        with contextlib.suppress(Exception):
-            process.join(timeout=10)
 
 
 def visible_gpus() -> list[str]:
