@@ -262,11 +262,11 @@ def _children(pid: int) -> set[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads processes from /proc (Linux)")
-@pytest.mark.parametrize("stop", ["SIGKILL"])
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_a_stopped_bench_ends_at_once_and_takes_its_workers_with_it(tiny_model_dir, engine_data_root, tmp_path, stop):
     """Workers of a killed bench (SIGKILL) end too, instead of training on into the run folders and holding their
-    locks against the rerun that resumes them. (Ctrl-C or `kill` of a bench with workers is a known open fault:
-    docs/faults.md, "Stopping a command".)"""
+    locks against the rerun that resumes them. Ctrl-C or `kill` (SIGINT, SIGTERM) used to leave the bench running:
+    the process pool, on its way out, trained every queued run first; it now ends within seconds, in one line."""
     import os
     import signal
     import subprocess
@@ -277,7 +277,8 @@ def test_a_stopped_bench_ends_at_once_and_takes_its_workers_with_it(tiny_model_d
             "--data-root", engine_data_root, "--model", tiny_model_dir, "--shots", "1", "2", "--seeds", "1", "2",
             "--set", "default_train.batch_size=4", "--set", "default_train.epochs=100000", "--workers", "2",
             "--output", tmp_path / "bench"]  # fmt: skip
-    bench = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    bench = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     workers: set[int] = set()
     try:
         deadline = time.monotonic() + 120
@@ -286,10 +287,16 @@ def test_a_stopped_bench_ends_at_once_and_takes_its_workers_with_it(tiny_model_d
         workers = _children(bench.pid)
         assert len(workers) >= 3, "the bench did not start its workers"
         time.sleep(3)  # the workers are training
-        bench.send_signal(getattr(signal, stop))
+        if stop == "SIGINT":  # as a terminal sends Ctrl-C: to the whole process group, the workers too
+            os.killpg(bench.pid, signal.SIGINT)
+        else:
+            bench.send_signal(getattr(signal, stop))
         _, err = bench.communicate(timeout=60)  # each queued run would train 100000 epochs
         assert bench.returncode != 0
         assert "Traceback" not in err, err
+        if stop == "SIGINT":
+            assert bench.returncode == 130 and err.strip().splitlines()[-1] == (
+                "vlprompt bench: interrupted; finished runs are kept and tabled: rerun the same command to continue")
         deadline = time.monotonic() + 30  # the resource tracker ends on its own once its pipe closes
         alive = workers
         while alive and time.monotonic() < deadline:

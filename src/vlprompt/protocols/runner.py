@@ -753,14 +753,15 @@ def check_train_options(config: BenchConfig, methods: Sequence[str]) -> None:
 
 def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
                   finished: Callable[[int, Job, list[dict[str, Any]], float], None]) -> None:
-    """Run jobs in ``config.workers`` processes; a failed job stops the bench once the running ones end (finished
-    runs are kept, so rerunning resumes)."""
+    """Run jobs in ``config.workers`` processes. A failed job stops the bench once the running ones end; Ctrl-C or
+    SIGTERM ends the workers at once (finished runs are kept either way, so rerunning resumes)."""
     import multiprocessing
     import os
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     import torch
     from transformers.utils import logging as hf_logging
+
+    from vlprompt.protocols.workers import run_in_workers
 
     threads = config.threads_per_worker or max(1, torch.get_num_threads() // config.workers)
     gpus = visible_gpus()
@@ -772,20 +773,13 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
     # spawn, not fork: a forked child inherits the parent's OpenMP thread pool state, which can deadlock torch
     context = multiprocessing.get_context("spawn")
     started = context.Value("i", 0)  # workers number themselves in start order: worker k takes GPU k mod #GPUs
-    with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_init_worker,
-                             initargs=(threads, *hf_state, started, gpus, os.getpid())) as pool:
-        futures = {pool.submit(_timed_job, config, job): (i, job) for i, job in pending}
-        remaining = set(futures)
-        while remaining:
-            completed, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-            for future in completed:
-                if future.exception() is not None:
-                    for other in remaining:
-                        other.cancel()
-                    raise future.exception()
-                i, job = futures[future]
-                job_rows, seconds = future.result()
-                finished(i, job, job_rows, seconds)
+
+    def job_finished(item: tuple[int, Job], value: tuple[list[dict[str, Any]], float]) -> None:
+        finished(*item, *value)
+
+    run_in_workers(config.workers, context, _init_worker, (threads, *hf_state, started, gpus, os.getpid()),
+                   _timed_job, [((i, job), (config, job)) for i, job in pending], job_finished,
+                   describe=lambda item: item[1].key)
 
 
 def visible_gpus() -> list[str]:

@@ -1,0 +1,73 @@
+"""The bench's worker pool (vlprompt.protocols.workers) on its own: results come back in this process, a failed
+job stops the handing out of jobs and raises its own error, a worker that dies is named, and no worker is left
+behind. Stdlib functions stand in for training runs (a spawned worker must be able to import what it runs)."""
+
+import math
+import multiprocessing
+import operator
+import os
+import time
+
+import pytest
+
+from vlprompt.protocols.workers import RemoteTraceback, WorkerDied, run_in_workers
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def _run(items, count=2):
+    done = {}
+    run_in_workers(count, SPAWN, time.sleep, (0,), _call, items, lambda item, value: done.__setitem__(item, value))
+    return done
+
+
+def _call(function, *args):
+    return function(*args)
+
+
+def test_every_job_comes_back_to_its_item():
+    items = [(n, (math.sqrt, n)) for n in (1, 4, 9, 16, 25)]
+    assert _run(items) == {1: 1.0, 4: 2.0, 9: 3.0, 16: 4.0, 25: 5.0}
+
+
+def test_a_failed_job_raises_its_own_error_with_the_workers_traceback_and_starts_nothing_more():
+    started = []
+    items = [("ok", (math.sqrt, 4)), ("bad", (operator.truediv, 1, 0))] + [
+        (f"later{n}", (math.sqrt, n)) for n in range(20)]
+    with pytest.raises(ZeroDivisionError) as caught:
+        run_in_workers(1, SPAWN, time.sleep, (0,), _call, items, lambda item, value: started.append(item))
+    assert started == ["ok"]  # one worker: nothing after the failed job was handed out
+    assert isinstance(caught.value.__cause__, RemoteTraceback) and "truediv" not in str(caught.value)
+    assert "ZeroDivisionError" in str(caught.value.__cause__)
+
+
+def test_a_worker_that_dies_is_named_with_the_job_it_held():
+    items = [("crash", (os._exit, 3))]
+    with pytest.raises(WorkerDied, match=r"exit code 3.*while running job crash.*rerun the same command"):
+        run_in_workers(1, SPAWN, time.sleep, (0,), _call, items, lambda item, value: None,
+                       describe=lambda item: f"job {item}")
+
+
+def test_an_interrupt_ends_busy_workers_at_once():
+    """What Ctrl-C does in the bench process: the workers are ended, not waited for (each would sleep 600 s)."""
+    processes = []
+    real_start = SPAWN.Process
+
+    def recording_process(*args, **kwargs):
+        process = real_start(*args, **kwargs)
+        processes.append(process)
+        return process
+
+    class Context:
+        Pipe = staticmethod(SPAWN.Pipe)
+        Process = staticmethod(recording_process)
+
+    def interrupt(item, value):
+        raise KeyboardInterrupt
+
+    items = [("quick", (math.sqrt, 4)), ("slow", (time.sleep, 600)), ("queued", (time.sleep, 600))]
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_in_workers(2, Context, time.sleep, (0,), _call, items, interrupt)
+    assert time.monotonic() - began < 60
+    assert len(processes) == 2 and not any(p.is_alive() for p in processes)
