@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -25,6 +26,7 @@ from vlprompt.protocols.report import fewshot_average, fewshot_seed_means
 from vlprompt.protocols.runner import read_csv, shot_independent, shots_label, shots_order
 
 FLAGSHIP = "sdpt_native"
+WORKERS = 2  # the documented bench command's --workers: its runs share the wall clock this many at a time
 
 
 def bench_shots(rows: list[dict]) -> list[int]:
@@ -69,7 +71,41 @@ def comparison_lines(rows: list[dict], methods: list[str], shots: list[int]) -> 
     return lines
 
 
-def summary(rows: list[dict]) -> str:
+def model_parameters(name: str = "embedded:detector") -> int:
+    """Parameters of the benched detector (each shared tensor counted once)."""
+    from transformers import GroundingDinoForObjectDetection
+
+    from vlprompt.assets import embedded_model_path
+
+    model = GroundingDinoForObjectDetection.from_pretrained(embedded_model_path(name))
+    return sum(p.numel() for p in model.parameters())
+
+
+RUN_LINE = re.compile(r"^\[\d+/\d+\] (\S+): .* \(([\d.]+)s\)$")
+
+
+def logged_job_seconds(logs: list[Path]) -> dict[str, float]:
+    """run key -> seconds of its last logged run (training and evaluation), from bench logs in the order given: a run
+    trained again replaces its earlier line."""
+    seconds: dict[str, float] = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            match = RUN_LINE.match(line.strip())
+            if match:
+                seconds[match.group(1)] = float(match.group(2))
+    return seconds
+
+
+def job_time_lines(job_seconds: dict[str, float]) -> list[str]:
+    if not job_seconds:
+        return []
+    hours = sum(job_seconds.values()) / 3600
+    return ["", f"The bench logs time {len(job_seconds)} runs whole (training and evaluation): {hours:.1f} h in all, "
+                f"about {hours / WORKERS:.1f} h of wall clock with {WORKERS} workers."]
+
+
+def summary(rows: list[dict], model_size: int, job_seconds: dict[str, float] | None = None) -> str:
+    job_seconds = job_seconds or {}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     shots = bench_shots(rows)
     datasets = sorted({r["eval_dataset"] for r in rows})
@@ -79,16 +115,20 @@ def summary(rows: list[dict]) -> str:
     times = defaultdict(list)
     for r in rows:
         times[r["method"]].append(float(r["train_time_s"]))
+    train_hours = sum(t for ts in times.values() for t in ts) / 3600
     lines = ["# Detection on the toy detector: mAP against trainable parameters", "",
              f"COCO mAP@[.5:.95] (%) on the test splits, averaged over {len(datasets)} datasets "
              f"({', '.join(datasets)}), mean ± std over seeds {', '.join(map(str, seeds))}; `embedded-detector` "
-             f"(1,062,963 parameters). Written by `python benchmarks/detection_results.py` from the bench's "
+             f"({model_size:,} parameters). Written by `python benchmarks/detection_results.py` from the bench's "
              "`results.csv`.", "",
+             f"{len(rows)} runs; their training times (`train_time_s`: model and data loading and training, not "
+             f"the test evaluation; each run in one of {WORKERS} worker processes with one thread) add up to "
+             f"{train_hours:.1f} h.", *job_time_lines(job_seconds), "",
              "| method | trainable | % of model | " + " | ".join(f"{shots_label(k)} shots" for k in shots)
              + " | train s/run |", "|---|---:|---:|" + "---:|" * (len(shots) + 1)]
     for m in sorted(methods, key=lambda m: params[m]):
         cells = [f"{average[(m, k)][0]:.1f} ± {average[(m, k)][1]:.1f}" if (m, k) in average else "-" for k in shots]
-        lines.append(f"| {m} | {params[m]:,} | {100 * params[m] / 1_062_963:.3f}% | " + " | ".join(cells)
+        lines.append(f"| {m} | {params[m]:,} | {100 * params[m] / model_size:.3f}% | " + " | ".join(cells)
                      + f" | {statistics.fmean(times[m]):.0f} |")
     if FLAGSHIP in methods:
         lines += ["", f"## {FLAGSHIP} against each method", "",
@@ -132,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", required=True, help="a detection bench folder (with results.csv)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--plot")
+    parser.add_argument("--logs", nargs="*", default=[], type=Path,
+                        help="the bench's logs, oldest first: their per-run seconds give the bench's time")
     args = parser.parse_args(argv)
     rows = [r for r in read_csv(Path(args.bench) / "results.csv") if r["protocol"] == "fewshot"]
     if not rows or "mAP" not in rows[0]:
         raise SystemExit(f"{args.bench}/results.csv holds no detection rows")
-    text = summary(rows)
+    text = summary(rows, model_parameters(), logged_job_seconds(args.logs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

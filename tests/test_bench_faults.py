@@ -286,7 +286,10 @@ def test_a_stopped_bench_ends_at_once_and_takes_its_workers_with_it(tiny_model_d
             time.sleep(0.5)
         workers = _children(bench.pid)
         assert len(workers) >= 3, "the bench did not start its workers"
-        time.sleep(3)  # the workers are training
+        runs = tmp_path / "bench" / "runs"
+        while len(list(runs.glob("*/*/*/*"))) < 2 and time.monotonic() < deadline:  # both workers train
+            time.sleep(0.5)
+        assert len(list(runs.glob("*/*/*/*"))) >= 2, "the workers did not start training"
         if stop == "SIGINT":  # as a terminal sends Ctrl-C: to the whole process group, the workers too
             os.killpg(bench.pid, signal.SIGINT)
         else:
@@ -310,6 +313,44 @@ def test_a_stopped_bench_ends_at_once_and_takes_its_workers_with_it(tiny_model_d
         for pid in workers | _children(bench.pid):  # never leave a worker behind, even when the test fails
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads processes from /proc (Linux)")
+def test_a_worker_killed_mid_run_ends_the_bench_in_one_line_naming_the_run(tiny_model_dir, engine_data_root,
+                                                                           tmp_path):
+    """What the kernel's out-of-memory killer does to one worker: the bench lets the other worker's run finish,
+    tables it, and ends with one line naming the lost run and how to resume (it used to be a traceback)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "bench"
+    args = [sys.executable, "-m", "vlprompt.cli", "bench", "--methods", "coop", "--datasets", "eurosat",
+            "--data-root", engine_data_root, "--model", tiny_model_dir, "--shots", "1", "2", "--seeds", "1",
+            "--set", "default_train.batch_size=4", "--set", "default_train.epochs=40", "--workers", "2",
+            "--output", out]  # fmt: skip
+    bench = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / "runs").glob("*/*/*/*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [pid for pid in _children(bench.pid)
+                   if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2, "the bench did not start its two workers"
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = bench.communicate(timeout=180)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    lines = err.strip().splitlines()
+    assert bench.returncode == 2 and "Traceback" not in err, err
+    assert lines[-1].startswith("vlprompt bench: error: a bench worker ended (killed by signal 9; out of memory?) "
+                                "while running fewshot/eurosat/coop/shots"), err
+    assert lines[-1].endswith("finished runs are kept: rerun the same command to resume"), err
+    assert len(list((out / "runs").glob("*/*/*/*/result.json"))) == 1  # the other worker's run, finished
+    assert len((out / "results.csv").read_text().splitlines()) == 2  # and tabled
 
 
 # SIGTERM --------------------------------------------------------------------------------------------------------

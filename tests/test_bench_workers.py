@@ -37,14 +37,31 @@ def test_a_failed_job_raises_its_own_error_with_the_workers_traceback_and_starts
     with pytest.raises(ZeroDivisionError) as caught:
         run_in_workers(1, SPAWN, time.sleep, (0,), _call, items, lambda item, value: started.append(item))
     assert started == ["ok"]  # one worker: nothing after the failed job was handed out
-    assert isinstance(caught.value.__cause__, RemoteTraceback) and "truediv" not in str(caught.value)
-    assert "ZeroDivisionError" in str(caught.value.__cause__)
+    assert isinstance(caught.value.__cause__, RemoteTraceback)
+    assert "ZeroDivisionError" in str(caught.value.__cause__)  # the worker's own traceback
+
+
+def test_jobs_running_beside_a_failed_one_finish_and_are_reported_before_the_error():
+    done = []
+    items = [("slow", (time.sleep, 3)), ("bad", (operator.truediv, 1, 0))] + [
+        (f"later{n}", (math.sqrt, n)) for n in range(5)]
+    with pytest.raises(ZeroDivisionError):
+        run_in_workers(2, SPAWN, time.sleep, (0,), _call, items, lambda item, value: done.append(item))
+    assert done == ["slow"]
 
 
 def test_a_worker_that_dies_is_named_with_the_job_it_held():
     items = [("crash", (os._exit, 3))]
     with pytest.raises(WorkerDied, match=r"exit code 3.*while running job crash.*rerun the same command"):
         run_in_workers(1, SPAWN, time.sleep, (0,), _call, items, lambda item, value: None,
+                       describe=lambda item: f"job {item}")
+
+
+def test_a_worker_that_dies_before_taking_its_job_is_named_with_it():
+    """An initializer that ends the process stands for a worker lost while it started (out of memory importing
+    torch): the job handed to it is named, not a broken pipe."""
+    with pytest.raises(WorkerDied, match=r"exit code 4.*while running job first"):
+        run_in_workers(1, SPAWN, os._exit, (4,), _call, [("first", (math.sqrt, 4))], lambda item, value: None,
                        describe=lambda item: f"job {item}")
 
 

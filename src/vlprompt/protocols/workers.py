@@ -8,12 +8,14 @@ ending the processes: no feeder or manager threads that an interrupted exit coul
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import signal
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 # a worker asked to end (SIGTERM) gets this long before it is killed
@@ -39,12 +41,28 @@ class _Worker:
     alive: bool = True
 
 
+@contextlib.contextmanager
+def _signals_held(*signals: signal.Signals) -> Iterator[None]:
+    """Hold ``signals`` back in this thread for the block; one that arrives meanwhile is delivered at its end."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _serve(connection: Connection, initializer: Callable[..., None], initargs: Sequence[Any]) -> None:
     """A worker's loop: run (function, args) messages until None or a closed pipe; send ("ok", value) or
     ("error", exception, traceback text) back for each."""
-    # Ctrl-C in a terminal reaches the whole process group: the bench process decides what happens, and ends
-    # its workers itself
+    # Ctrl-C in a terminal reaches the whole process group: the bench process decides what happens and ends its
+    # workers itself. The worker was started with SIGINT and SIGTERM held back (see _start): a Ctrl-C pressed while
+    # it imported is dropped here rather than printing a traceback; a SIGTERM (the bench ended) takes effect here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     initializer(*initargs)
     while True:
         try:
@@ -56,16 +74,18 @@ def _serve(connection: Connection, initializer: Callable[..., None], initargs: S
         function, args = message
         try:
             reply: tuple[Any, ...] = ("ok", function(*args))
+            payload = ForkingPickler.dumps(reply)
         except Exception as err:
             reply = ("error", _sendable(err), traceback.format_exc())
-        connection.send(reply)
+            payload = ForkingPickler.dumps(reply)
+        connection.send_bytes(payload)
 
 
 def _sendable(err: Exception) -> Exception:
     """The exception itself when it survives a pickle round trip (its type and message reach the caller), else a
     RuntimeError carrying its type and message."""
     try:
-        pickle.loads(pickle.dumps(err))
+        pickle.loads(ForkingPickler.dumps(err))
         return err
     except Exception:
         return RuntimeError(f"{type(err).__name__}: {err}")
@@ -78,16 +98,25 @@ def run_in_workers(count: int, context: Any, initializer: Callable[..., None], i
     ``finished(item, value)`` is called here, in this process, as each job ends.
 
     A job that raises stops the handing out of jobs; the jobs already running end normally (their work is not
-    thrown away) and then the first error is raised here, its worker's traceback as its cause. Anything that
-    unwinds this call otherwise (Ctrl-C, SIGTERM turned into SystemExit, an error in ``finished``) ends the
-    workers at once, whatever they were running."""
+    thrown away) and then the first error is raised here, its worker's traceback as its cause. A worker that dies
+    holding a job is a WorkerDied error, the same way. Anything that unwinds this call otherwise (Ctrl-C, SIGTERM
+    turned into SystemExit, an error in ``finished``) ends the workers at once, whatever they were running."""
+    if count < 1:
+        raise ValueError(f"workers must be at least 1, got {count}")
     queue = list(items)
     queue.reverse()  # pop() from the end hands jobs out in the given order
-    workers = [_start(context, initializer, initargs) for _ in range(min(count, len(queue)))]
+    workers: list[_Worker] = []
     failure: BaseException | None = None
+
+    def fail(error: BaseException) -> None:
+        nonlocal failure
+        if failure is None:
+            failure = error
+
     try:
-        for worker in workers:
-            _hand_next(worker, queue, function)
+        for _ in range(min(count, len(queue))):
+            _start(context, initializer, initargs, workers)
+            _hand_next(workers[-1], queue, function, fail, describe)
         while any(worker.item is not None for worker in workers):
             busy = [worker for worker in workers if worker.item is not None]
             ready = set(wait([w.connection for w in busy] + [w.process.sentinel for w in busy]))
@@ -95,21 +124,27 @@ def run_in_workers(count: int, context: Any, initializer: Callable[..., None], i
                 if worker.connection in ready:
                     item, worker.item = worker.item, None
                     try:
-                        reply = worker.connection.recv()
-                    except EOFError:  # died just after taking the job
-                        failure = failure or _died(worker, item, describe)
+                        status, *reply = ForkingPickler.loads(worker.connection.recv_bytes())
+                    except (EOFError, OSError):  # died holding the job, or in the middle of its reply
+                        fail(_died(worker, item, describe))
                         continue
-                    if reply[0] == "ok":
-                        finished(item, reply[1])
+                    except Exception as err:  # a reply this process cannot unpickle
+                        fail(RuntimeError(f"the result of {describe(item)} could not be read back from its worker: "
+                                          f"{type(err).__name__}: {err}"))
+                        continue
+                    if status == "ok":
+                        finished(item, reply[0])
                     else:
-                        error = reply[1]
-                        error.__cause__ = RemoteTraceback(reply[2])
-                        failure = failure or error
+                        error, remote = reply
+                        error.__cause__ = RemoteTraceback(remote)
+                        fail(error)
+                    if worker.process.sentinel in ready:  # it replied, then ended: its queued share would be lost
+                        fail(_died(worker, item, describe, "after it ran"))
                 elif worker.process.sentinel in ready:
                     item, worker.item = worker.item, None
-                    failure = failure or _died(worker, item, describe)
+                    fail(_died(worker, item, describe))
                 if worker.item is None and worker.alive and failure is None:
-                    _hand_next(worker, queue, function)
+                    _hand_next(worker, queue, function, fail, describe)
         if failure is not None:
             raise failure
     except BaseException:
@@ -118,45 +153,58 @@ def run_in_workers(count: int, context: Any, initializer: Callable[..., None], i
     _end(workers, at_once=False)
 
 
-def _start(context: Any, initializer: Callable[..., None], initargs: Sequence[Any]) -> _Worker:
+def _start(context: Any, initializer: Callable[..., None], initargs: Sequence[Any], workers: list[_Worker]) -> None:
+    """Start a worker and add it to ``workers`` with no signal in between that could leave it untracked."""
     ours, theirs = context.Pipe()
     # not a daemon: a worker may start data-loader processes of its own (a daemon may not have children); it ends
     # with the bench all the same (the initializer's PR_SET_PDEATHSIG, or the EOF on its pipe)
     process = context.Process(target=_serve, args=(theirs, initializer, tuple(initargs)))
-    process.start()
-    theirs.close()  # the worker holds its end: a recv here then sees EOF when the worker dies
-    return _Worker(process, ours)
+    # the child inherits the held signals and keeps them so until _serve
+    with _signals_held(signal.SIGINT, signal.SIGTERM):
+        process.start()
+        workers.append(_Worker(process, ours))
+        theirs.close()  # the worker holds its end: a recv here then sees EOF when the worker dies
 
 
-def _hand_next(worker: _Worker, queue: list[tuple[Any, tuple[Any, ...]]], function: Callable[..., Any]) -> None:
-    if queue:
-        item, args = queue.pop()
-        worker.item = item
+def _hand_next(worker: _Worker, queue: list[tuple[Any, tuple[Any, ...]]], function: Callable[..., Any],
+               fail: Callable[[BaseException], None], describe: Callable[[Any], str]) -> None:
+    if not queue:
+        return
+    item, args = queue.pop()
+    worker.item = item
+    try:
         worker.connection.send((function, args))
+    except OSError:  # ended since its last reply (a full pipe buffer would block, not fail: jobs are small)
+        worker.item = None
+        fail(_died(worker, item, describe))
 
 
-def _died(worker: _Worker, item: Any, describe: Callable[[Any], str]) -> WorkerDied:
+def _died(worker: _Worker, item: Any, describe: Callable[[Any], str], when: str = "while running") -> WorkerDied:
     worker.alive = False
     worker.process.join(_GRACE_S)
     code = worker.process.exitcode
-    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-    return WorkerDied(f"a bench worker ended ({how}; out of memory?) while running {describe(item)}; finished runs "
-                      "are kept: rerun the same command to resume")
+    if code is not None and code < 0:
+        how = f"killed by signal {-code}" + ("; out of memory?" if -code == signal.SIGKILL else "")
+    else:
+        how = f"exit code {code}"
+    return WorkerDied(f"a bench worker ended ({how}) {when} {describe(item)}; finished runs are kept: rerun "
+                      "the same command to resume")
 
 
 def _end(workers: list[_Worker], at_once: bool) -> None:
-    """Idle workers are told to end; busy ones (``at_once``) are terminated, then killed if they linger."""
-    for worker in workers:
-        if at_once:
-            worker.process.terminate()
-        else:
-            try:
-                worker.connection.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-    for worker in workers:
-        worker.process.join(_GRACE_S)
-        if worker.process.is_alive():
-            worker.process.kill()
-            worker.process.join()
-        worker.connection.close()
+    """Every worker ended and joined: told to end when idle, or (``at_once``) terminated whatever it runs, then
+    killed if it lingers. Ctrl-C and SIGTERM are held back meanwhile, so that a second one cannot leave a worker
+    behind; they are delivered once all are gone."""
+    with _signals_held(signal.SIGINT, signal.SIGTERM):
+        for worker in workers:
+            if at_once:
+                worker.process.terminate()
+            else:
+                with contextlib.suppress(OSError):
+                    worker.connection.send(None)
+        for worker in workers:
+            worker.process.join(_GRACE_S)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.connection.close()
