@@ -52,7 +52,7 @@ def per_seed_average(rows: list[dict]) -> dict[tuple[str, int, int], float]:
 def comparison_lines(rows: list[dict], methods: list[str], shots: list[int]) -> list[str]:
     """Per shot count: SDPT minus each method (mean over the seeds both have), and how many seeds SDPT is ahead."""
     averages = per_seed_average(rows)
-    lines = [f"| {FLAGSHIP} minus | " + " | ".join(shots_label(k) for k in shots) + " |",
+    lines = [f"| {FLAGSHIP} minus | " + " | ".join(f"shots {shots_label(k)}" for k in shots) + " |",
              "|---|" + "---:|" * len(shots)]
     for other in methods:
         if other == FLAGSHIP:
@@ -124,7 +124,7 @@ def summary(rows: list[dict], model_size: int, job_seconds: dict[str, float] | N
              f"{len(rows)} runs; their training times (`train_time_s`: model and data loading and training, not "
              f"the test evaluation; each run in one of {WORKERS} worker processes with one thread) add up to "
              f"{train_hours:.1f} h.", *job_time_lines(job_seconds), "",
-             "| method | trainable | % of model | " + " | ".join(f"{shots_label(k)} shots" for k in shots)
+             "| method | trainable | % of model | " + " | ".join(f"shots {shots_label(k)}" for k in shots)
              + " | train s/run |", "|---|---:|---:|" + "---:|" * (len(shots) + 1)]
     for m in sorted(methods, key=lambda m: params[m]):
         cells = [f"{average[(m, k)][0]:.1f} ± {average[(m, k)][1]:.1f}" if (m, k) in average else "-" for k in shots]
@@ -133,7 +133,8 @@ def summary(rows: list[dict], model_size: int, job_seconds: dict[str, float] | N
     if FLAGSHIP in methods:
         lines += ["", f"## {FLAGSHIP} against each method", "",
                   "Difference of the suite-average mAP (points), mean over seeds, and in brackets on how many "
-                  "seeds SDPT is ahead:", "", *comparison_lines(rows, methods, shots)]
+                  "seeds SDPT is ahead:", "", *comparison_lines(rows, sorted(methods, key=lambda m: params[m]),
+                                                                shots)]
     return "\n".join(lines) + "\n"
 
 
