@@ -277,8 +277,10 @@ def test_a_stopped_bench_ends_at_once_and_takes_its_workers_with_it(tiny_model_d
             "--data-root", engine_data_root, "--model", tiny_model_dir, "--shots", "1", "2", "--seeds", "1", "2",
             "--set", "default_train.batch_size=4", "--set", "default_train.epochs=100000", "--workers", "2",
             "--output", tmp_path / "bench"]  # fmt: skip
+    # A command started in the background by a script (`pytest &`, as CI may run) inherits SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt: give the bench the default, as a terminal's foreground job has.
     bench = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     workers: set[int] = set()
     try:
         deadline = time.monotonic() + 120
