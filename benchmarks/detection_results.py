@@ -101,7 +101,9 @@ def job_time_lines(job_seconds: dict[str, float]) -> list[str]:
         return []
     hours = sum(job_seconds.values()) / 3600
     return ["", f"The bench logs time {len(job_seconds)} runs whole (training and evaluation): {hours:.1f} h in all, "
-                f"about {hours / WORKERS:.1f} h of wall clock with {WORKERS} workers."]
+                f"about {hours / WORKERS:.1f} h of wall clock with {WORKERS} workers. Both sums count as logged the "
+                "runs that shared the CPU with other work or were paused meanwhile; the table's median is not moved "
+                "by them."]
 
 
 def summary(rows: list[dict], model_size: int, job_seconds: dict[str, float] | None = None) -> str:
@@ -125,11 +127,11 @@ def summary(rows: list[dict], model_size: int, job_seconds: dict[str, float] | N
              f"the test evaluation; each run in one of {WORKERS} worker processes with one thread) add up to "
              f"{train_hours:.1f} h.", *job_time_lines(job_seconds), "",
              "| method | trainable | % of model | " + " | ".join(f"shots {shots_label(k)}" for k in shots)
-             + " | train s/run |", "|---|---:|---:|" + "---:|" * (len(shots) + 1)]
+             + " | train s/run (median) |", "|---|---:|---:|" + "---:|" * (len(shots) + 1)]
     for m in sorted(methods, key=lambda m: params[m]):
         cells = [f"{average[(m, k)][0]:.1f} ± {average[(m, k)][1]:.1f}" if (m, k) in average else "-" for k in shots]
         lines.append(f"| {m} | {params[m]:,} | {100 * params[m] / model_size:.3f}% | " + " | ".join(cells)
-                     + f" | {statistics.fmean(times[m]):.0f} |")
+                     + f" | {statistics.median(times[m]):.0f} |")
     if FLAGSHIP in methods:
         lines += ["", f"## {FLAGSHIP} against each method", "",
                   "Difference of the suite-average mAP (points), mean over seeds, and in brackets on how many "
