@@ -2,8 +2,8 @@
 """The detection bench on the toy detector, summarised: COCO mAP averaged over the suite per method and shot count,
 against each method's trainable parameters, and SDPT's place against every baseline.
 
-Reads a detection bench's ``results.csv`` (``vlprompt bench --datasets toydet:suite ...``; docs/detection.md gives
-the command) and writes a markdown summary and a plot of average mAP against trainable parameters (log scale), one
+Reads the finished runs of a detection bench folder (``vlprompt bench --datasets toydet:suite ...``;
+docs/detection.md gives the command) and writes a markdown summary and a plot of average mAP against trainable parameters (log scale), one
 panel per shot count. What a bench's own ``results.md`` does not hold: the parameter axis, and per shot count the
 difference between ``sdpt_native`` and each other method (mean over seeds of the suite average, with the seeds'
 spread), said in words.
@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import sys
@@ -23,10 +24,21 @@ from collections import defaultdict
 from pathlib import Path
 
 from vlprompt.protocols.report import fewshot_average, fewshot_seed_means
-from vlprompt.protocols.runner import read_csv, shot_independent, shots_label, shots_order
+from vlprompt.protocols.runner import shot_independent, shots_label, shots_order
 
 FLAGSHIP = "sdpt_native"
 WORKERS = 2  # the documented bench command's --workers: its runs share the wall clock this many at a time
+
+
+def finished_rows(bench: Path) -> list[dict]:
+    """The few-shot rows of every finished run of a bench folder, read from the runs' result.json files: the
+    runner writes results.csv when a bench ends, these as each run ends (so a bench still running, or stopped
+    with kill -9, is read whole)."""
+    rows = []
+    for result in sorted(bench.glob("runs/fewshot/*/*/*/result.json")):
+        for row in json.loads(result.read_text())["rows"]:
+            rows.append({"precision": "fp32", **row})
+    return rows
 
 
 def bench_shots(rows: list[dict]) -> list[int]:
@@ -74,9 +86,11 @@ def comparison_lines(rows: list[dict], methods: list[str], shots: list[int]) -> 
 def model_parameters(name: str = "embedded:detector") -> int:
     """Parameters of the benched detector (each shared tensor counted once)."""
     from transformers import GroundingDinoForObjectDetection
+    from transformers.utils import logging as hf_logging
 
     from vlprompt.assets import embedded_model_path
 
+    hf_logging.disable_progress_bar()
     model = GroundingDinoForObjectDetection.from_pretrained(embedded_model_path(name))
     return sum(p.numel() for p in model.parameters())
 
@@ -122,16 +136,21 @@ def summary(rows: list[dict], model_size: int, job_seconds: dict[str, float] | N
              f"COCO mAP@[.5:.95] (%) on the test splits, averaged over {len(datasets)} datasets "
              f"({', '.join(datasets)}), mean ± std over seeds {', '.join(map(str, seeds))}; `embedded-detector` "
              f"({model_size:,} parameters). Written by `python benchmarks/detection_results.py` from the bench's "
-             "`results.csv`.", "",
+             "finished runs (their result.json files); `-`: a cell with a seed or set not finished.", "",
              f"{len(rows)} runs; their training times (`train_time_s`: model and data loading and training, not "
              f"the test evaluation; each run in one of {WORKERS} worker processes with one thread) add up to "
              f"{train_hours:.1f} h.", *job_time_lines(job_seconds), "",
              "| method | trainable | % of model | " + " | ".join(f"shots {shots_label(k)}" for k in shots)
-             + " | train s/run (median) |", "|---|---:|---:|" + "---:|" * (len(shots) + 1)]
+             + " | runs | train s/run (median) |", "|---|---:|---:|" + "---:|" * (len(shots) + 2)]
+    seeds_done = defaultdict(int)  # (method, shots) -> seeds with every dataset finished
+    for method, k, _ in per_seed_average(rows):
+        seeds_done[(method, k)] += 1
     for m in sorted(methods, key=lambda m: params[m]):
-        cells = [f"{average[(m, k)][0]:.1f} ± {average[(m, k)][1]:.1f}" if (m, k) in average else "-" for k in shots]
+        cells = [("-" if (m, k) not in average else f"{average[(m, k)][0]:.1f} ± {average[(m, k)][1]:.1f}"
+                  + ("" if seeds_done[(m, k)] == len(seeds) else f" ({seeds_done[(m, k)]} of {len(seeds)} seeds)"))
+                 for k in shots]
         lines.append(f"| {m} | {params[m]:,} | {100 * params[m] / model_size:.3f}% | " + " | ".join(cells)
-                     + f" | {statistics.median(times[m]):.0f} |")
+                     + f" | {len(times[m])} | {statistics.median(times[m]):.0f} |")
     if FLAGSHIP in methods:
         lines += ["", f"## {FLAGSHIP} against each method", "",
                   "Difference of the suite-average mAP (points), mean over seeds, and in brackets on how many "
@@ -172,15 +191,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bench", required=True, help="a detection bench folder (with results.csv)")
+    parser.add_argument("--bench", required=True, help="a detection bench folder (its runs/ with result.json files)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--plot")
     parser.add_argument("--logs", nargs="*", default=[], type=Path,
                         help="the bench's logs, oldest first: their per-run seconds give the bench's time")
     args = parser.parse_args(argv)
-    rows = [r for r in read_csv(Path(args.bench) / "results.csv") if r["protocol"] == "fewshot"]
+    rows = finished_rows(Path(args.bench))
     if not rows or "mAP" not in rows[0]:
-        raise SystemExit(f"{args.bench}/results.csv holds no detection rows")
+        raise SystemExit(f"{args.bench} holds no finished detection runs (runs/fewshot/*/*/*/result.json)")
     text = summary(rows, model_parameters(), logged_job_seconds(args.logs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

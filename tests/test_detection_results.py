@@ -41,12 +41,24 @@ def _rows() -> list[dict]:
 
 def test_summary_table_and_sdpt_against_each_method(script):
     text = script.summary(_rows(), 1000)
-    assert "| sdpt_native | 2,048 | 204.800% | 36.5 ± 0.7 | 36.5 ± 0.7 | 60 |" in text  # seeds 35, 37 -> 36.5
-    assert "| det_zeroshot | 0 | 0.000% | 25.0 ± 0.0 | 25.0 ± 0.0 | 60 |" in text  # shot-independent: every column
+    assert "| sdpt_native | 2,048 | 204.800% | 36.5 ± 0.7 | 36.5 ± 0.7 | 8 | 60 |" in text  # seeds 35, 37 -> 36.5
+    assert "| det_zeroshot | 0 | 0.000% | 25.0 ± 0.0 | 25.0 ± 0.0 | 4 | 60 |" in text  # shot-independent: every shot
     # SDPT minus full per seed: (36 - 40) and (37 - 34): mean -0.5, ahead on seed 2 only
     assert "| det_full | -0.5 (1/2) | -0.5 (1/2) |" in text
     assert "| det_zeroshot | +11.5 (2/2) | +11.5 (2/2) |" in text
     assert "20 runs; " in text and "add up to 0.3 h" in text  # 20 runs x 60 s
+
+
+def test_rows_come_from_the_runs_result_files(script, tmp_path):
+    """A bench stopped with kill -9 has no fresh results.csv: its finished runs are read from their folders."""
+    import json
+
+    for i, row in enumerate(_rows()[:3]):
+        run = tmp_path / "runs" / "fewshot" / row["eval_dataset"].replace(":", "_") / row["method"] / f"run{i}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({"job": {}, "settings": {}, "rows": [row]}))
+    (tmp_path / "runs" / "fewshot" / "toydet_novel" / "sdpt_native" / "unfinished").mkdir(parents=True)
+    assert sorted(r["mAP"] for r in script.finished_rows(tmp_path)) == sorted(r["mAP"] for r in _rows()[:3])
 
 
 def test_bench_time_from_logs_counts_a_retrained_run_once(script, tmp_path):
