@@ -169,7 +169,8 @@ def plot(rows: list[dict], path: Path) -> None:
     params = trainable(rows)
     shots = bench_shots(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, len(shots), figsize=(3.2 * len(shots), 3.4), sharey=True, squeeze=False)
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(sorted(methods, key=lambda m: params[m]))}
+    fig, axes = plt.subplots(1, len(shots), figsize=(3.2 * len(shots) + 1.4, 3.4), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], shots):
         for m in methods:
             if (m, k) not in average:
@@ -177,14 +178,19 @@ def plot(rows: list[dict], path: Path) -> None:
             x = max(params[m], 1)  # zero-shot trains nothing: drawn at 1 on the log axis
             mean, std = average[(m, k)]
             ax.errorbar([x], [mean], yerr=[std], fmt="*" if m == FLAGSHIP else "o", markersize=11 if m == FLAGSHIP
-                        else 6, label=m, capsize=2)
+                        else 6, label=m, capsize=2, color=colours[m])
         ax.set_xscale("log")
-        ax.set_title(f"{shots_label(k)} shots")
+        ax.set_title(f"shots {shots_label(k)}")
         ax.set_xlabel("trainable parameters")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("COCO mAP@[.5:.95] (%), suite average")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    ordered = sorted(handles, key=lambda m: params[m])
+    fig.legend([handles[m] for m in ordered], ordered, fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
