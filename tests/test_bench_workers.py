@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vlprompt.protocols.workers import RemoteTraceback, WorkerDied, run_in_workers
+from vlprompt.protocols.workers import RemoteTraceback, WorkerDied, WorkerError, run_in_workers
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -48,6 +48,22 @@ def test_jobs_running_beside_a_failed_one_finish_and_are_reported_before_the_err
     with pytest.raises(ZeroDivisionError):
         run_in_workers(2, SPAWN, time.sleep, (0,), _call, items, lambda item, value: done.append(item))
     assert done == ["slow"]
+
+
+class NeedsTwo(Exception):
+    """An error that pickles but cannot be rebuilt (its constructor wants two arguments, its args hold one)."""
+
+    def __init__(self, first, second):
+        super().__init__(f"{first} and {second}")
+
+
+def _raise_needs_two():
+    raise NeedsTwo("this", "that")
+
+
+def test_an_error_that_cannot_cross_processes_arrives_with_its_type_and_message():
+    with pytest.raises(WorkerError, match="NeedsTwo: this and that"):
+        run_in_workers(1, SPAWN, time.sleep, (0,), _call, [("job", (_raise_needs_two,))], lambda item, value: None)
 
 
 def test_a_worker_that_dies_is_named_with_the_job_it_held():

@@ -872,7 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlprompt.data import DatasetError
     from vlprompt.engine import CheckpointError, TrainingError
     from vlprompt.methods import MethodConfigError
-    from vlprompt.protocols.workers import WorkerDied
+    from vlprompt.protocols.workers import WorkerError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_command_line(argv)
@@ -885,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CLIError, DatasetError, BackboneLoadError, UnsupportedBackboneError, CheckpointError, TrainingError,
-            MethodConfigError, WorkerDied, FileNotFoundError, ValueError) as err:
+            MethodConfigError, WorkerError, FileNotFoundError, ValueError) as err:
         import os
 
         if os.environ.get("VLPROMPT_DEBUG"):

@@ -29,7 +29,11 @@ class RemoteTraceback(Exception):
         return str(self.args[0]) if self.args else ""
 
 
-class WorkerDied(RuntimeError):
+class WorkerError(RuntimeError):
+    """What went wrong between a job and its worker rather than in the job: the command line shows it in one line."""
+
+
+class WorkerDied(WorkerError):
     """A worker process ended while it held a job (killed, out of memory, a crash in native code)."""
 
 
@@ -83,12 +87,12 @@ def _serve(connection: Connection, initializer: Callable[..., None], initargs: S
 
 def _sendable(err: Exception) -> Exception:
     """The exception itself when it survives a pickle round trip (its type and message reach the caller), else a
-    RuntimeError carrying its type and message."""
+    WorkerError carrying its type and message."""
     try:
         pickle.loads(ForkingPickler.dumps(err))
         return err
     except Exception:
-        return RuntimeError(f"{type(err).__name__}: {err}")
+        return WorkerError(f"{type(err).__name__}: {err}")
 
 
 def run_in_workers(count: int, context: Any, initializer: Callable[..., None], initargs: Sequence[Any],
@@ -129,7 +133,7 @@ def run_in_workers(count: int, context: Any, initializer: Callable[..., None], i
                         fail(_died(worker, item, describe))
                         continue
                     except Exception as err:  # a reply this process cannot unpickle
-                        fail(RuntimeError(f"the result of {describe(item)} could not be read back from its worker: "
+                        fail(WorkerError(f"the result of {describe(item)} could not be read back from its worker: "
                                           f"{type(err).__name__}: {err}"))
                         continue
                     if status == "ok":
