@@ -299,6 +299,8 @@ def test_a_stopped_bench_ends_at_once_and_takes_its_workers_with_it(tiny_model_d
         _, err = bench.communicate(timeout=60)  # each queued run would train 100000 epochs
         assert bench.returncode != 0
         assert "Traceback" not in err, err
+        if stop == "SIGTERM":
+            assert bench.returncode == 128 + signal.SIGTERM, err
         if stop == "SIGINT":
             assert bench.returncode == 130 and err.strip().splitlines()[-1] == (
                 "vlprompt bench: interrupted; finished runs are kept and tabled: rerun the same command to continue")

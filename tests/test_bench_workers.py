@@ -104,3 +104,25 @@ def test_an_interrupt_ends_busy_workers_at_once():
         run_in_workers(2, Context, time.sleep, (0,), _call, items, interrupt)
     assert time.monotonic() - began < 60
     assert len(processes) == 2 and not any(p.is_alive() for p in processes)
+
+
+def test_a_signal_during_start_or_cleanup_waits_for_the_block_to_end():
+    """A Ctrl-C that lands while a worker is being started or the workers ended must not cut that short (a worker
+    started but untracked, or left alive): it is raised once the block is done."""
+    import signal
+
+    from vlprompt.protocols.workers import _signals_deferred
+
+    steps = []
+    # Python's own Ctrl-C handler, also where pytest was started with SIGINT ignored (a script's background job)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_deferred(signal.SIGINT, signal.SIGTERM):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # where the handler would have run
+                steps.append("block ended")
+        assert steps == ["block ended"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    finally:
+        signal.signal(signal.SIGINT, inherited)

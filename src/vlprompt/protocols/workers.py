@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import signal
+import threading
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,25 @@ def _signals_held(*signals: signal.Signals) -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred(*signals: signal.Signals) -> Iterator[None]:
+    """Run the block to its end whatever of ``signals`` arrives: each one that does is raised again after it.
+    (Holding a signal back in this thread is not enough: the process may take it on another thread, and Python
+    then runs its handler here all the same.) Only the main thread may set handlers: elsewhere nothing is deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {number: signal.signal(number, lambda received, _frame: caught.append(received)) for number in signals}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)
 
 
 def _serve(connection: Connection, initializer: Callable[..., None], initargs: Sequence[Any]) -> None:
@@ -120,7 +140,8 @@ def run_in_workers(count: int, context: Any, initializer: Callable[..., None], i
     try:
         for _ in range(min(count, len(queue))):
             _start(context, initializer, initargs, workers)
-            _hand_next(workers[-1], queue, function, fail, describe)
+            if failure is None:
+                _hand_next(workers[-1], queue, function, fail, describe)
         while any(worker.item is not None for worker in workers):
             busy = [worker for worker in workers if worker.item is not None]
             ready = set(wait([w.connection for w in busy] + [w.process.sentinel for w in busy]))
@@ -128,10 +149,12 @@ def run_in_workers(count: int, context: Any, initializer: Callable[..., None], i
                 if worker.connection in ready:
                     item, worker.item = worker.item, None
                     try:
-                        status, *reply = ForkingPickler.loads(worker.connection.recv_bytes())
+                        payload = worker.connection.recv_bytes()
                     except (EOFError, OSError):  # died holding the job, or in the middle of its reply
                         fail(_died(worker, item, describe))
                         continue
+                    try:
+                        status, *reply = ForkingPickler.loads(payload)
                     except Exception as err:  # a reply this process cannot unpickle
                         fail(WorkerError(f"the result of {describe(item)} could not be read back from its worker: "
                                           f"{type(err).__name__}: {err}"))
@@ -163,8 +186,9 @@ def _start(context: Any, initializer: Callable[..., None], initargs: Sequence[An
     # not a daemon: a worker may start data-loader processes of its own (a daemon may not have children); it ends
     # with the bench all the same (the initializer's PR_SET_PDEATHSIG, or the EOF on its pipe)
     process = context.Process(target=_serve, args=(theirs, initializer, tuple(initargs)))
-    # the child inherits the held signals and keeps them so until _serve
-    with _signals_held(signal.SIGINT, signal.SIGTERM):
+    # Deferred here, so that no worker is left started but untracked; held back in this thread, so that the child
+    # (forked from it) starts with them held and keeps them so until _serve.
+    with _signals_deferred(signal.SIGINT, signal.SIGTERM), _signals_held(signal.SIGINT, signal.SIGTERM):
         process.start()
         workers.append(_Worker(process, ours))
         theirs.close()  # the worker holds its end: a recv here then sees EOF when the worker dies
@@ -197,18 +221,21 @@ def _died(worker: _Worker, item: Any, describe: Callable[[Any], str], when: str 
 
 def _end(workers: list[_Worker], at_once: bool) -> None:
     """Every worker ended and joined: told to end when idle, or (``at_once``) terminated whatever it runs, then
-    killed if it lingers. Ctrl-C and SIGTERM are held back meanwhile, so that a second one cannot leave a worker
-    behind; they are delivered once all are gone."""
-    with _signals_held(signal.SIGINT, signal.SIGTERM):
-        for worker in workers:
-            if at_once:
-                worker.process.terminate()
-            else:
-                with contextlib.suppress(OSError):
-                    worker.connection.send(None)
-        for worker in workers:
-            worker.process.join(_GRACE_S)
-            if worker.process.is_alive():
-                worker.process.kill()
+    killed if it lingers. A second Ctrl-C or SIGTERM meanwhile is deferred to the end, so that no worker is left
+    behind."""
+    with _signals_deferred(signal.SIGINT, signal.SIGTERM):
+        try:
+            for worker in workers:
+                if at_once:
+                    worker.process.terminate()
+                else:
+                    with contextlib.suppress(OSError):
+                        worker.connection.send(None)
+            for worker in workers:
+                worker.process.join(_GRACE_S)
+        finally:
+            for worker in workers:
+                if worker.process.is_alive():
+                    worker.process.kill()
                 worker.process.join()
-            worker.connection.close()
+                worker.connection.close()
