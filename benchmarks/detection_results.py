@@ -23,8 +23,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from vlprompt.protocols.report import fewshot_average, fewshot_seed_means
-from vlprompt.protocols.runner import shot_independent, shots_label, shots_order
+from vlprompt.protocols.report import fewshot_seed_means
+from vlprompt.protocols.runner import mean_std, shot_independent, shots_label, shots_order
 
 FLAGSHIP = "sdpt_native"
 WORKERS = 2  # the documented bench command's --workers: its runs share the wall clock this many at a time
@@ -59,6 +59,15 @@ def trainable(rows: list[dict]) -> dict[str, int]:
 def per_seed_average(rows: list[dict]) -> dict[tuple[str, int, int], float]:
     """(method, shots, seed) -> mAP averaged over the datasets (only where every dataset of the bench has a row)."""
     return {key: mean for key, mean in fewshot_seed_means(rows).items() if mean is not None}
+
+
+def complete_seed_average(rows: list[dict]) -> dict[tuple[str, int], tuple[float, float, int]]:
+    """(method, shots) -> (mean, std, seeds) over the seeds that finished every dataset; a seed still running is
+    left out rather than blanking the cell (the seed count says so)."""
+    by_cell: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for (method, k, _seed), mean in per_seed_average(rows).items():
+        by_cell[(method, k)].append(mean)
+    return {key: (*mean_std(values), len(values)) for key, values in by_cell.items()}
 
 
 def comparison_lines(rows: list[dict], methods: list[str], shots: list[int]) -> list[str]:
@@ -126,7 +135,7 @@ def summary(rows: list[dict], model_size: int, job_seconds: dict[str, float] | N
     shots = bench_shots(rows)
     datasets = sorted({r["eval_dataset"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})
-    average = fewshot_average(rows)
+    average = complete_seed_average(rows)
     params = trainable(rows)
     times = defaultdict(list)
     for r in rows:
@@ -142,12 +151,9 @@ def summary(rows: list[dict], model_size: int, job_seconds: dict[str, float] | N
              f"{train_hours:.1f} h.", *job_time_lines(job_seconds), "",
              "| method | trainable | % of model | " + " | ".join(f"shots {shots_label(k)}" for k in shots)
              + " | runs | train s/run (median) |", "|---|---:|---:|" + "---:|" * (len(shots) + 2)]
-    seeds_done = defaultdict(int)  # (method, shots) -> seeds with every dataset finished
-    for method, k, _ in per_seed_average(rows):
-        seeds_done[(method, k)] += 1
     for m in sorted(methods, key=lambda m: params[m]):
         cells = [("-" if (m, k) not in average else f"{average[(m, k)][0]:.1f} ± {average[(m, k)][1]:.1f}"
-                  + ("" if seeds_done[(m, k)] == len(seeds) else f" ({seeds_done[(m, k)]} of {len(seeds)} seeds)"))
+                  + ("" if average[(m, k)][2] == len(seeds) else f" ({average[(m, k)][2]} of {len(seeds)} seeds)"))
                  for k in shots]
         lines.append(f"| {m} | {params[m]:,} | {100 * params[m] / model_size:.3f}% | " + " | ".join(cells)
                      + f" | {len(times[m])} | {statistics.median(times[m]):.0f} |")
@@ -165,7 +171,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    average = fewshot_average(rows)
+    average = complete_seed_average(rows)
     params = trainable(rows)
     shots = bench_shots(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -176,7 +182,7 @@ def plot(rows: list[dict], path: Path) -> None:
             if (m, k) not in average:
                 continue
             x = max(params[m], 1)  # zero-shot trains nothing: drawn at 1 on the log axis
-            mean, std = average[(m, k)]
+            mean, std, _ = average[(m, k)]
             ax.errorbar([x], [mean], yerr=[std], fmt="*" if m == FLAGSHIP else "o", markersize=11 if m == FLAGSHIP
                         else 6, label=m, capsize=2, color=colours[m])
         ax.set_xscale("log")

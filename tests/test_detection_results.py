@@ -49,6 +49,12 @@ def test_summary_table_and_sdpt_against_each_method(script):
     assert "20 runs; " in text and "add up to 0.3 h" in text  # 20 runs x 60 s
 
 
+def test_a_seed_still_running_is_left_out_and_said(script):
+    rows = [r for r in _rows() if not (r["method"] == "sdpt_native" and r["seed"] == 2
+                                       and r["eval_dataset"] == "toydet:looks")]  # fmt: skip
+    assert "| sdpt_native | 2,048 | 204.800% | 36.0 ± 0.0 (1 of 2 seeds) |" in script.summary(rows, 1000)
+
+
 def test_rows_come_from_the_runs_result_files(script, tmp_path):
     """A bench stopped with kill -9 has no fresh results.csv: its finished runs are read from their folders."""
     import json
