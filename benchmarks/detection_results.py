@@ -3,8 +3,8 @@
 against each method's trainable parameters, and SDPT's place against every baseline.
 
 Reads the finished runs of a detection bench folder (``vlprompt bench --datasets toydet:suite ...``;
-docs/detection.md gives the command) and writes a markdown summary and a plot of average mAP against trainable parameters (log scale), one
-panel per shot count. What a bench's own ``results.md`` does not hold: the parameter axis, and per shot count the
+docs/detection.md gives the command) and writes a markdown summary and a plot of average mAP against trainable
+parameters (log scale), one panel per shot count. What a bench's own ``results.md`` does not hold: the parameter axis, and per shot count the
 difference between ``sdpt_native`` and each other method (mean over seeds of the suite average, with the seeds'
 spread), said in words.
 
@@ -27,7 +27,6 @@ from vlprompt.protocols.report import fewshot_seed_means
 from vlprompt.protocols.runner import mean_std, shot_independent, shots_label, shots_order
 
 FLAGSHIP = "sdpt_native"
-WORKERS = 2  # the documented bench command's --workers: its runs share the wall clock this many at a time
 
 
 def finished_rows(bench: Path) -> list[dict]:
@@ -119,17 +118,18 @@ def logged_job_seconds(logs: list[Path]) -> dict[str, float]:
     return seconds
 
 
-def job_time_lines(job_seconds: dict[str, float]) -> list[str]:
+def job_time_lines(job_seconds: dict[str, float], workers: int = 1) -> list[str]:
     if not job_seconds:
         return []
     hours = sum(job_seconds.values()) / 3600
     return ["", f"The bench logs time {len(job_seconds)} runs whole (training and evaluation): {hours:.1f} h in all, "
-                f"about {hours / WORKERS:.1f} h of wall clock with {WORKERS} workers. Both sums count as logged the "
+                f"about {hours / workers:.1f} h of wall clock with {workers} workers. Both sums count as logged the "
                 "runs that shared the CPU with other work or were paused meanwhile; the table's median is not moved "
                 "by them."]
 
 
-def summary(rows: list[dict], model_size: int, job_seconds: dict[str, float] | None = None) -> str:
+def summary(rows: list[dict], model_size: int, job_seconds: dict[str, float] | None = None, workers: int = 1) -> str:
+    """``workers``: the bench's --workers (its runs shared the wall clock this many at a time)."""
     job_seconds = job_seconds or {}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     shots = bench_shots(rows)
@@ -147,8 +147,8 @@ def summary(rows: list[dict], model_size: int, job_seconds: dict[str, float] | N
              f"({model_size:,} parameters). Written by `python benchmarks/detection_results.py` from the bench's "
              "finished runs (their result.json files); `-`: a cell with a seed or set not finished.", "",
              f"{len(rows)} runs; their training times (`train_time_s`: model and data loading and training, not "
-             f"the test evaluation; each run in one of {WORKERS} worker processes with one thread) add up to "
-             f"{train_hours:.1f} h.", *job_time_lines(job_seconds), "",
+             f"the test evaluation; each run in one of {workers} worker processes) add up to "
+             f"{train_hours:.1f} h.", *job_time_lines(job_seconds, workers), "",
              "| method | trainable | % of model | " + " | ".join(f"shots {shots_label(k)}" for k in shots)
              + " | runs | train s/run (median) |", "|---|---:|---:|" + "---:|" * (len(shots) + 2)]
     for m in sorted(methods, key=lambda m: params[m]):
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = finished_rows(Path(args.bench))
     if not rows or "mAP" not in rows[0]:
         raise SystemExit(f"{args.bench} holds no finished detection runs (runs/fewshot/*/*/*/result.json)")
-    text = summary(rows, model_parameters(), logged_job_seconds(args.logs))
+    workers = json.loads((Path(args.bench) / "bench_config.json").read_text())["workers"]
+    text = summary(rows, model_parameters(), logged_job_seconds(args.logs), workers)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
