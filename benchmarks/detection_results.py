@@ -5,8 +5,8 @@ against each method's trainable parameters, and SDPT's place against every basel
 Reads the finished runs of a detection bench folder (``vlprompt bench --datasets toydet:suite ...``;
 docs/detection.md gives the command) and writes a markdown summary and a plot of average mAP against trainable
 parameters (log scale), one panel per shot count. What a bench's own ``results.md`` does not hold: the parameter
-axis, and per shot count the difference between ``sdpt_native`` and each other method (mean over seeds of the suite average, with the seeds'
-spread), said in words.
+axis, and per shot count the difference between ``sdpt_native`` and each other method (mean over seeds of the suite
+average, with the seeds' spread), said in words.
 
 Usage::
 
