@@ -6,7 +6,9 @@ import math
 import multiprocessing
 import operator
 import os
+import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +73,36 @@ def test_a_worker_that_dies_is_named_with_the_job_it_held():
     with pytest.raises(WorkerDied, match=r"exit code 3.*while running job crash.*rerun the same command"):
         run_in_workers(1, SPAWN, time.sleep, (0,), _call, items, lambda item, value: None,
                        describe=lambda item: f"job {item}")
+
+
+def _fork_a_lingering_process_then_die(folder):
+    """Stands for a run killed while its data-loader workers live on: they hold copies of the worker's pipe and
+    sentinel, so neither signals the death until they end. This one ends when the test releases it (or after a
+    minute), and says which."""
+    folder = Path(folder)
+    if os.fork() == 0:
+        deadline = time.monotonic() + 60
+        while not (folder / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (folder / "ended").write_text("released" if (folder / "release").exists() else "timed out")
+        os._exit(0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_worker_is_named_while_a_process_it_forked_still_holds_its_pipe(tmp_path):
+    try:
+        with pytest.raises(WorkerDied, match=r"killed by signal 9.*while running job one"):
+            run_in_workers(1, SPAWN, time.sleep, (0,), _call, [("one", (_fork_a_lingering_process_then_die,
+                                                                       str(tmp_path)))],
+                           lambda item, value: None, describe=lambda item: f"job {item}")
+    finally:
+        (tmp_path / "release").touch()
+    for _ in range(1200):
+        if (tmp_path / "ended").exists():
+            break
+        time.sleep(0.05)
+    # the death was read from the exit status while the forked process still lived, not from its end
+    assert (tmp_path / "ended").read_text() == "released"
 
 
 def test_a_worker_that_dies_before_taking_its_job_is_named_with_it():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -46,11 +46,29 @@ def temp_file_beside(path: Path, suffix: str = "") -> tuple[int, str]:
     return fd, tmp
 
 
+# The folder locks this process holds (file descriptors of exclusive_folder).
+_held_lock_fds: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    """Run in a forked child (a data-loader worker): close its copies of the parent's folder locks. A lock ends
+    only when its last copy is closed, so a child's copy would keep the folder locked after the parent is killed
+    (out of memory, kill -9) until the child noticed and exited; a rerun in that window was refused."""
+    for fd in _held_lock_fds:
+        with suppress(OSError):
+            os.close(fd)
+    _held_lock_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @contextmanager
 def exclusive_folder(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` while the block runs: a second process (or a second writer in this one)
     is refused at once, naming the holder. The operating system releases the lock when the process dies, so a
-    crashed run never leaves the folder locked."""
+    crashed run never leaves the folder locked (processes forked meanwhile do not hold it)."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): runs are not protected against a concurrent writer
@@ -59,6 +77,7 @@ def exclusive_folder(folder: Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder / LOCK_FILE
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, user_file_mode())
+    owner = os.getpid()  # a forked child that unwinds this block must not unlock or close the parent's lock
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -67,12 +86,16 @@ def exclusive_folder(folder: Path) -> Iterator[None]:
             raise FolderBusyError(
                 f"{folder} is being written by {holder}; wait for that run to finish, or pass another --output."
             ) from None
+        _held_lock_fds.add(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"vlprompt process {os.getpid()}".encode(), 0)
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if os.getpid() == owner:
+                _held_lock_fds.discard(fd)
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        os.close(fd)
+        if os.getpid() == owner:
+            os.close(fd)

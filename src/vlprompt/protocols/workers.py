@@ -21,6 +21,8 @@ from typing import Any
 
 # a worker asked to end (SIGTERM) gets this long before it is killed
 _GRACE_S = 5.0
+# how often busy workers' exit statuses are read while none has replied
+_POLL_S = 1.0
 
 
 class RemoteTraceback(Exception):
@@ -144,9 +146,12 @@ def run_in_workers(count: int, context: Any, initializer: Callable[..., None], i
                 _hand_next(workers[-1], queue, function, fail, describe)
         while any(worker.item is not None for worker in workers):
             busy = [worker for worker in workers if worker.item is not None]
-            ready = set(wait([w.connection for w in busy] + [w.process.sentinel for w in busy]))
+            ready = set(wait([w.connection for w in busy] + [w.process.sentinel for w in busy], timeout=_POLL_S))
             for worker in busy:
-                if worker.connection in ready:
+                # A dead worker's pipe and sentinel stay open while data-loader processes it forked live on (they
+                # look for a dead parent only every few seconds), so its exit status is asked for too.
+                ended = worker.process.sentinel in ready or worker.process.exitcode is not None
+                if worker.connection in ready or (ended and worker.connection.poll()):
                     item, worker.item = worker.item, None
                     try:
                         payload = worker.connection.recv_bytes()
@@ -165,9 +170,9 @@ def run_in_workers(count: int, context: Any, initializer: Callable[..., None], i
                         error, remote = reply
                         error.__cause__ = RemoteTraceback(remote)
                         fail(error)
-                    if worker.process.sentinel in ready:  # it replied, then ended: its queued share would be lost
+                    if ended:  # it replied, then ended: its queued share would be lost
                         fail(_died(worker, item, describe, "after it ran"))
-                elif worker.process.sentinel in ready:
+                elif ended:
                     item, worker.item = worker.item, None
                     fail(_died(worker, item, describe))
                 if worker.item is None and worker.alive and failure is None:
