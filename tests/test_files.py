@@ -22,65 +22,57 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path):
         pass
 
 
-def test_a_run_folder_locked_by_a_killed_process_is_free_again(tmp_path):
+@contextlib.contextmanager
+def _writer(folder, body: str, after: str = ""):
+    """A Python process that runs ``body`` inside ``exclusive_folder(folder)`` (then ``after``), killed at the end."""
     script = textwrap.dedent(f"""
-        import sys, time
-        from vlprompt.fileio import exclusive_folder
-        with exclusive_folder(__import__("pathlib").Path({str(tmp_path / "run")!r})):
-            print("locked", flush=True)
-            time.sleep(60)
-    """)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "locked"
-        with pytest.raises(FolderBusyError, match=rf"vlprompt process {child.pid}"):
-            with exclusive_folder(tmp_path / "run"):
-                pass
-    finally:
-        child.kill()
-        child.wait()
-    with exclusive_folder(tmp_path / "run"):
-        pass
-
-
-def _locking_script(folder, body: str) -> str:
-    return textwrap.dedent(f"""
         import os, pathlib, sys, time
         from vlprompt.fileio import exclusive_folder
         with exclusive_folder(pathlib.Path({str(folder)!r})):
-    """) + textwrap.indent(textwrap.dedent(body), "    ")
+    """) + textwrap.indent(textwrap.dedent(body), "    ") + after
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_run_folder_locked_by_a_killed_process_is_free_again(tmp_path):
+    with _writer(tmp_path / "run", 'print("locked", flush=True)\ntime.sleep(60)\n') as writer:
+        assert writer.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderBusyError, match=rf"vlprompt process {writer.pid}"):
+            with exclusive_folder(tmp_path / "run"):
+                pass
+    with exclusive_folder(tmp_path / "run"):
+        pass
 
 
 def test_a_killed_writer_frees_its_folder_while_a_process_it_forked_lives_on(tmp_path):
     """A data-loader worker forked by a run outlives a run killed for memory by a few seconds: its copy of the lock
     must not keep the folder busy for a rerun."""
-    script = _locking_script(tmp_path / "run", """
-        loader = os.fork()
-        if loader == 0:
-            time.sleep(60)
-            os._exit(0)
-        print(loader, flush=True)
-        time.sleep(60)
-    """)
-    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     loader = None
     try:
-        loader = int(writer.stdout.readline())
-        writer.kill()
-        writer.wait()
+        with _writer(tmp_path / "run", """
+            loader = os.fork()
+            if loader == 0:
+                time.sleep(60)
+                os._exit(0)
+            print(loader, flush=True)
+            time.sleep(60)
+        """) as writer:
+            loader = int(writer.stdout.readline())
         with exclusive_folder(tmp_path / "run"):
             pass
         os.kill(loader, 0)  # the forked process was still alive: its copy did not hold the lock
     finally:
-        writer.kill()
-        writer.wait()
         if loader is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(loader, signal.SIGKILL)
 
 
 def test_a_forked_process_leaving_the_locked_block_leaves_the_lock_with_its_parent(tmp_path):
-    script = _locking_script(tmp_path / "run", """
+    with _writer(tmp_path / "run", """
         child = os.fork()
         if child == 0:
             pass  # the child unwinds the block as its parent would
@@ -88,16 +80,11 @@ def test_a_forked_process_leaving_the_locked_block_leaves_the_lock_with_its_pare
             os.waitpid(child, 0)
             print("child gone", flush=True)
             time.sleep(60)
-    """) + "os._exit(0)\n"
-    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
+    """, after="os._exit(0)\n") as writer:
         assert writer.stdout.readline().strip() == "child gone"
         with pytest.raises(FolderBusyError, match=rf"vlprompt process {writer.pid}"):
             with exclusive_folder(tmp_path / "run"):
                 pass
-    finally:
-        writer.kill()
-        writer.wait()
 
 
 def test_training_into_a_folder_another_run_writes_is_refused_and_loses_nothing(engine_run_options, tiny_model_dir,
