@@ -54,11 +54,10 @@ def test_a_killed_writer_frees_its_folder_while_a_process_it_forked_lives_on(tmp
     loader = None
     try:
         with _writer(tmp_path / "run", """
-            loader = os.fork()
-            if loader == 0:
+            if os.fork() == 0:
+                print(os.getpid(), flush=True)  # after fork's hooks have run here: its copy of the lock is closed
                 time.sleep(60)
                 os._exit(0)
-            print(loader, flush=True)
             time.sleep(60)
         """) as writer:
             loader = int(writer.stdout.readline())
@@ -74,17 +73,19 @@ def test_a_killed_writer_frees_its_folder_while_a_process_it_forked_lives_on(tmp
 def test_a_forked_process_leaving_the_locked_block_leaves_the_lock_with_its_parent(tmp_path):
     with _writer(tmp_path / "run", """
         child = os.fork()
-        if child == 0:
-            pass  # the child unwinds the block as its parent would
+        if child == 0:  # the child unwinds the block as its parent would, with a file of its own open
+            os.write(os.open(pathlib.Path({witness!r}), os.O_RDWR | os.O_CREAT), b"kept")
         else:
             os.waitpid(child, 0)
             print("child gone", flush=True)
             time.sleep(60)
-    """, after="os._exit(0)\n") as writer:
+    """.replace("{witness!r}", repr(str(tmp_path / "witness"))), after="os._exit(0)\n") as writer:
         assert writer.stdout.readline().strip() == "child gone"
         with pytest.raises(FolderBusyError, match=rf"vlprompt process {writer.pid}"):
             with exclusive_folder(tmp_path / "run"):
                 pass
+    # the file took the number of the child's closed copy of the lock: the block's exit did not touch it
+    assert (tmp_path / "witness").read_text() == "kept"
 
 
 def test_training_into_a_folder_another_run_writes_is_refused_and_loses_nothing(engine_run_options, tiny_model_dir,

@@ -78,6 +78,7 @@ def exclusive_folder(folder: Path) -> Iterator[None]:
     lock_path = folder / LOCK_FILE
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, user_file_mode())
     owner = os.getpid()  # a forked child that unwinds this block must not unlock or close the parent's lock
+    _held_lock_fds.add(fd)  # before the lock is taken: a thread may fork at any moment once it is
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -86,16 +87,15 @@ def exclusive_folder(folder: Path) -> Iterator[None]:
             raise FolderBusyError(
                 f"{folder} is being written by {holder}; wait for that run to finish, or pass another --output."
             ) from None
-        _held_lock_fds.add(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"vlprompt process {os.getpid()}".encode(), 0)
         try:
             yield
         finally:
             if os.getpid() == owner:
-                _held_lock_fds.discard(fd)
                 os.ftruncate(fd, 0)
                 fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         if os.getpid() == owner:
+            _held_lock_fds.discard(fd)
             os.close(fd)
