@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -230,6 +231,8 @@ def test_mm_grounding_dino_shares_the_adapter():
 
 
 def test_config_errors(detector):
+    with pytest.raises(MethodConfigError, match=r"det_lora.target_modules '\(\[' is not a valid regular expression"):
+        get_prompt_model(detector, "det_lora", ["circle"], config={"target_modules": "(["})
     with pytest.raises(MethodConfigError, match="layers"):
         sdpt(detector, layers=[0, 5])
     with pytest.raises(MethodConfigError, match="layers"):
@@ -400,6 +403,30 @@ def test_category_subset_and_errors(toy_det, tmp_path):
         load_detection_dataset(f"coco:{broken.parent}")
 
 
+def test_categories_given_as_one_string_are_split_at_commas(toy_det):
+    """`--set data.categories=star` gives a string: it is one name (or several, comma-separated), not its letters."""
+    assert load_detection_dataset(f"coco:{toy_det}", categories="star").categories == ["star"]
+    assert load_detection_dataset(f"coco:{toy_det}", categories="star,circle").categories == ["star", "circle"]
+
+
+def test_boxes_of_zero_width_or_height_are_skipped_with_a_warning(toy_det, tmp_path):
+    root = shutil.copytree(toy_det, tmp_path / "data")
+    _edit_split(root, "test", lambda d: d["annotations"][0]["bbox"].__setitem__(2, 0))
+    kept = sum(len(image.boxes) for image in load_detection_dataset(f"coco:{toy_det}").test)
+    with pytest.warns(UserWarning, match=r"1 annotation\(s\) with a zero or negative box width or height are skipped"):
+        splits = load_detection_dataset(f"coco:{root}")
+    assert sum(len(image.boxes) for image in splits.test) == kept - 1  # and not scored in evaluation either
+
+
+def test_asking_more_shots_than_a_category_has_warns_naming_it(toy_det):
+    from vlprompt.engine.api import DataOptions
+    from vlprompt.tasks.detection import load_detection_splits
+
+    with pytest.warns(UserWarning, match=r"categories have fewer than 50 training images \(.*using all of their"):
+        splits = load_detection_splits(DataOptions(dataset=f"coco:{toy_det}", shots=50))
+    assert len(splits.train) == len(load_detection_dataset(f"coco:{toy_det}").train)
+
+
 def test_coco_map_of_perfect_and_shifted_detections(toy_det):
     splits = load_detection_dataset(f"coco:{toy_det}")
     gt = coco_ground_truth(splits.test, splits.category_ids, splits.categories)
@@ -434,15 +461,24 @@ def _edit_split(root, split, edit):
 
 def test_malformed_or_ambiguous_coco_files_are_named(toy_det, tmp_path):
     cases = [
-        (lambda d: d["categories"][0].pop("name"), "category entry is malformed"),
+        (lambda d: d["categories"][0].pop("name"), "is malformed (KeyError: 'name')"),
         (lambda d: d["annotations"][0].__setitem__("bbox", [1, None, 3, 4]), "is malformed"),
         (lambda d: d["categories"].append({"id": 999, "name": d["categories"][0]["name"].upper()}),
          "more than once (ignoring case)"),
+        # JSON's NaN and Infinity: such a box was dropped in training but scored in evaluation
+        (lambda d: d["annotations"][0]["bbox"].__setitem__(2, float("nan")), "nan, "),  # [x, y, nan, h]
+        (lambda d: d["annotations"][0]["bbox"].__setitem__(3, float("inf")), "inf] is not finite: fix or remove it"),
+        (lambda d: d.__setitem__("images", None), "'images' is NoneType; a COCO detection file holds lists"),
+        (lambda d: d.__setitem__("annotations", {}), "'annotations' is dict"),
+        (lambda d: d["annotations"].append(5), "the annotation entry 5 is malformed"),
+        (lambda d: d["images"][1].__setitem__("id", d["images"][0]["id"]), "is used by more than one image"),
+        (lambda d: d["categories"][0].__setitem__("name", None), "has the name None; each name must be non-empty"),
+        (lambda d: d["categories"][0].__setitem__("name", " _ "), "has the name ' _ '; each name must be non-empty"),
     ]
     for i, (edit, message) in enumerate(cases):
         root = shutil.copytree(toy_det, tmp_path / str(i))
         _edit_split(root, "train", edit)
-        with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(DatasetError, match=re.escape(message)):
             load_detection_dataset(f"coco:{root}")
     with pytest.raises(DatasetError, match="listed more than once"):
         load_detection_dataset(f"coco:{toy_det}", categories=["circle", "circle"])

@@ -382,6 +382,13 @@ def test_missing_or_corrupt_prompt_config_raises_checkpoint_error(engine_coop_ru
     (run_dir / ckpt.CONFIG_FILE).write_text('{"method": "coop", ')
     with pytest.raises(CheckpointError, match="not valid JSON"):
         evaluate_checkpoint(run_dir, data)
+    (run_dir / ckpt.CONFIG_FILE).write_text("[]")
+    with pytest.raises(CheckpointError, match="holds a JSON list, not an object; the checkpoint is corrupt"):
+        evaluate_checkpoint(run_dir, data)
+    saved = json.loads((engine_coop_run[0] / ckpt.CONFIG_FILE).read_text())
+    (run_dir / ckpt.CONFIG_FILE).write_text(json.dumps({k: v for k, v in saved.items() if k != "classnames"}))
+    with pytest.raises(CheckpointError, match=r"lacks \['classnames'\]; the checkpoint is corrupt"):
+        evaluate_checkpoint(run_dir, data)
 
     with pytest.raises(CheckpointError, match="missing"):
         evaluate_checkpoint(tmp_path / "not_a_run", data)

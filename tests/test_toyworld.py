@@ -392,3 +392,21 @@ def test_a_scene_key_draws_another_datasets_very_scenes(monkeypatch):
     for split, label, i in (("train", 0, 0), ("test", 3, 5)):
         assert suite.toy_scene("shapes__sketch", split, label, i)[0] == suite.toy_scene("shapes", split, label, i)[0]
     assert suite.toy_fingerprint("shapes__sketch") != suite.toy_fingerprint("shapes")
+
+
+@pytest.mark.parametrize("in_the_way", ["a file", "a file on its path"])
+def test_a_toy_root_that_cannot_be_written_is_named_with_the_fix(tmp_path, in_the_way):
+    from vlprompt.data import DatasetError
+
+    root = tmp_path / "afile.txt"
+    if in_the_way == "a file":
+        root.write_text("not a folder")
+        why = "a file is in the way"
+    else:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro" / "blocker").write_text("")
+        root = tmp_path / "ro" / "blocker" / "toy"
+        why = "Not a directory"
+    with pytest.raises(DatasetError, match=rf"cannot write the toy world's datasets in .*\({why}\); pass a "
+                                           r"writable folder as --data-root \(or set \$VLPROMPT_TOY_ROOT\)"):
+        materialize("count", root, counts=(1, 1, 1))

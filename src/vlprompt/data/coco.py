@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -114,7 +116,22 @@ def _parse_annotation(ann: Any) -> tuple[int, int, Any]:
     bbox = ann.get("bbox")
     if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
         bbox = [float(v) for v in bbox]  # None or a string raise here
+        if not all(math.isfinite(v) for v in bbox):  # JSON's NaN / Infinity: a box no metric can score
+            raise ValueError(f"bbox {bbox} is not finite: fix or remove it")
     return int(ann.get("image_id", -1)), int(ann.get("category_id", -1)), bbox
+
+
+def _parse_category(entry: Any, json_path: Path) -> tuple[int, str]:
+    """``(id, name)`` of a category entry; its name is the detector's text prompt, so it must be a non-blank string."""
+    try:
+        category_id, name = int(entry["id"]), entry["name"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise DatasetError(f"{json_path}: the category entry {str(entry)[:80]} is malformed ({type(err).__name__}: "
+                           f"{err}); each needs an integer 'id' and a 'name'.") from err
+    if not isinstance(name, str) or not clean_classname(name).strip():
+        raise DatasetError(f"{json_path}: category {category_id} has the name {name!r}; each name must be non-empty "
+                           "text, since it is the detector's prompt for that category.")
+    return category_id, clean_classname(name)
 
 
 def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], list[DetectionImage]]:
@@ -129,11 +146,12 @@ def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], 
             f"{json_path} is not a COCO detection file: it lacks {missing} (a COCO file holds lists 'images', "
             "'annotations' and 'categories')."
         )
-    try:
-        categories = sorted((int(c["id"]), clean_classname(str(c["name"]))) for c in data["categories"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise DatasetError(f"{json_path}: a category entry is malformed ({type(err).__name__}: {err}); each needs an "
-                           "integer 'id' and a 'name'.") from err
+    not_lists = [k for k in ("images", "annotations", "categories") if not isinstance(data[k], list)]
+    if not_lists:
+        raise DatasetError(f"{json_path}: " + ", ".join(f"'{k}' is {type(data[k]).__name__}" for k in not_lists)
+                           + "; a COCO detection file holds lists 'images', 'annotations' and 'categories'.")
+    categories = [_parse_category(c, json_path) for c in data["categories"]]
+    categories.sort()
     names = [n for _, n in categories]
     lowered = [n.lower() for n in names]  # the detectors' text towers are uncased: "Cat" and "cat" are one phrase
     duplicates = sorted({n for n in names if lowered.count(n.lower()) > 1})
@@ -146,17 +164,22 @@ def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], 
         try:
             image_id, file_name = int(img["id"]), str(img["file_name"])
         except (KeyError, TypeError, ValueError) as err:
-            raise DatasetError(f"{json_path}: an image entry lacks {err} (each needs 'id' and 'file_name').") from err
+            raise DatasetError(f"{json_path}: the image entry {str(img)[:80]} is malformed ({type(err).__name__}: "
+                               f"{err}); each needs an integer 'id' and a 'file_name'.") from err
+        if image_id in images:
+            raise DatasetError(f"{json_path}: image id {image_id} is used by more than one image ("
+                               f"{images[image_id].file_name} and {file_name}); ids must be unique.")
         images[image_id] = DetectionImage(
             image_id, image_dir / file_name, int(img.get("width") or 0), int(img.get("height") or 0), file_name
         )
+    degenerate: list[Any] = []
     for ann in data["annotations"]:
         try:
             image_id, category_id, bbox = _parse_annotation(ann)
         except (TypeError, ValueError) as err:
-            raise DatasetError(f"{json_path}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r} is "
-                               f"malformed ({err}); each needs integer 'image_id' and 'category_id' and a numeric "
-                               "'bbox' [x, y, w, h].") from err
+            which = f"annotation {ann.get('id')}" if isinstance(ann, dict) else f"the annotation entry {ann!r:.80}"
+            raise DatasetError(f"{json_path}: {which} is malformed ({err}); each needs integer 'image_id' and "
+                               "'category_id' and a numeric 'bbox' [x, y, w, h].") from err
         image = images.get(image_id)
         if image is None:
             raise DatasetError(f"{json_path}: annotation {ann.get('id')} refers to image_id {ann.get('image_id')}, "
@@ -168,10 +191,15 @@ def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], 
             raise DatasetError(f"{json_path}: annotation {ann.get('id')} has bbox {bbox!r}; expected [x, y, w, h].")
         x, y, w, h = bbox
         if w <= 0 or h <= 0:
-            continue  # degenerate boxes are skipped, as COCO training pipelines do
+            degenerate.append(ann.get("id"))  # skipped, as COCO training pipelines do; said below
+            continue
         image.boxes.append([x, y, w, h])
         image.labels.append(cat_index[category_id])
         image.crowd.append(bool(ann.get("iscrowd", 0)))
+    if degenerate:
+        warnings.warn(f"{json_path}: {len(degenerate)} annotation(s) with a zero or negative box width or height are "
+                      f"skipped (ids {degenerate[:5]}{' ...' if len(degenerate) > 5 else ''}); boxes are "
+                      "[x, y, width, height].", stacklevel=2)
     out = list(images.values())
     absent = [str(i.path) for i in out if not i.path.is_file()]
     if absent:
@@ -277,8 +305,10 @@ def load_detection_dataset(spec: str, root: str | Path | None = None,
     assert all_categories is not None
     names = [n for _, n in all_categories]
     chosen = list(range(len(names)))
+    if isinstance(categories, str):  # `--set data.categories=cat,dog` gives one string
+        categories = [c for c in categories.split(",") if c.strip()]
     if categories:
-        wanted = [clean_classname(c) for c in categories]
+        wanted = [clean_classname(str(c)) for c in categories]
         unknown = [c for c in wanted if c not in names]
         if unknown:
             raise DatasetError(f"unknown category names {unknown}; the dataset has {names}.")

@@ -7,6 +7,7 @@ the last finished epoch) so ``--resume`` can continue an interrupted run. Every 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -101,6 +102,10 @@ def recorded_backbone(folder: str | Path, model: str | None = None):
                         "moved, pass --model <its folder> / backbone=load_backbone(<its folder>))") from err
 
 
+# what every prompt_config.json holds (prompt_config writes more); a file without them cannot be loaded
+REQUIRED_CONFIG_KEYS = ("method", "method_config", "classnames", "template")
+
+
 def read_prompt_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / CONFIG_FILE
@@ -111,9 +116,23 @@ def read_prompt_config(folder: str | Path) -> dict[str, Any]:
             "Pass the run folder written by `vlprompt train` (it holds prompt.safetensors + prompt_config.json)."
         )
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt.") from err
+    lacking = [key for key in REQUIRED_CONFIG_KEYS if key not in config] if isinstance(config, dict) else None
+    if lacking is None or lacking:
+        what = f"lacks {lacking}" if lacking else f"holds a JSON {type(config).__name__}, not an object"
+        raise CheckpointError(f"{path} {what}; the checkpoint is corrupt or not vlprompt's: train the run again, "
+                              "or restore the folder from a copy.")
+    if not isinstance(config["classnames"], list) or not all(isinstance(c, str) for c in config["classnames"]):
+        raise CheckpointError(f"{path}: classnames must be a list of names, got {str(config['classnames'])[:80]}; "
+                              "the checkpoint is corrupt.")
+    if "task" not in config:  # written by versions that named only detection: the method knows its task
+        from vlprompt.methods import method_class
+
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # an unknown method is named where it is loaded
+            config["task"] = method_class(config["method"]).task
+    return config
 
 
 def check_backbone(saved: dict[str, Any], backbone) -> None:

@@ -8,6 +8,7 @@ bi-directional attention (``sdpt_native``, ``det_fusion_prompt``), or the detect
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -21,7 +22,14 @@ from vlprompt.backbones.base import (
     SITE_FUSION,
     FusionTokens,
 )
-from vlprompt.methods.base import MethodConfig, PromptMethod, phrase_embedding, require, set_lora_dropout_mode
+from vlprompt.methods.base import (
+    MethodConfig,
+    MethodConfigError,
+    PromptMethod,
+    phrase_embedding,
+    require,
+    set_lora_dropout_mode,
+)
 from vlprompt.options import opt
 from vlprompt.recipes import Recipe
 from vlprompt.methods.registry import register_method
@@ -294,6 +302,13 @@ class DetLoRAConfig(MethodConfig):
 
     def validate(self) -> None:
         require(self.dropout < 1, "det_lora.dropout must be in [0, 1)")
+        if self.target_modules is not None:
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise MethodConfigError(f"det_lora.target_modules {self.target_modules!r} is not a valid regular "
+                                        f"expression ({err}); it is matched against the detector's module names, e.g. "
+                                        r"'model\.decoder\.layers\.\d+\.self_attn\.(query|value)'") from None
 
 
 class DetLoRA(DetectionMethod):

@@ -313,8 +313,13 @@ def write_once(root: Path, target: Path, manifest: dict[str, Any], write: Callab
     crash leaves no half-written target (and another process that finished it first wins)."""
     if _read_manifest(target) == manifest:
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    except OSError as err:
+        why = "a file is in the way" if root.exists() and not root.is_dir() else (err.strerror or str(err))
+        raise DatasetError(f"cannot write the toy world's datasets in {root} ({why}); pass a writable "
+                           f"folder as --data-root (or set ${TOY_ROOT_ENV}).") from None
     try:
         write(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")  # last: marks complete
