@@ -400,7 +400,20 @@ def test_category_subset_and_errors(toy_det, tmp_path):
     (broken / "annotations.json").write_text(json.dumps(data))
     (broken / data["images"][0]["file_name"]).unlink()
     with pytest.raises(DatasetError, match="missing"):
-        load_detection_dataset(f"coco:{broken.parent}")
+        load_detection_dataset(f"coco:{broken.parent}").test
+
+
+def test_a_split_whose_images_are_missing_is_an_error_only_where_it_is_used(toy_det, tmp_path):
+    """COCO is often downloaded as val2017/ and the annotations only: evaluating on val needs no training images."""
+    root = shutil.copytree(toy_det, tmp_path / "data")
+    shutil.rmtree(root / "train" / "images")
+    splits = load_detection_dataset(f"coco:{root}")
+    assert len(splits.split("val")) == len(load_detection_dataset(f"coco:{toy_det}").val)
+    for use in (lambda: splits.train, lambda: splits.split("train")):
+        with pytest.raises(DatasetError, match=r"image\(s\) listed in .*train.*annotations.json are missing"):
+            use()
+    splits.train = splits.val  # a split set anew (a few-shot draw) is what it was set to
+    assert splits.train == splits.val
 
 
 def test_categories_given_as_one_string_are_split_at_commas(toy_det):

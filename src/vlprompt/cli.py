@@ -719,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run folder written by `vlprompt train`")
     _add_common_run_flags(p, with_method=False)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k labels (classification runs) or boxes drawn on the images (detection "

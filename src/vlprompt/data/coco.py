@@ -73,20 +73,42 @@ class DetectionImage:
         )
 
 
-@dataclass
+def _split_images(split: str) -> property:
+    def get(self: "DetectionSplits") -> list[DetectionImage]:
+        return self.split(split)
+
+    def put(self: "DetectionSplits", images: list[DetectionImage]) -> None:
+        self._images[split] = images
+        self._unreadable.pop(split, None)
+
+    return property(get, put, doc=f"the {split} split's images; an error if its image files cannot be read")
+
+
 class DetectionSplits:
-    name: str
-    categories: list[str]  # names, the prompt's phrases (index = label)
-    category_ids: list[int]  # the COCO id of each
-    train: list[DetectionImage]
-    val: list[DetectionImage]
-    test: list[DetectionImage]
-    template: str = "{}"
+    """A detection dataset's categories and its three splits. A split whose image files are missing or unreadable is
+    an error only when it is used: evaluating on val needs no training images (COCO is often downloaded without
+    train2017/)."""
+
+    train = _split_images("train")
+    val = _split_images("val")
+    test = _split_images("test")
+
+    def __init__(self, name: str, categories: list[str], category_ids: list[int], train: list[DetectionImage],
+                 val: list[DetectionImage], test: list[DetectionImage], template: str = "{}",
+                 unreadable: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.categories = categories  # names, the prompt's phrases (index = label)
+        self.category_ids = category_ids  # the COCO id of each
+        self.template = template
+        self._images = {"train": train, "val": val, "test": test}
+        self._unreadable = dict(unreadable or {})  # split -> why its images cannot be read
 
     def split(self, name: str) -> list[DetectionImage]:
         if name not in SPLITS:
             raise DatasetError(f"unknown split {name!r}; choose one of {SPLITS}")
-        return getattr(self, name)
+        if name in self._unreadable:
+            raise DatasetError(self._unreadable[name])
+        return self._images[name]
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -134,8 +156,10 @@ def _parse_category(entry: Any, json_path: Path) -> tuple[int, str]:
     return category_id, clean_classname(name)
 
 
-def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], list[DetectionImage]]:
-    """Categories ``[(id, name)]`` sorted by id and the images of one COCO JSON file, checked."""
+def read_coco(json_path: Path, image_dir: Path,
+              check_files: bool = True) -> tuple[list[tuple[int, str]], list[DetectionImage]]:
+    """Categories ``[(id, name)]`` sorted by id and the images of one COCO JSON file, checked (the image files
+    too, with ``check_files``: :func:`check_image_files`)."""
     try:
         data = json.loads(Path(json_path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -201,13 +225,20 @@ def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], 
                       f"skipped (ids {degenerate[:5]}{' ...' if len(degenerate) > 5 else ''}); boxes are "
                       "[x, y, width, height].", stacklevel=2)
     out = list(images.values())
-    absent = [str(i.path) for i in out if not i.path.is_file()]
+    if check_files:
+        check_image_files(out, json_path, image_dir)
+    return categories, out
+
+
+def check_image_files(images: Sequence[DetectionImage], json_path: Path, image_dir: Path) -> None:
+    """Every image file exists and is readable; sizes the JSON leaves out are read from the files."""
+    absent = [str(i.path) for i in images if not i.path.is_file()]
     if absent:
         raise DatasetError(
             f"{len(absent)} image(s) listed in {json_path} are missing, e.g. {absent[:3]}; file_name is read relative "
             f"to {image_dir}."
         )
-    for image in out:
+    for image in images:
         if not image.width or not image.height:
             try:
                 with Image.open(image.path) as im:
@@ -217,7 +248,6 @@ def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], 
                     f"cannot read image {image.path}, listed in {json_path} ({type(err).__name__}: {err}); the file "
                     "is corrupt or not an image: replace it, or remove it and its annotations from the JSON."
                 ) from err
-    return categories, out
 
 
 def toy_detection_names() -> list[str]:
@@ -291,16 +321,21 @@ def load_detection_dataset(spec: str, root: str | Path | None = None,
             "annotations/instances_<split>2017.json (+ <split>2017/), <split>.json or annotations.json."
         )
     splits: dict[str, list[DetectionImage]] = {}
+    unreadable: dict[str, str] = {}
     all_categories: list[tuple[int, str]] | None = None
     for split in SPLITS:
         if split not in sources:
             splits[split] = []
             continue
-        cats, images = read_coco(*sources[split])
+        cats, images = read_coco(*sources[split], check_files=False)
         if all_categories is None:
             all_categories = cats
         elif cats != all_categories:
             raise DatasetError(f"{sources[split][0]} has other categories than the dataset's other splits.")
+        try:
+            check_image_files(images, *sources[split])
+        except DatasetError as err:  # an error when the split is used (DetectionSplits)
+            unreadable[split] = str(err)
         splits[split] = images
     assert all_categories is not None
     names = [n for _, n in all_categories]
@@ -321,7 +356,7 @@ def load_detection_dataset(spec: str, root: str | Path | None = None,
     subset = {s: [img.subset(keep, remap) for img in images] for s, images in splits.items()}
     return DetectionSplits(
         name=spec, categories=[names[i] for i in chosen], category_ids=[all_categories[i][0] for i in chosen],
-        train=subset["train"], val=subset["val"], test=subset["test"],
+        train=subset["train"], val=subset["val"], test=subset["test"], unreadable=unreadable,
     )
 
 
@@ -332,7 +367,8 @@ def few_shot_detection(images: Sequence[DetectionImage], k: int, seed: int, n_ca
     Categories are visited in order; an image already chosen counts for every category it shows.
     """
     if k < 1:
-        raise DatasetError(f"shots must be >= 1, got {k}")
+        raise DatasetError(f"shots must be an integer >= 1, got {k}; to train on all images, leave out --shots "
+                           "(data.shots).")
     by_id = sorted(images, key=lambda i: i.id)
     chosen: list[DetectionImage] = []
     chosen_ids: set[int] = set()
