@@ -137,3 +137,21 @@ def test_a_corrupt_image_is_named_with_the_fix(capsys, detector_dir, coco_root, 
     code, out, err = cli(capsys, *train_args(detector_dir, broken, "det_coop", tmp_path / "run"))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "cannot read image" in err and "Traceback" not in err
+
+
+def test_a_corrupt_test_image_met_after_training_keeps_the_training_for_a_resume(capsys, detector_dir, coco_root,
+                                                                                  tmp_path):
+    import shutil
+
+    broken = shutil.copytree(coco_root, tmp_path / "coco")
+    test_image = next(p for p in (broken / "test").rglob("*.png"))
+    intact = test_image.read_bytes()
+    test_image.write_bytes(intact[:40])  # the JSON gives its size, so only the final evaluation reads it
+    args = train_args(detector_dir, broken, "det_coop", tmp_path / "run")
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot read image" in err and "The trained epochs are kept" in err and "--resume" in err
+    test_image.write_bytes(intact)
+    code, out, err = cli(capsys, *args, "--resume")
+    assert code == 0, err
+    assert (tmp_path / "run" / "prompt.safetensors").is_file()

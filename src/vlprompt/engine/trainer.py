@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vlprompt.data.errors import DatasetError
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine import distributed, speed
 from vlprompt.fileio import FolderBusyError, exclusive_folder
@@ -575,10 +576,16 @@ class Trainer:
 
     def _finish(self, method, task, record: dict[str, Any] | None) -> dict[str, Any]:
         cfg = self.config
-        if record is not None:
-            record.update(task.validate(method, self.accelerator, cfg.eval_batch_size))
-            self.history.append(record)
-        final = task.final_metrics(method, self.accelerator, cfg.eval_batch_size, self.log)
+        try:
+            if record is not None:
+                record.update(task.validate(method, self.accelerator, cfg.eval_batch_size))
+                self.history.append(record)
+            final = task.final_metrics(method, self.accelerator, cfg.eval_batch_size, self.log)
+        except DatasetError as err:  # e.g. a corrupt test image, met only now: the training is not lost
+            if not (self._resume_folder() / "state.json").exists():
+                raise
+            raise DatasetError(f"{err} The trained epochs are kept in {self.run_dir}: once the data is fixed, rerun "
+                               "the same command with --resume to evaluate them.") from err
         self.history.append(final)
         if self.accelerator.is_main_process:
             ckpt.save_prompt(self.run_dir, method)
