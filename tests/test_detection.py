@@ -416,6 +416,13 @@ def test_a_split_whose_images_are_missing_is_an_error_only_where_it_is_used(toy_
     assert splits.train == splits.val
 
 
+def test_a_numeric_category_name_is_read_as_its_text(toy_det, tmp_path):
+    root = shutil.copytree(toy_det, tmp_path / "data")
+    for split in ("train", "val", "test"):
+        _edit_split(root, split, lambda d: d["categories"][0].__setitem__("name", 7))
+    assert load_detection_dataset(f"coco:{root}").categories[0] == "7"
+
+
 def test_categories_given_as_one_string_are_split_at_commas(toy_det):
     """`--set data.categories=star` gives a string: it is one name (or several, comma-separated), not its letters."""
     assert load_detection_dataset(f"coco:{toy_det}", categories="star").categories == ["star"]

@@ -150,8 +150,24 @@ def test_a_corrupt_test_image_met_after_training_keeps_the_training_for_a_resume
     args = train_args(detector_dir, broken, "det_coop", tmp_path / "run")
     code, _, err = cli(capsys, *args)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "cannot read image" in err and "The trained epochs are kept" in err and "--resume" in err
+    assert "cannot read image" in err and "The trained epochs are kept" in err and "rerun with --resume to" in err
+    code, _, err = cli(capsys, *args, "--overwrite")
+    assert code == 2 and "rerun with --resume (without --overwrite) to evaluate them" in err  # both are refused
     test_image.write_bytes(intact)
     code, out, err = cli(capsys, *args, "--resume")
     assert code == 0, err
     assert (tmp_path / "run" / "prompt.safetensors").is_file()
+
+
+def test_a_bench_on_a_coco_set_without_its_training_images_stops_before_any_run(capsys, detector_dir, coco_root,
+                                                                                 tmp_path):
+    """Split image files are checked where a split is used; a bench uses every split, so it checks them up front."""
+    import shutil
+
+    broken = shutil.copytree(coco_root, tmp_path / "coco")
+    shutil.rmtree(broken / "train" / "images")
+    code, _, err = cli(capsys, "bench", "--model", detector_dir, "--methods", "det_zeroshot", "--datasets",
+                       f"coco:{broken}", "--shots", "1", "--seeds", "1", "--output", tmp_path / "bench")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "image(s) listed in" in err and "are missing" in err
+    assert not (tmp_path / "bench").exists()

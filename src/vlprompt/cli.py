@@ -223,8 +223,10 @@ def resolved_tree(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
+    from vlprompt.data import DatasetError
     from vlprompt.engine.api import resolve_recipe, train
     from vlprompt.engine.distributed import launched_rank, launched_world_size
+    from vlprompt.engine.trainer import EvaluationDataError
 
     if args.resume and args.overwrite:
         raise CLIError("--resume continues the run in --output and --overwrite replaces it: pass one of them")
@@ -235,7 +237,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"training {options.method} on {options.data.dataset} with {options.model} -> {options.output}"
               + (f" ({processes} processes, global batch {options.train.batch_size})" if processes > 1 else ""))
         print(recipe_line)
-    result = train(options, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        result = train(options, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    except EvaluationDataError as err:
+        raise DatasetError(f"{err} The trained epochs are kept in {err.run_dir}: once the data is fixed, rerun with "
+                           f"--resume{' (without --overwrite)' if args.overwrite else ''} to evaluate them.") from err
     if speak:
         print(json.dumps({"output": options.output, **result}))
     return 0

@@ -150,6 +150,8 @@ def _parse_category(entry: Any, json_path: Path) -> tuple[int, str]:
     except (KeyError, TypeError, ValueError) as err:
         raise DatasetError(f"{json_path}: the category entry {str(entry)[:80]} is malformed ({type(err).__name__}: "
                            f"{err}); each needs an integer 'id' and a 'name'.") from err
+    if isinstance(name, int) and not isinstance(name, bool):  # digit classes ("name": 7) read as their text
+        name = str(name)
     if not isinstance(name, str) or not clean_classname(name).strip():
         raise DatasetError(f"{json_path}: category {category_id} has the name {name!r}; each name must be non-empty "
                            "text, since it is the detector's prompt for that category.")

@@ -130,8 +130,8 @@ def read_prompt_config(folder: str | Path) -> dict[str, Any]:
     if "task" not in config:  # written by versions that named only detection: the method knows its task
         from vlprompt.methods import method_class
 
-        with contextlib.suppress(KeyError, TypeError, ValueError):  # an unknown method is named where it is loaded
-            config["task"] = method_class(config["method"]).task
+        with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):  # an unknown method: named later
+            config["task"] = config["method_config"].get("task") or method_class(config["method"]).task
     return config
 
 

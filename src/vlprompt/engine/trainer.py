@@ -281,6 +281,15 @@ def task_class_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- training
+class EvaluationDataError(DatasetError):
+    """A dataset error met in the evaluation after training (a corrupt test image): the trained epochs are kept in
+    ``run_dir``'s resume state, so a resume (``vlprompt train --resume``) evaluates them once the data is fixed."""
+
+    def __init__(self, message: str, run_dir: Path) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
 class Trainer:
     """Trains any method on any task into a run folder (see the module docstring)."""
 
@@ -584,8 +593,7 @@ class Trainer:
         except DatasetError as err:  # e.g. a corrupt test image, met only now: the training is not lost
             if not (self._resume_folder() / "state.json").exists():
                 raise
-            raise DatasetError(f"{err} The trained epochs are kept in {self.run_dir}: once the data is fixed, rerun "
-                               "the same command with --resume to evaluate them.") from err
+            raise EvaluationDataError(str(err), self.run_dir) from err
         self.history.append(final)
         if self.accelerator.is_main_process:
             ckpt.save_prompt(self.run_dir, method)

@@ -728,11 +728,16 @@ def load_bench_dataset(dataset: str, data_root: str | None) -> None:
     from vlprompt.data import load_dataset
     from vlprompt.engine.api import dataset_task, load_task_data
 
+    from vlprompt.data.coco import SPLITS, DetectionSplits
+
     task = dataset_task(dataset)
     if task == "classification":
         load_dataset(dataset, data_root)
-    else:
-        load_task_data(task, DataOptions(dataset=dataset, root=data_root), shots=False)
+        return
+    splits = load_task_data(task, DataOptions(dataset=dataset, root=data_root), shots=False)
+    if isinstance(splits, DetectionSplits):  # its image files are checked where a split is used: a bench uses each
+        for split in SPLITS:
+            splits.split(split)
 
 
 def check_train_options(config: BenchConfig, methods: Sequence[str]) -> None:
