@@ -144,7 +144,7 @@ def _parse_annotation(ann: Any) -> tuple[int, int, Any]:
 
 
 def _parse_category(entry: Any, json_path: Path) -> tuple[int, str]:
-    """``(id, name)`` of a category entry; its name is the detector's text prompt, so it must be a non-blank string."""
+    """``(id, name)`` of a category entry; its name is the detector's text prompt: non-blank text (or a number)."""
     try:
         category_id, name = int(entry["id"]), entry["name"]
     except (KeyError, TypeError, ValueError) as err:
