@@ -438,6 +438,20 @@ def test_boxes_of_zero_width_or_height_are_skipped_with_a_warning(toy_det, tmp_p
     assert sum(len(image.boxes) for image in splits.test) == kept - 1  # and not scored in evaluation either
 
 
+def test_boxes_reaching_past_their_image_are_said_as_corner_boxes_would_be(toy_det, tmp_path):
+    root = shutil.copytree(toy_det, tmp_path / "data")
+
+    def as_corners(data):  # [x, y, w, h] -> [x0, y0, x1, y1], a common mistake
+        for annotation in data["annotations"]:
+            x, y, w, h = annotation["bbox"]
+            annotation["bbox"] = [x, y, x + w + 40, y + h + 40]
+
+    _edit_split(root, "val", as_corners)
+    with pytest.warns(UserWarning, match=r"val/annotations.json: \d+ box\(es\) reach more than 2.0 px past their "
+                                         r"image, .*written as corners \[x0, y0, x1, y1\], convert them"):
+        load_detection_dataset(f"coco:{root}")
+
+
 def test_asking_more_shots_than_a_category_has_warns_naming_it(toy_det):
     from vlprompt.engine.api import DataOptions
     from vlprompt.tasks.detection import load_detection_splits

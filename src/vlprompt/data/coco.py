@@ -41,6 +41,8 @@ SPLITS = ("train", "val", "test")
 # toydet:<name> -> how it is generated (images per split, image size, seed)
 TOY_DETECTION = {"shapes": dict(n_train=120, n_val=24, n_test=48, size=64, seed=0)}
 MAX_DETECTIONS = 100  # per image, as COCO evaluates
+# how far a box may reach past its image before it is said (annotation tools round outward by a pixel or so)
+BOX_SLACK_PX = 2.0
 
 
 def is_detection_dataset(name: str) -> bool:
@@ -233,7 +235,8 @@ def read_coco(json_path: Path, image_dir: Path,
 
 
 def check_image_files(images: Sequence[DetectionImage], json_path: Path, image_dir: Path) -> None:
-    """Every image file exists and is readable; sizes the JSON leaves out are read from the files."""
+    """Every image file exists and is readable; sizes the JSON leaves out are read from the files. Boxes that reach
+    well past their image are said (they are clipped): the mark of boxes written as corners, not [x, y, w, h]."""
     absent = [str(i.path) for i in images if not i.path.is_file()]
     if absent:
         raise DatasetError(
@@ -250,6 +253,18 @@ def check_image_files(images: Sequence[DetectionImage], json_path: Path, image_d
                     f"cannot read image {image.path}, listed in {json_path} ({type(err).__name__}: {err}); the file "
                     "is corrupt or not an image: replace it, or remove it and its annotations from the JSON."
                 ) from err
+    outside = [(image, box) for image in images for box in image.boxes if _reaches_past(box, image)]
+    if outside:
+        image, box = outside[0]
+        warnings.warn(f"{json_path}: {len(outside)} box(es) reach more than {BOX_SLACK_PX} px past their image, e.g. "
+                      f"{box} in {image.file_name} ({image.width} x {image.height}); they are clipped. COCO boxes are "
+                      "[x, y, width, height]: if these were written as corners [x0, y0, x1, y1], convert them.",
+                      stacklevel=2)
+
+
+def _reaches_past(box: Sequence[float], image: DetectionImage) -> bool:
+    x, y, w, h = box
+    return min(x, y) < -BOX_SLACK_PX or x + w > image.width + BOX_SLACK_PX or y + h > image.height + BOX_SLACK_PX
 
 
 def toy_detection_names() -> list[str]:
