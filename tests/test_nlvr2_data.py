@@ -3,6 +3,7 @@ the split folder (or train's numbered directories), and every bad input named wi
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -70,4 +71,28 @@ def test_every_bad_input_is_named(tmp_path, fault, message):
     else:
         _write(tmp_path, images=False)
     with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_nlvr2_split(tmp_path, "dev")
+
+
+_GOOD = {"identifier": "dev-1-0-0", "sentence": "There are two dogs.", "label": "True"}
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([dict(_GOOD, label=["True"])], "line 1: label ['True'] is not \"True\" or \"False\""),  # was a traceback
+    ([dict(_GOOD, label=True)], "line 1: label true is a JSON boolean; NLVR2 writes the string \"True\""),
+    ([dict(_GOOD, sentence=None)], "line 1: sentence None is not a statement"),  # was trained as "None"
+    ([dict(_GOOD, identifier=5)], "line 1: identifier 5 is not text"),
+    ([_GOOD, _GOOD], "line 2: identifier dev-1-0-0 occurs twice"),  # was scored twice
+    ([[_GOOD, _GOOD]], "line 1: a JSON array; NLVR2 files hold one JSON object per line"),
+])
+def test_damaged_fields_are_named_not_converted(tmp_path, lines, message):
+    (tmp_path / "dev.json").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_nlvr2_split(tmp_path, "dev")
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    line = json.dumps(dict(_GOOD, sentence="caf\u00e9"), ensure_ascii=False)
+    (tmp_path / "dev.json").write_bytes(line.encode("latin-1") + b"\n")
+    with pytest.raises(DatasetError, match="dev.json is not UTF-8 text .*re-save it as UTF-8"):
         load_nlvr2_split(tmp_path, "dev")

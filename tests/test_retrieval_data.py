@@ -3,6 +3,7 @@ k both ways computed against a by-hand count."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -76,3 +77,22 @@ def test_recall_at_k_both_ways_matches_a_count_by_hand():
         assert result[f"t2i_r{k}"] == pytest.approx(100 * sum(r < k for r in ranks) / 6)
     with pytest.raises(ValueError, match="expected \\(6,\\)"):
         recall_at_k(scores, caption_image[:5])
+
+
+def _entry(split="test", filename="0.jpg", raw="a red circle"):
+    return {"filename": filename, "split": split, "sentences": [{"raw": raw}]}
+
+
+@pytest.mark.parametrize("entries, message", [
+    # a split typo dropped the image from every split without a word
+    ([_entry(split="tset")], "image entry 0 (0.jpg) has the split 'tset'; Karpathy's splits are train, restval, val"),
+    ([_entry(split=None)], "image entry 0 (0.jpg) has the split None"),
+    ([_entry(raw=None)], "image entry 0 (0.jpg) has the caption None; each sentence needs its text as 'raw'"),
+    ([_entry(raw=12)], "has the caption 12"),
+    ([_entry(), _entry()], "image entry 1 lists 0.jpg again; each image has one entry with all its captions"),
+    (["hello"], "image entry 0 is 'hello', not an object"),
+])
+def test_damaged_entries_are_named_not_dropped(tmp_path, entries, message):
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_retrieval_split(tmp_path, "test")

@@ -90,3 +90,29 @@ def test_every_bad_input_is_named(tmp_path, fault, message):
         _write_vqa(tmp_path, images=False)
     with pytest.raises(DatasetError, match=message):
         load_vqa_split(tmp_path, "train")
+
+
+_GOOD_QUESTION = {"image_id": 1, "question": "What color is the circle?", "question_id": 10}
+_GOOD_ANNOTATION = {"question_id": 10, "image_id": 1, "answers": [{"answer": "red"}] * 10}
+
+
+@pytest.mark.parametrize("questions, annotations, message", [
+    # ids as VQA writes them: integers (a float was truncated to another image, a boolean read as 1)
+    ([dict(_GOOD_QUESTION, image_id=2.7)], None, "image_id 2.7 is not an integer id"),
+    ([dict(_GOOD_QUESTION, image_id=None)], None, "image_id None is not an integer id"),
+    ([dict(_GOOD_QUESTION, question_id="10")], None, "question_id '10' is not an integer id"),
+    (None, [dict(_GOOD_ANNOTATION, question_id=True)], "question_id True is not an integer id"),
+    # questions and answers as text (a number or null trained as the text "42" or "None")
+    ([dict(_GOOD_QUESTION, question=None)], None, "question 10 has the text None; a question must be text"),
+    ([dict(_GOOD_QUESTION, question=42)], None, "question 10 has the text 42"),
+    (None, [dict(_GOOD_ANNOTATION, answers=[{"answer": 3}] * 10)], r"question 10 has the answers \[3, 3"),
+    (None, [dict(_GOOD_ANNOTATION, answers=[])], r"question 10 has the answers \[\]"),
+    # duplicates (the last annotation won; a repeated question was scored twice)
+    (None, [_GOOD_ANNOTATION, _GOOD_ANNOTATION], "question 10 has two annotations"),
+    ([_GOOD_QUESTION, _GOOD_QUESTION], [_GOOD_ANNOTATION], "question 10 is listed twice"),
+])
+def test_damaged_fields_are_named_not_converted(tmp_path, questions, annotations, message):
+    _write_vqa(tmp_path, questions=questions or [_GOOD_QUESTION], annotations=annotations or [_GOOD_ANNOTATION],
+               images=False)
+    with pytest.raises(DatasetError, match=message):
+        load_vqa_split(tmp_path, "train")

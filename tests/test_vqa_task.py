@@ -88,3 +88,29 @@ def test_the_cli_trains_evaluates_and_names_task_mismatches(vqa_setup, tmp_path,
     assert main(["train", "--method", "apt_native", "--dataset", f"vqa:{tmp_path / 'missing'}",
                  "--output", str(tmp_path / "z"), *common]) == 2  # fmt: skip
     assert "is not a folder; pass vqa:<a folder in the VQA v2 layout>" in capsys.readouterr().err
+
+
+def test_a_resume_onto_answers_changed_in_place_is_refused(vqa_setup, tmp_path):
+    """Swapping two answers keeps their count: the stored digest of the answer list tells the runs apart."""
+    import shutil
+
+    model, data = vqa_setup
+    copy = shutil.copytree(data, tmp_path / "data")
+    options = _options((model, copy), tmp_path / "run", "fusion_head", epochs=1, lr=0.01)
+    vlprompt.train(options, progress=False, log=lambda _: None)
+    path = copy / "v2_mscoco_train2014_annotations.json"
+    path.write_text(path.read_text().replace('"red"', '"TMP"').replace('"blue"', '"red"').replace('"TMP"', '"blue"'))
+    more = _options((model, copy), tmp_path / "run", "fusion_head", epochs=2, lr=0.01)
+    with pytest.raises(vlprompt.TrainingError, match="answers_digest"):
+        vlprompt.train(more, resume=True, progress=False, log=lambda _: None)
+
+
+def test_a_vqa_folder_without_scored_questions_is_refused_before_training(vqa_setup, tmp_path):
+    model, data = vqa_setup
+    copy = write_vqa_folder(tmp_path / "data", per_split=(("train2014", 12),))
+    options = _options((model, copy), tmp_path / "run", "fusion_head", epochs=1, lr=0.01)
+    from vlprompt.data import DatasetError
+
+    with pytest.raises(DatasetError, match="has no val2014 questions to score"):
+        vlprompt.train(options, progress=False, log=lambda _: None)
+    assert not (tmp_path / "run").exists()

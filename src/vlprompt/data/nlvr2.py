@@ -48,8 +48,14 @@ def load_nlvr2_split(root: str | Path, split: str) -> list[NLVR2Example]:
     path = root / f"{split}.json"
     if not path.is_file():
         raise DatasetError(f"{path} does not exist: an NLVR2 folder holds <split>.json (JSON lines) and the images")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); NLVR2 files are UTF-8 "
+                           "JSON lines: re-save it as UTF-8") from None
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    seen: set[str] = set()
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -57,14 +63,28 @@ def load_nlvr2_split(root: str | Path, split: str) -> list[NLVR2Example]:
         except json.JSONDecodeError as err:
             raise DatasetError(f"{path}, line {number}: not valid JSON ({err.msg}); NLVR2 files hold one JSON object "
                                "per line") from None
+        if isinstance(item, list):
+            raise DatasetError(f"{path}, line {number}: a JSON array; NLVR2 files hold one JSON object per line "
+                               "(JSON lines), not one array")
         try:
             identifier, sentence, label = item["identifier"], item["sentence"], item["label"]
         except (KeyError, TypeError):
             raise DatasetError(f"{path}, line {number}: an example needs identifier, sentence and label") from None
-        if label not in LABELS:
+        if isinstance(label, bool):
+            raise DatasetError(f"{path}, line {number}: label {str(label).lower()} is a JSON boolean; NLVR2 writes "
+                               f"the string \"{label}\"")
+        if not isinstance(label, str) or label not in LABELS:
             raise DatasetError(f"{path}, line {number}: label {label!r} is not \"True\" or \"False\"")
-        images = pair_images(root, split, str(identifier), item.get("directory"))
-        examples.append(NLVR2Example(str(identifier), str(sentence), LABELS[label], images))
+        if not isinstance(identifier, str) or not identifier:
+            raise DatasetError(f"{path}, line {number}: identifier {identifier!r} is not text like "
+                               "\"dev-850-0-0\"")
+        if not isinstance(sentence, str) or not sentence.strip():
+            raise DatasetError(f"{path}, line {number}: sentence {sentence!r} is not a statement (text)")
+        if identifier in seen:
+            raise DatasetError(f"{path}, line {number}: identifier {identifier} occurs twice; each example has its own")
+        seen.add(identifier)
+        images = pair_images(root, split, identifier, item.get("directory"))
+        examples.append(NLVR2Example(identifier, sentence, LABELS[label], images))
     if not examples:
         raise DatasetError(f"{path} holds no examples")
     missing = [p for e in examples for p in e.images if not p.is_file()]

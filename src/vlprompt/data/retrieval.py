@@ -48,7 +48,34 @@ def _split_file(root: Path) -> tuple[Path, list]:
             from None  # fmt: skip
     if not isinstance(items, list):
         raise DatasetError(f"{path} is not a Karpathy split file: its 'images' is not a list")
+    _check_entries(path, items)
     return path, items
+
+
+def _check_entries(path: Path, items: list) -> None:
+    """Each image entry's split is one of Karpathy's (a typo would drop the image from every split without a word),
+    its captions are text, and no image is listed twice."""
+    seen: set[tuple[str, str]] = set()
+    for number, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DatasetError(f"{path}: image entry {number} is {str(item)[:60]!r}, not an object with filename, "
+                               "split and sentences")
+        split = item.get("split")
+        if split not in (*TRAIN_SPLITS, "val", "test"):
+            raise DatasetError(f"{path}: image entry {number} ({item.get('filename')}) has the split {split!r}; "
+                               f"Karpathy's splits are {', '.join((*TRAIN_SPLITS, 'val', 'test'))}")
+        sentences = item.get("sentences")
+        if isinstance(sentences, list):
+            bad = [s.get("raw") if isinstance(s, dict) else s for s in sentences
+                   if not (isinstance(s, dict) and isinstance(s.get("raw"), str) and s["raw"].strip())]
+            if bad:
+                raise DatasetError(f"{path}: image entry {number} ({item.get('filename')}) has the caption "
+                                   f"{bad[0]!r}; each sentence needs its text as 'raw'")
+        key = (str(item.get("filepath") or ""), str(item.get("filename")))
+        if key in seen:
+            raise DatasetError(f"{path}: image entry {number} lists {'/'.join(k for k in key if k)} again; each "
+                               "image has one entry with all its captions")
+        seen.add(key)
 
 
 def retrieval_splits(root: str | Path) -> set[str]:

@@ -123,6 +123,13 @@ def _read_json(path: Path, key: str, hint: str) -> list[dict]:
     return data[key]
 
 
+def _whole_number(value: object, field_name: str, file_name: str) -> int:
+    """An id as VQA writes it: a JSON integer (a float, boolean, string or null is a damaged file, not an id)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DatasetError(f"{file_name}: {field_name} {value!r} is not an integer id; VQA v2 writes ids as integers")
+    return value
+
+
 def image_path(root: Path, split: str, image_id: int) -> Path:
     """``<root>/<split>/COCO_<split>_<id:012d>.jpg`` or under ``<split>2014/`` (how COCO's zips unpack)."""
     name = f"COCO_{split}_{int(image_id):012d}.jpg"
@@ -139,24 +146,42 @@ def load_vqa_split(root: str | Path, split: str) -> VQASplit:
                            f"v2_OpenEnded_mscoco_{split}_questions.json")  # fmt: skip
     annotations = _read_json(root / f"v2_mscoco_{split}_annotations.json", "annotations",
                              f"v2_mscoco_{split}_annotations.json")  # fmt: skip
-    answers_of = {}
+    annotations_file = f"v2_mscoco_{split}_annotations.json"
+    questions_file = f"v2_OpenEnded_mscoco_{split}_questions.json"
+    answers_of: dict[int, list[str]] = {}
     for annotation in annotations:
         try:
-            answers_of[annotation["question_id"]] = [normalize_answer(a["answer"]) for a in annotation["answers"]]
+            qid, given = annotation["question_id"], annotation["answers"]
+            answers = [a["answer"] for a in given]
         except (KeyError, TypeError):
-            raise DatasetError(f"an annotation in v2_mscoco_{split}_annotations.json lacks question_id or "
-                               f"answers[].answer: {str(annotation)[:120]}") from None
+            raise DatasetError(f"an annotation in {annotations_file} lacks question_id or answers[].answer: "
+                               f"{str(annotation)[:120]}") from None
+        qid = _whole_number(qid, "question_id", annotations_file)
+        if qid in answers_of:
+            raise DatasetError(f"question {qid} has two annotations in {annotations_file}; each question has one")
+        if not answers or not all(isinstance(a, str) for a in answers):
+            raise DatasetError(f"{annotations_file}: question {qid} has the answers {str(answers)[:80]}; each "
+                               "question needs its annotators' answers as text (VQA v2 has ten)")
+        answers_of[qid] = [normalize_answer(a) for a in answers]
     examples = []
+    seen: set[int] = set()
     for q in questions:
         try:
             qid, image_id, text = q["question_id"], q["image_id"], q["question"]
         except (KeyError, TypeError):
-            raise DatasetError(f"a question in v2_OpenEnded_mscoco_{split}_questions.json lacks question_id, "
-                               f"image_id or question: {str(q)[:120]}") from None
+            raise DatasetError(f"a question in {questions_file} lacks question_id, image_id or question: "
+                               f"{str(q)[:120]}") from None
+        qid = _whole_number(qid, "question_id", questions_file)
+        image_id = _whole_number(image_id, "image_id", questions_file)
+        if not isinstance(text, str) or not text.strip():
+            raise DatasetError(f"{questions_file}: question {qid} has the text {text!r}; a question must be text")
+        if qid in seen:
+            raise DatasetError(f"question {qid} is listed twice in {questions_file}; question ids must be unique")
+        seen.add(qid)
         if qid not in answers_of:
-            raise DatasetError(f"question {qid} has no annotation in v2_mscoco_{split}_annotations.json: the two "
+            raise DatasetError(f"question {qid} has no annotation in {annotations_file}: the two "
                                "files are of different splits or versions")
-        examples.append(VQAExample(int(qid), image_path(root, split, image_id), str(text), answers_of[qid]))
+        examples.append(VQAExample(qid, image_path(root, split, image_id), text, answers_of[qid]))
     missing = [e.image for e in examples if not e.image.is_file()]
     if missing:
         raise DatasetError(f"{len(missing)} of {len(examples)} images of {split} are missing, e.g. {missing[0]}; "

@@ -9,6 +9,8 @@ accuracy is the official leave-one-annotator-out score.
 """
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -128,12 +130,18 @@ class VQATask(FusionTask):
         return self.splits.template
 
     def run_info(self) -> dict[str, Any]:
+        # the answers' digest, not only their count: a resume onto answers changed in place would give the head's
+        # rows other meanings
+        digest = hashlib.sha256("\n".join(self.splits.answers).encode()).hexdigest()[:16]
         return {"task": "vqa", "dataset_name": self.splits.name, "num_train": len(self.splits.train),
-                "num_answers": len(self.splits.answers)}  # fmt: skip
+                "num_answers": len(self.splits.answers), "answers_digest": digest}  # fmt: skip
 
     def check_before_training(self, method) -> None:
         if not self.splits.train and method.num_trainable():
             raise DatasetError(f"{self.splits.name} has no training questions")
+        if not self.splits.val:  # the run would end without a score
+            raise DatasetError(f"{self.splits.name} has no {EVAL_SPLIT} questions to score (v2_OpenEnded_mscoco_"
+                               f"{EVAL_SPLIT}_questions.json and v2_mscoco_{EVAL_SPLIT}_annotations.json): add them")
 
     def train_dataset(self) -> Dataset:
         return self.train_set
