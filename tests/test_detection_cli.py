@@ -171,3 +171,15 @@ def test_a_bench_on_a_coco_set_without_its_training_images_stops_before_any_run(
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "image(s) listed in" in err and "are missing" in err
     assert not (tmp_path / "bench").exists()
+
+
+def test_a_bench_run_that_fails_is_named_before_the_error_line(capsys, detector_dir, coco_root, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(coco_root, tmp_path / "coco")
+    test_image = next(p for p in (broken / "test").rglob("*.png"))
+    test_image.write_bytes(test_image.read_bytes()[:40])  # its size is in the JSON: only the evaluation reads it
+    code, out, err = cli(capsys, "bench", "--model", detector_dir, "--methods", "det_zeroshot", "--datasets",
+                         f"coco:{broken}", "--shots", "1", "--seeds", "1", "--output", tmp_path / "bench")
+    assert code == 2 and "cannot read image" in err
+    assert re.search(r"^\[1/1\] fewshot/\S+/det_zeroshot/\S+: failed$", out, re.M), out

@@ -114,3 +114,12 @@ def test_a_vqa_folder_without_scored_questions_is_refused_before_training(vqa_se
     with pytest.raises(DatasetError, match="has no val2014 questions to score"):
         vlprompt.train(options, progress=False, log=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_base_to_novel_subsampling_is_refused_on_vqa(vqa_setup, tmp_path):
+    from vlprompt.data import DatasetError
+    from vlprompt.engine.api import load_task_data
+
+    _, data = vqa_setup
+    with pytest.raises(DatasetError, match="--subsample .* VQA has none: leave --subsample out"):
+        load_task_data("vqa", DataOptions(dataset=f"vqa:{data}", subsample="base"))

@@ -615,13 +615,21 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> list[d
                          for r in job_rows)  # fmt: skip
         log(f"[{i}/{len(jobs)}] {job.key}: {accs} ({seconds:.1f}s)")
 
+    def failed(i: int, job: Job) -> None:  # the error line that ends the bench may not name the run
+        log(f"[{i}/{len(jobs)}] {job.key}: failed")
+
     try:
         with _terminate_unwinds():
             if config.workers == 1 or len(pending) <= 1:
                 for i, job in pending:
-                    finished(i, job, *_timed_job(config, job))
+                    try:
+                        result = _timed_job(config, job)
+                    except Exception:
+                        failed(i, job)
+                        raise
+                    finished(i, job, *result)
             else:
-                _run_parallel(config, pending, finished)
+                _run_parallel(config, pending, finished, failed)
     finally:  # a failed or interrupted bench still tables every run that finished
         rows = [row for i in sorted(rows_by_job) for row in rows_by_job[i]]  # plan order, however runs finished
         rows = with_earlier_rows(results_csv_path(config), rows)
@@ -757,7 +765,8 @@ def check_train_options(config: BenchConfig, methods: Sequence[str]) -> None:
 
 
 def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
-                  finished: Callable[[int, Job, list[dict[str, Any]], float], None]) -> None:
+                  finished: Callable[[int, Job, list[dict[str, Any]], float], None],
+                  failed: Callable[[int, Job], None] = lambda i, job: None) -> None:
     """Run jobs in ``config.workers`` processes. A failed job stops the bench once the running ones end; Ctrl-C or
     SIGTERM ends the workers at once (finished runs are kept either way, so rerunning resumes)."""
     import multiprocessing
@@ -784,7 +793,7 @@ def _run_parallel(config: BenchConfig, pending: list[tuple[int, Job]],
 
     run_in_workers(config.workers, context, _init_worker, (threads, *hf_state, started, gpus, os.getpid()),
                    _timed_job, [((i, job), (config, job)) for i, job in pending], job_finished,
-                   describe=lambda item: item[1].key)
+                   describe=lambda item: item[1].key, failed=lambda item: failed(*item))
 
 
 def visible_gpus() -> list[str]:

@@ -119,9 +119,10 @@ def _sendable(err: Exception) -> Exception:
 
 def run_in_workers(count: int, context: Any, initializer: Callable[..., None], initargs: Sequence[Any],
                    function: Callable[..., Any], items: Iterable[tuple[Any, tuple[Any, ...]]],
-                   finished: Callable[[Any, Any], None], describe: Callable[[Any], str] = str) -> None:
+                   finished: Callable[[Any, Any], None], describe: Callable[[Any], str] = str,
+                   failed: Callable[[Any], None] = lambda item: None) -> None:
     """Run ``function(*args)`` for each ``(item, args)`` in ``count`` processes started from ``context``;
-    ``finished(item, value)`` is called here, in this process, as each job ends.
+    ``finished(item, value)`` is called here, in this process, as each job ends (``failed(item)`` as one raises).
 
     A job that raises stops the handing out of jobs; the jobs already running end normally (their work is not
     thrown away) and then the first error is raised here, its worker's traceback as its cause. A worker that dies
@@ -169,6 +170,7 @@ def run_in_workers(count: int, context: Any, initializer: Callable[..., None], i
                     else:
                         error, remote = reply
                         error.__cause__ = RemoteTraceback(remote)
+                        failed(item)
                         fail(error)
                     if ended:  # it replied, then ended: its queued share would be lost
                         fail(_died(worker, item, describe, "after it ran"))

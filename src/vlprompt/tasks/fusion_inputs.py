@@ -71,6 +71,9 @@ class FusionTask(Task):
     @classmethod
     def load_data(cls, data) -> Any:
         refuse_shots(data, cls.label, cls.no_shots_because)
+        if data.subsample != "all":
+            raise DatasetError(f"--subsample (base-to-novel) splits a classification dataset's classes; {cls.label} "
+                               "has none: leave --subsample out")
         return cls.read_splits(data.dataset, data.root)
 
     @classmethod
