@@ -663,3 +663,18 @@ def test_augmenting_decoded_images_from_memory_trains_exactly_as_from_the_files(
     assert cached == plain
     assert_same_tensors(prompt_tensors(tmp_path / "cached"), prompt_tensors(tmp_path / "files"))
     assert (cached_reads, plain_reads) == (len(train_files), 2 * len(train_files))  # once per run / per epoch
+
+
+def test_a_method_too_large_for_memory_is_named_with_its_options(engine_run_options, tiny_model_dir,
+                                                                 engine_data_root, tmp_path, monkeypatch):
+    """torch's CPU allocator raises a RuntimeError when a prompt of a billion tokens cannot be allocated."""
+    from vlprompt.engine import api
+
+    def too_large(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 2199023255552 bytes.")
+
+    monkeypatch.setattr(api, "get_prompt_model", too_large)
+    options = engine_run_options(tiny_model_dir, engine_data_root, tmp_path / "run", epochs=1)
+    with pytest.raises(TrainingError, match=r"building coop with .* needs more memory than this machine has: lower"):
+        train(options, progress=False, log=lambda _: None)

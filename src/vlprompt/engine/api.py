@@ -14,7 +14,14 @@ from vlprompt.data import DatasetError, DatasetSplits, ImageDataset, build_trans
 from vlprompt.data.datasets import open_image
 from vlprompt.data.drawing import draw_detections
 from vlprompt.engine import checkpoint as ckpt
-from vlprompt.engine.trainer import TrainConfig, Trainer, check_precision, make_accelerator, seed_everything
+from vlprompt.engine.trainer import (
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    check_precision,
+    make_accelerator,
+    seed_everything,
+)
 from vlprompt.methods import METHODS, canonical_method_name, get_prompt_model, make_config, method_class
 from vlprompt.options import OptionError, check_keys
 from vlprompt.recipes import AUTO, choose_recipe, describe_train
@@ -212,7 +219,13 @@ def train(options: RunOptions, resume: bool = False, overwrite: bool = False, pr
     task = make_task(task_name, splits, backbone, options.train.augment, few_shot=options.data.shots is not None)
     seed_everything(options.train.seed)  # prompt initialisation is part of the seeded run
     method_config = make_config(name, options.method_options, backbone)
-    method = get_prompt_model(backbone, name, task.classnames, task.template, method_config)
+    try:
+        method = get_prompt_model(backbone, name, task.classnames, task.template, method_config)
+    except (MemoryError, RuntimeError) as err:  # torch's CPU allocator raises RuntimeError when memory runs out
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        raise TrainingError(f"building {name} with {options.method_options or 'its default options'} needs more "
+                            "memory than this machine has: lower its sizes (prompt counts, rank, layers)") from None
     run_info = {
         "model": options.model,
         "method": name,
