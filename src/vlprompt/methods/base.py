@@ -99,7 +99,8 @@ def require(condition: bool, message: str) -> None:
         raise MethodConfigError(message)
 
 
-def subset_rows(trained: Sequence[str], asked: Sequence[str], what: str) -> list[int] | None:
+def subset_rows(trained: Sequence[str], asked: Sequence[str], what: str,
+                fix: str = "Use a prompt method for cross-dataset evaluation.") -> list[int] | None:
     """Rows of ``trained`` that score ``asked``: None when they are the same list, the indices when ``asked`` is a
     subset (ImageNet-A/R's 200 of ImageNet's 1000 classes, as CoOp reports a linear probe on them)."""
     if list(asked) == list(trained):
@@ -110,7 +111,7 @@ def subset_rows(trained: Sequence[str], asked: Sequence[str], what: str) -> list
         shown = ", ".join(trained[:5]) + (", ..." if len(trained) > 5 else "")
         raise ValueError(
             f"{what} is tied to the {len(trained)} classes it was trained on ({shown}); it can score a subset of them "
-            f"but not {unknown[:5] or 'repeated names'}. Use a prompt method for cross-dataset evaluation."
+            f"but not {unknown[:5] or 'repeated names'}. {fix}"
         )
     return [index[name] for name in asked]
 

@@ -202,7 +202,8 @@ class FusionMethod(PromptMethod):
 
     def _on_classes_changed(self) -> None:
         if self.task == "vqa":
-            self.answer_rows = subset_rows(self.answers, self.classnames, "a VQA head")
+            self.answer_rows = subset_rows(self.answers, self.classnames, "a VQA head",
+                                           "Evaluate it on VQA data whose answers it was trained with.")
         else:
             check_labels(self.task, self.classnames)
 
