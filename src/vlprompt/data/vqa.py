@@ -106,8 +106,9 @@ def build_vocabulary(examples: Sequence[VQAExample], min_count: int = 9) -> dict
     counts = Counter(a for example in examples for a in example.answers)
     kept = sorted((a for a, k in counts.items() if k >= min_count), key=lambda a: (-counts[a], a))
     if not kept:
-        raise DatasetError(f"no answer is given {min_count} times or more in the training annotations: lower the "
-                           "answer vocabulary's min_count, or check that the annotations file holds answers")
+        raise DatasetError(f"no answer is given {min_count} times or more in the {len(examples)} training "
+                           "questions' annotations, so there is no answer to learn: check that the annotations file "
+                           "holds the annotators' answers, or add training questions")
     return {answer: i for i, answer in enumerate(kept)}
 
 
