@@ -390,7 +390,7 @@ def test_missing_or_corrupt_prompt_config_raises_checkpoint_error(engine_coop_ru
     with pytest.raises(CheckpointError, match=r"lacks \['classnames'\]; the checkpoint is corrupt"):
         evaluate_checkpoint(run_dir, data)
 
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="not_a_run is not a folder: pass the run folder written by"):
         evaluate_checkpoint(tmp_path / "not_a_run", data)
 
 

@@ -109,6 +109,9 @@ REQUIRED_CONFIG_KEYS = ("method", "method_config", "classnames", "template")
 def read_prompt_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder: pass the run folder written by `vlprompt train` (it holds "
+                              "prompt.safetensors + prompt_config.json)")
     if not path.exists():
         hint = " (training did not finish: resume it with --resume)" if (folder / RESUME_DIR).exists() else ""
         raise CheckpointError(
