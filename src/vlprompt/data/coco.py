@@ -160,10 +160,9 @@ def _parse_category(entry: Any, json_path: Path) -> tuple[int, str]:
     return category_id, clean_classname(name)
 
 
-def read_coco(json_path: Path, image_dir: Path,
-              check_files: bool = True) -> tuple[list[tuple[int, str]], list[DetectionImage]]:
-    """Categories ``[(id, name)]`` sorted by id and the images of one COCO JSON file, checked (the image files
-    too, with ``check_files``: :func:`check_image_files`)."""
+def read_coco(json_path: Path, image_dir: Path) -> tuple[list[tuple[int, str]], list[DetectionImage]]:
+    """Categories ``[(id, name)]`` sorted by id and the images of one COCO JSON file, checked; the image files are
+    not opened (:func:`check_image_files` does that, when the split is used)."""
     try:
         data = json.loads(Path(json_path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -229,8 +228,6 @@ def read_coco(json_path: Path, image_dir: Path,
                       f"skipped (ids {degenerate[:5]}{' ...' if len(degenerate) > 5 else ''}); boxes are "
                       "[x, y, width, height].", stacklevel=2)
     out = list(images.values())
-    if check_files:
-        check_image_files(out, json_path, image_dir)
     return categories, out
 
 
@@ -344,7 +341,7 @@ def load_detection_dataset(spec: str, root: str | Path | None = None,
         if split not in sources:
             splits[split] = []
             continue
-        cats, images = read_coco(*sources[split], check_files=False)
+        cats, images = read_coco(*sources[split])
         if all_categories is None:
             all_categories = cats
         elif cats != all_categories:
@@ -397,6 +394,21 @@ def few_shot_detection(images: Sequence[DetectionImage], k: int, seed: int, n_ca
             chosen.append(candidates[int(i)])
             chosen_ids.add(candidates[int(i)].id)
     return sorted(chosen, key=lambda i: i.id)
+
+
+def warn_short_categories(splits: DetectionSplits, shots: int) -> None:
+    """Say which categories a few-shot draw of ``splits.train`` could not give ``shots`` images (they keep all they
+    have), as classification does for its classes."""
+    counts = [0] * len(splits.categories)
+    for image in splits.train:
+        for c in _positive(image):
+            counts[c] += 1
+    short = [(name, n) for name, n in zip(splits.categories, counts) if n < shots]
+    if short:
+        examples = ", ".join(f"{name!r}: {n}" for name, n in short[:5])
+        warnings.warn(f"{splits.name}: {len(short)} of {len(counts)} categories have fewer than {shots} training "
+                      f"images ({examples}{', ...' if len(short) > 5 else ''}); using all of their images.",
+                      stacklevel=3)
 
 
 def _positive(image: DetectionImage) -> set[int]:

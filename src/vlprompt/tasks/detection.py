@@ -6,7 +6,6 @@ AP50, AP75, in percent) computed by pycocotools.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -24,6 +23,7 @@ from vlprompt.data.coco import (
     few_shot_detection,
     is_detection_dataset,
     load_detection_dataset,
+    warn_short_categories,
 )
 from vlprompt.data.errors import DatasetError
 from vlprompt.engine import distributed
@@ -43,22 +43,8 @@ def load_detection_splits(data) -> DetectionSplits:
     splits = load_detection_dataset(data.dataset, data.root, data.categories)
     if data.shots is not None:
         splits.train = few_shot_detection(splits.train, data.shots, data.seed, len(splits.categories))
-        _warn_short_categories(splits, data.shots)
+        warn_short_categories(splits, data.shots)
     return splits
-
-
-def _warn_short_categories(splits: DetectionSplits, shots: int) -> None:
-    """Say which categories the few-shot draw could not give ``shots`` training images (they keep all they have)."""
-    counts = [0] * len(splits.categories)
-    for image in splits.train:
-        for c in {c for c, crowd in zip(image.labels, image.crowd) if not crowd}:
-            counts[c] += 1
-    short = [(name, n) for name, n in zip(splits.categories, counts) if n < shots]
-    if short:
-        examples = ", ".join(f"{name!r}: {n}" for name, n in short[:5])
-        warnings.warn(f"{splits.name}: {len(short)} of {len(counts)} categories have fewer than {shots} training "
-                      f"images ({examples}{', ...' if len(short) > 5 else ''}); using all of their images.",
-                      stacklevel=3)
 
 
 @torch.no_grad()
